@@ -1,0 +1,30 @@
+# Two entry points for a fresh machine: `make demo` (the pipeline on the CPU demo) and `make test`.
+# Both create .venv on first use and reuse it afterwards (re-installing only when pyproject.toml changes).
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+
+.PHONY: venv test demo bench clean-results
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e .
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+test: venv
+	$(PY) -m pytest -q tests
+
+demo: venv
+	$(PY) main.py -c configs/mnist5k/baseline.yaml -p train data.name=synthetic
+	$(PY) main.py -c configs/mnist5k/speed.yaml -p train data.name=synthetic
+
+bench: venv
+	$(PY) benchmarks/train_step.py --model DiT-S/2 --batch 32
+
+clean-results:
+	find results -mindepth 1 -not -name README.md -delete

@@ -1,0 +1,237 @@
+"""Configuration: OmegaConf YAML with SpeeD-style base.yaml inheritance, validated against dataclass schemas.
+
+load_config("configs/image/imagenet_256/speed.yaml", ["optim.lr=2e-4"], phase="train") merges, lowest
+priority first: every base.yaml from configs/ down to the file's folder, the file, the phase sub-dict
+(`train:`, `inference:` or `sample:`) over the top level, then the command-line overrides. Unknown keys,
+wrong types and impossible values are refused with the dotted key named, before anything runs.
+"""
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional, get_args, get_origin, get_type_hints
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+PHASES = ("train", "inference", "sample")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the key or file and what was expected."""
+
+
+@dataclass
+class SamplerConfig:
+    """Timestep sampler: uniform | speed (k, tau, dual) | lognormal (p_mean, p_std). Unset = the method's default."""
+
+    name: str = "uniform"
+    k: Optional[float] = None
+    tau: Optional[int] = None
+    dual: Optional[bool] = None
+    p_mean: Optional[float] = None
+    p_std: Optional[float] = None
+
+
+@dataclass
+class WeightingConfig:
+    """Per-timestep MSE weight: none | speed (lam, tau) | p2 (k, gamma) | min_snr (gamma)."""
+
+    name: str = "none"
+    lam: Optional[float] = None
+    tau: Optional[int] = None
+    k: Optional[float] = None
+    gamma: Optional[float] = None
+
+
+@dataclass
+class DiffusionConfig:
+    noise_schedule: str = "linear"
+    diffusion_steps: int = 1000
+    learn_sigma: bool = True
+    timestep_sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    loss_weighting: WeightingConfig = field(default_factory=WeightingConfig)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "DiT-XL/2"  # a key of speedpipe.models.dit.DiT_models
+    input_size: int = 32  # latent height/width
+    in_channels: int = 4
+    num_classes: int = 1000
+    class_dropout_prob: float = 0.1
+    fused_attn: bool = True  # F.scaled_dot_product_attention; false = explicit softmax(QK^T)V
+    init_from: Optional[str] = None  # official DiT checkpoint (bare state_dict or under "ema") to start from
+
+
+@dataclass
+class DataConfig:
+    """Training data: the latent store written by the encode stage, or synthetic latents for tests."""
+
+    name: str = "latents"  # latents | synthetic
+    latents_dir: Optional[str] = None  # default: {output_dir}/{experiment}/latents
+    random_flip: bool = True  # use the stored latent of the horizontally flipped image half the time
+    synthetic_size: int = 512  # number of synthetic examples (name: synthetic)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    grad_clip: Optional[float] = None  # max global grad norm; null = no clipping
+    fused: bool = True  # fused AdamW on CUDA, foreach elsewhere
+
+
+@dataclass
+class TrainerConfig:
+    steps: int = 400_000
+    global_batch_size: int = 256
+    ema_decay: float = 0.9999
+    log_every: int = 100
+    ckpt_every: int = 50_000
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    compile: bool = False
+    tf32: bool = True
+    device: str = "auto"  # auto | cpu | cuda
+    run_dir: Optional[str] = None  # default: {output_dir}/{experiment}/train/{method}-s{seed}
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    experiment: str = "default"
+    output_dir: str = "results"
+    method: str = "baseline"  # label of this arm in results and reports
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+CHOICES = {
+    "data.name": ("latents", "synthetic"),
+    "diffusion.noise_schedule": ("linear", "cosine"),
+    "trainer.precision": ("fp32", "bf16"),
+    "trainer.device": ("auto", "cpu", "cuda"),
+}
+POSITIVE = ("trainer.steps", "trainer.global_batch_size", "trainer.log_every", "trainer.ckpt_every",
+            "diffusion.diffusion_steps", "model.input_size", "model.in_channels", "model.num_classes",
+            "data.synthetic_size", "optim.lr")
+
+
+def base_chain(path: Path) -> list[Path]:
+    """Every base.yaml from the outermost `configs` folder above `path` down to path's own folder."""
+    folders = [path.parent]
+    root = next((p for p in reversed(path.parents) if p.name == "configs"), None)
+    if root is not None:
+        folders = [p for p in reversed(path.parents) if p == root or root in p.parents]
+    chain = [f / "base.yaml" for f in folders if (f / "base.yaml").is_file()]
+    return [p for p in chain if p.resolve() != path.resolve()]
+
+
+def _read_yaml(path: Path) -> DictConfig:
+    try:
+        cfg = OmegaConf.load(path)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except Exception as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"config file {path}: expected a mapping at the top level")
+    return cfg
+
+
+def _check_keys(raw: Any, schema: type, prefix: str = ""):
+    """Refuse keys the schema does not know, naming the dotted path and the closest valid key."""
+    if not isinstance(raw, (dict, DictConfig)):
+        return
+    hints = get_type_hints(schema)
+    for key in raw:
+        dotted = f"{prefix}{key}"
+        if key not in hints:
+            close = difflib.get_close_matches(str(key), list(hints), n=1)
+            hint = f"did you mean '{prefix}{close[0]}'?" if close else f"valid keys here: {sorted(hints)}"
+            raise ConfigError(f"unknown config key '{dotted}': {hint}")
+        sub = hints[key]
+        if get_origin(sub) is not None and type(None) in get_args(sub):
+            sub = next(a for a in get_args(sub) if a is not type(None))
+        if dataclasses.is_dataclass(sub):
+            value = raw[key]
+            if value is not None and not isinstance(value, (dict, DictConfig)):
+                raise ConfigError(f"config key '{dotted}': expected a mapping of {sub.__name__} fields, got {value!r}")
+            _check_keys(value, sub, dotted + ".")
+
+
+def validate(cfg: DictConfig) -> DictConfig:
+    """Semantic checks beyond types: choices, positive counts, names the code can build."""
+    from speedpipe.diffusion import create_diffusion
+    from speedpipe.diffusion.timesteps import build_sampler, build_weighting
+    from speedpipe.models.dit import DiT_models
+
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"config key '{key}': {value!r} is not one of {list(allowed)}")
+    for key in POSITIVE:
+        value = OmegaConf.select(cfg, key)
+        if value is None or value <= 0:
+            raise ConfigError(f"config key '{key}': expected a positive number, got {value!r}")
+    if cfg.model.name not in DiT_models:
+        close = difflib.get_close_matches(cfg.model.name, list(DiT_models), n=1)
+        raise ConfigError(f"config key 'model.name': unknown model {cfg.model.name!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
+    if not 0.0 <= cfg.model.class_dropout_prob < 1.0:
+        raise ConfigError(f"config key 'model.class_dropout_prob': expected a value in [0, 1), got {cfg.model.class_dropout_prob}")
+    if not 0.0 <= cfg.trainer.ema_decay < 1.0:
+        raise ConfigError(f"config key 'trainer.ema_decay': expected a value in [0, 1), got {cfg.trainer.ema_decay}")
+    diffusion = create_diffusion(noise_schedule=cfg.diffusion.noise_schedule, diffusion_steps=cfg.diffusion.diffusion_steps)
+    for key, build in (("diffusion.timestep_sampler", build_sampler), ("diffusion.loss_weighting", build_weighting)):
+        section = OmegaConf.select(cfg, key)
+        try:
+            build(section.name, diffusion, **named_params(section))
+        except ValueError as err:
+            raise ConfigError(f"config key '{key}': {err}") from None
+    return cfg
+
+
+def named_params(section: DictConfig) -> dict:
+    """The parameters of a {name: ..., param: value} section that are set (not null), without the name."""
+    return {k: v for k, v in OmegaConf.to_container(section).items() if k != "name" and v is not None}
+
+
+def load_config(path, overrides: list[str] | tuple[str, ...] = (), phase: str | None = None, schema: type = Config) -> DictConfig:
+    """Load, merge and validate a config: see the module docstring for the merge order."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if phase is not None and phase not in PHASES:
+        raise ConfigError(f"unknown phase {phase!r}; expected one of {list(PHASES)}")
+    merged = OmegaConf.merge(*[_read_yaml(p) for p in base_chain(path)], _read_yaml(path))
+    phase_dicts = {p: merged.pop(p) for p in PHASES if p in merged}
+    if phase in phase_dicts and phase_dicts[phase] is not None:
+        merged = OmegaConf.merge(merged, phase_dicts[phase])
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected the form key.path=value")
+    merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+    _check_keys(merged, schema)
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(schema), merged)
+    except OmegaConfBaseException as err:
+        message = str(getattr(err, 'msg', err)).splitlines()[0]
+        raise ConfigError(f"config key '{getattr(err, 'full_key', '?')}': {message}") from None
+    return validate(cfg) if schema is Config else cfg
+
+
+def to_plain(cfg: DictConfig) -> dict:
+    """Resolved plain Python values (what Snakemake params and checkpoints store)."""
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def save_config(cfg: DictConfig, path) -> None:
+    from speedpipe.io import atomic_write_text
+
+    atomic_write_text(path, OmegaConf.to_yaml(cfg, resolve=True))

@@ -1,0 +1,1 @@
+"""Datasets and the training-time latent data order."""

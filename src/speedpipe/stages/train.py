@@ -1,0 +1,241 @@
+"""Stage `train`: DiT on latents with a chosen timestep sampler and loss weighting (baseline, SpeeD, …).
+
+Reads the latent store, writes {run_dir}/ckpt-{step:07d}.pt, log.csv and config.yaml. Resumes from the
+newest checkpoint in run_dir. All per-step randomness (timesteps, label dropout, flips, noise) is drawn
+for the global batch from generators whose state is checkpointed, and each rank takes its slice: the
+run is bit-identical after a resume on CPU, and the same global batch gives the same loss curve on any
+number of ranks.
+"""
+import copy
+import time
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from speedpipe.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, rng_state, save_checkpoint
+from speedpipe.config import ConfigError, named_params, save_config, to_plain
+from speedpipe.csvlog import CsvLog
+from speedpipe.data.order import EpochBatches, rank_slice
+from speedpipe.diffusion import create_diffusion
+from speedpipe.diffusion.timesteps import build_sampler, build_weighting
+from speedpipe.distributed import all_reduce_mean, all_reduce_min, barrier, init_distributed, shutdown
+from speedpipe.models.dit import DiT_models, load_dit_state_dict
+
+LOG_COLUMNS = ["step", "loss", "mse", "vlb", "steps_per_s", "images_per_s"]
+
+
+def run_dir_for(cfg) -> Path:
+    return Path(cfg.trainer.run_dir or Path(cfg.output_dir) / cfg.experiment / "train" / f"{cfg.method}-s{cfg.seed}")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("config key 'trainer.device': 'cuda' requested but no CUDA device is visible")
+    return torch.device(name)
+
+
+def build_model(cfg):
+    m = cfg.model
+    model = DiT_models[m.name](
+        input_size=m.input_size,
+        in_channels=m.in_channels,
+        num_classes=m.num_classes,
+        class_dropout_prob=m.class_dropout_prob,
+        learn_sigma=cfg.diffusion.learn_sigma,
+        fused_attn=m.fused_attn,
+    )
+    if m.init_from:
+        load_dit_state_dict(model, m.init_from)
+    return model
+
+
+def open_training_data(cfg):
+    latent_shape = (cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)
+    if cfg.data.name == "synthetic":
+        from speedpipe.data.synthetic import SyntheticLatents
+
+        return SyntheticLatents(cfg.data.synthetic_size, latent_shape, cfg.model.num_classes)
+    from speedpipe.data.latents import LatentStore
+
+    store = LatentStore(cfg.data.latents_dir or Path(cfg.output_dir) / cfg.experiment / "latents")
+    if store.latent_shape != latent_shape or store.num_classes != cfg.model.num_classes:
+        raise ConfigError(
+            f"latent store {store.root} holds latents {store.latent_shape} with {store.num_classes} classes, but the model "
+            f"expects {latent_shape} with {cfg.model.num_classes} (model.in_channels, model.input_size, model.num_classes)"
+        )
+    return store
+
+
+def make_optimizer(model, optim_cfg, device):
+    fused = optim_cfg.fused and device.type == "cuda"
+    return torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=optim_cfg.lr,
+        betas=tuple(optim_cfg.betas),
+        eps=optim_cfg.eps,
+        weight_decay=optim_cfg.weight_decay,
+        fused=fused or None,
+        foreach=None if fused else optim_cfg.fused,
+    )
+
+
+class StepRandomness:
+    """Draws everything random about one global batch; each rank slices out its own examples."""
+
+    def __init__(self, seed, sampler, latent_shape, class_dropout_prob, random_flip, device):
+        self.batch_gen = torch.Generator().manual_seed(seed)  # timesteps, label dropout, flips (CPU)
+        self.noise_gen = torch.Generator(device).manual_seed(seed)  # ε (on the training device)
+        self.sampler, self.latent_shape, self.device = sampler, latent_shape, device
+        self.class_dropout_prob, self.random_flip = class_dropout_prob, random_flip
+
+    @property
+    def generators(self):
+        return {"batch_gen": self.batch_gen, "noise_gen": self.noise_gen}
+
+    def draw(self, n: int):
+        t = self.sampler.sample(n, self.batch_gen)
+        drop = torch.rand(n, generator=self.batch_gen) < self.class_dropout_prob
+        flip = torch.rand(n, generator=self.batch_gen) < 0.5 if self.random_flip else torch.zeros(n, dtype=torch.bool)
+        noise = torch.randn((n, *self.latent_shape), generator=self.noise_gen, device=self.device)
+        return t, drop, flip, noise
+
+
+def train_step(model, diffusion, mse_weight, opt, x, y, t, noise, drop, precision="fp32", grad_clip=None):
+    """One optimisation step of the hybrid loss; returns detached (loss, mse, vb) batch means."""
+    x_t = diffusion.q_sample(x, t, noise)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        out = model(x_t, t, y, force_drop_ids=drop.long())
+    terms = diffusion.training_losses(out, x, x_t, t, noise, mse_weight)
+    loss = terms["loss"].mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    return torch.stack([loss.detach(), terms["mse"].mean().detach(), terms["vb"].mean().detach()])
+
+
+@torch.no_grad()
+def update_ema(ema_params, model_params, decay: float):
+    torch._foreach_lerp_(ema_params, model_params, 1.0 - decay)
+
+
+def run(cfg):
+    tr = cfg.trainer
+    device = resolve_device(tr.device)
+    env = init_distributed(device.type)
+    if device.type == "cuda":
+        device = torch.device("cuda", env.local_rank)
+        torch.backends.cuda.matmul.allow_tf32 = tr.tf32
+        torch.backends.cudnn.allow_tf32 = tr.tf32
+    if tr.global_batch_size % env.world_size:
+        raise ConfigError(f"config key 'trainer.global_batch_size': {tr.global_batch_size} is not divisible by {env.world_size} ranks")
+    run_dir = run_dir_for(cfg)
+    torch.manual_seed(cfg.seed * env.world_size + env.rank)  # rank-local randomness only
+
+    dataset = open_training_data(cfg)
+    model = build_model(cfg).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    diffusion = create_diffusion(
+        noise_schedule=cfg.diffusion.noise_schedule, diffusion_steps=cfg.diffusion.diffusion_steps, learn_sigma=cfg.diffusion.learn_sigma
+    )
+    sampler = build_sampler(cfg.diffusion.timestep_sampler.name, diffusion, **named_params(cfg.diffusion.timestep_sampler))
+    mse_weight = build_weighting(cfg.diffusion.loss_weighting.name, diffusion, **named_params(cfg.diffusion.loss_weighting)).to(device)
+    opt = make_optimizer(model, cfg.optim, device)
+    order = EpochBatches(len(dataset), tr.global_batch_size, cfg.seed)
+    randomness = StepRandomness(
+        cfg.seed, sampler, dataset.latent_shape, cfg.model.class_dropout_prob, cfg.data.random_flip, device
+    )
+
+    step = 0
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is not None:
+        state = load_checkpoint(ckpt)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        restore_rng(state["rng"], randomness.generators)
+        order = EpochBatches(len(dataset), tr.global_batch_size, cfg.seed, **state["data_order"])
+        step = state["step"]
+    if env.is_main:
+        save_config(cfg, run_dir / "config.yaml")
+        log = CsvLog(run_dir / "log.csv", LOG_COLUMNS, resume_step=step)
+    if step >= tr.steps:
+        shutdown(env)
+        return run_dir
+
+    model.train()
+    net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if env.world_size > 1 else model
+    if tr.compile:
+        net = torch.compile(net)
+    model_params = [p for p in model.parameters()]
+    ema_params = [p for p in ema.parameters()]
+    progress = _progress_bar(tr.steps, step, enabled=tr.progress and env.is_main)
+
+    sums = torch.zeros(3, device=device)  # loss, mse, vb summed since the last log line
+    first_bad_step = torch.full((), float("inf"), device=device)  # first step whose loss was not finite
+    logged_steps, last_time = 0, time.perf_counter()
+    while step < tr.steps:
+        t, drop, flip, noise = randomness.draw(tr.global_batch_size)
+        idx = order.next_global_batch()
+        mine = lambda v: rank_slice(v, env.rank, env.world_size)  # noqa: E731
+        x, y = dataset.get_batch(mine(idx), mine(flip))
+        x, y, t = x.to(device, non_blocking=True), y.to(device, non_blocking=True), mine(t).to(device)
+        stats = train_step(net, diffusion, mse_weight, opt, x, y, t, mine(noise), mine(drop).to(device), tr.precision, cfg.optim.grad_clip)
+        update_ema(ema_params, model_params, tr.ema_decay)
+        first_bad_step = torch.where(torch.isfinite(stats[0]), first_bad_step, first_bad_step.clamp(max=step + 1))
+        sums += stats
+        step += 1
+        logged_steps += 1
+
+        at_ckpt = step % tr.ckpt_every == 0 or step == tr.steps
+        if step % tr.log_every == 0 or at_ckpt:
+            _stop_if_nonfinite(all_reduce_min(first_bad_step, env), run_dir)
+            mean = all_reduce_mean(sums / logged_steps, env).tolist()
+            now = time.perf_counter()
+            steps_per_s = logged_steps / (now - last_time)
+            if env.is_main:
+                log.write(step=step, loss=mean[0], mse=mean[1], vlb=mean[2], steps_per_s=steps_per_s,
+                          images_per_s=steps_per_s * tr.global_batch_size)
+                progress.set_postfix(loss=f"{mean[0]:.4f}", it_s=f"{steps_per_s:.2f}")
+            sums.zero_()
+            logged_steps, last_time = 0, now
+        if at_ckpt and env.is_main:
+            save_checkpoint(
+                {
+                    "model": model.state_dict(),
+                    "ema": ema.state_dict(),
+                    "opt": opt.state_dict(),
+                    "step": step,
+                    "rng": rng_state(randomness.generators),
+                    "data_order": order.state_dict(),
+                    "config": to_plain(cfg),
+                },
+                run_dir,
+                step,
+            )
+        if at_ckpt:
+            barrier(env)
+        progress.update(1)
+    progress.close()
+    shutdown(env)
+    return run_dir
+
+
+def _stop_if_nonfinite(first_bad_step, run_dir):
+    if torch.isfinite(first_bad_step):
+        bad = int(first_bad_step)
+        last = latest_checkpoint(run_dir)
+        raise FloatingPointError(
+            f"non-finite training loss at step {bad}; stopped without saving. Last good checkpoint: "
+            f"{last or 'none'}. Lower optim.lr, set optim.grad_clip, or check the data."
+        )
+
+
+def _progress_bar(total, initial, enabled):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", dynamic_ncols=True)
