@@ -1,0 +1,33 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def tiny_train_config(tmp_path):
+    """A config file for a seconds-long training run of a tiny DiT on synthetic latents."""
+    path = tmp_path / "tiny.yaml"
+    path.write_text(
+        f"""
+experiment: tiny
+output_dir: {tmp_path / 'results'}
+data: {{name: synthetic, synthetic_size: 64, random_flip: true}}
+model: {{name: DiT-T/4, input_size: 8, in_channels: 4, num_classes: 4}}
+diffusion:
+  timestep_sampler: {{name: speed, k: 5, tau: 700}}
+  loss_weighting: {{name: speed, lam: 0.6, tau: 700}}
+optim: {{lr: 1.0e-3}}
+trainer: {{steps: 6, global_batch_size: 8, log_every: 1, ckpt_every: 2, ema_decay: 0.9, device: cpu, progress: false}}
+"""
+    )
+    return path
+
+
+def run_python(args, env_extra=None, **kwargs):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, **kwargs)

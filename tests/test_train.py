@@ -1,0 +1,99 @@
+import csv
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import REPO, run_python
+from speedpipe.checkpoint import latest_checkpoint, load_checkpoint
+from speedpipe.config import load_config
+from speedpipe.data.synthetic import SyntheticLatents
+from speedpipe.stages import train
+
+
+def _losses(run_dir):
+    with open(run_dir / "log.csv") as f:
+        return [(int(r["step"]), float(r["loss"]), float(r["mse"]), float(r["vlb"])) for r in csv.DictReader(f)]
+
+
+def _assert_same_state(a, b):
+    for key in ("model", "ema"):
+        assert a[key].keys() == b[key].keys()
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs"
+    for pid, s in a["opt"]["state"].items():
+        for k in s:
+            assert torch.equal(s[k], b["opt"]["state"][pid][k]), f"optimizer state {pid}.{k} differs"
+    assert a["step"] == b["step"] and a["data_order"] == b["data_order"]
+
+
+def test_training_reduces_the_loss_and_writes_checkpoints(tiny_train_config):
+    cfg = load_config(tiny_train_config, ["trainer.steps=60", "trainer.log_every=10", "trainer.ckpt_every=30"], phase="train")
+    run_dir = train.run(cfg)
+    assert [p.name for p in sorted(run_dir.glob("ckpt-*.pt"))] == ["ckpt-0000030.pt", "ckpt-0000060.pt"]
+    losses = _losses(run_dir)
+    assert [s for s, *_ in losses] == [10, 20, 30, 40, 50, 60]
+    assert losses[-1][1] < losses[0][1]
+    header = (run_dir / "log.csv").read_text().splitlines()[0]
+    assert header == "step,loss,mse,vlb,steps_per_s,images_per_s"
+
+
+def test_killed_run_resumes_bit_identical(tiny_train_config, tmp_path):
+    overrides = ["trainer.steps=400", "trainer.ckpt_every=20", "trainer.log_every=20"]
+    reference = train.run(load_config(tiny_train_config, overrides + [f"trainer.run_dir={tmp_path / 'ref'}"], phase="train"))
+
+    killed_dir = tmp_path / "killed"
+    args = ["main.py", "-c", str(tiny_train_config), "-p", "train", *overrides, f"trainer.run_dir={killed_dir}"]
+    proc = subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not (killed_dir / "ckpt-0000100.pt").exists():
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.time() < deadline
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    interrupted_at = load_checkpoint(latest_checkpoint(killed_dir))["step"]
+    assert interrupted_at < 400, "the run finished before it could be killed"
+
+    result = run_python(args)
+    assert result.returncode == 0, result.stderr
+    _assert_same_state(load_checkpoint(reference / "ckpt-0000400.pt"), load_checkpoint(killed_dir / "ckpt-0000400.pt"))
+    assert _losses(reference) == _losses(killed_dir)
+    assert not list(killed_dir.glob(".tmp-*")) or latest_checkpoint(killed_dir).name == "ckpt-0000400.pt"
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_train_config, monkeypatch):
+    real_get_batch = SyntheticLatents.get_batch
+    calls = {"n": 0}
+
+    def poisoned(self, indices, flip):
+        calls["n"] += 1
+        x, y = real_get_batch(self, indices, flip)
+        return (x * float("nan"), y) if calls["n"] == 3 else (x, y)
+
+    monkeypatch.setattr(SyntheticLatents, "get_batch", poisoned)
+    cfg = load_config(tiny_train_config, ["trainer.log_every=2"], phase="train")
+    with pytest.raises(FloatingPointError, match=r"non-finite training loss at step 3.*ckpt-0000002\.pt"):
+        train.run(cfg)
+    assert latest_checkpoint(train.run_dir_for(cfg)).name == "ckpt-0000002.pt"
+
+
+def test_two_process_gloo_ddp_matches_one_process(tiny_train_config, tmp_path):
+    overrides = ["trainer.steps=8", "trainer.log_every=1", "trainer.ckpt_every=8"]
+    single = train.run(load_config(tiny_train_config, overrides + [f"trainer.run_dir={tmp_path / 'one'}"], phase="train"))
+    result = run_python(
+        ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "main.py", "-c", str(tiny_train_config),
+         "-p", "train", *overrides, f"trainer.run_dir={tmp_path / 'two'}"],
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = _losses(single), _losses(tmp_path / "two")
+    assert [r[0] for r in one] == [r[0] for r in two] == list(range(1, 9))
+    for a, b in zip(one, two):
+        assert a[1:] == pytest.approx(b[1:], rel=1e-5)
+    w1 = load_checkpoint(single / "ckpt-0000008.pt")["model"]
+    w2 = load_checkpoint(tmp_path / "two" / "ckpt-0000008.pt")["model"]
+    assert all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1)
