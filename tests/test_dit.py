@@ -143,3 +143,13 @@ def test_model_zoo_sizes():
         s2 = DiT_models["DiT-S/2"]()
     assert sum(p.numel() for p in s2.parameters()) == pytest.approx(33e6, rel=0.05)
     assert np.isfinite(get_2d_sincos_pos_embed(16, 2)).all()
+
+
+def test_forward_macs_matches_the_dit_paper():
+    from speedpipe.models.dit import forward_macs
+
+    with torch.device("meta"):
+        xl = DiT_models["DiT-XL/2"](input_size=32)
+        s = DiT_models["DiT-S/2"](input_size=32)
+    assert forward_macs(xl) / 1e9 == pytest.approx(118.6, rel=0.01)
+    assert forward_macs(s) / 1e9 == pytest.approx(6.06, rel=0.02)

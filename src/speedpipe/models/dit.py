@@ -278,3 +278,18 @@ def load_dit_state_dict(model: DiT, path):
     except RuntimeError as err:
         raise ValueError(f"{path}: not a DiT checkpoint of this configuration: {err}") from None
     return model
+
+
+def forward_macs(model: DiT) -> int:
+    """Multiply-accumulates of one forward pass per image (the DiT paper's "Gflops": 118.6e9 for XL/2 at 256²).
+
+    Counts the linear layers, the patch embedding and the two attention products; FLOPs ≈ 2 × MACs.
+    """
+    n = model.x_embedder.num_patches
+    d = model.pos_embed.shape[-1]
+    p, c_in = model.patch_size, model.in_channels
+    mlp_hidden = model.blocks[0].mlp.fc1.out_features
+    per_block = n * (3 * d * d + d * d + 2 * d * mlp_hidden) + 2 * n * n * d + 6 * d * d
+    embed = n * p * p * c_in * d + 256 * d + d * d
+    final = n * d * p * p * model.out_channels + 2 * d * d
+    return len(model.blocks) * per_block + embed + final
