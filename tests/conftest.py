@@ -16,7 +16,7 @@ def tiny_train_config(tmp_path):
         f"""
 experiment: tiny
 output_dir: {tmp_path / 'results'}
-data: {{name: synthetic, synthetic_size: 64, random_flip: true}}
+data: {{source: synthetic, synthetic_size: 64, random_flip: true}}
 model: {{name: DiT-T/4, input_size: 8, in_channels: 4, num_classes: 4}}
 diffusion:
   timestep_sampler: {{name: speed, k: 5, tau: 700}}

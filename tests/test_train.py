@@ -69,7 +69,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_train_conf
     real_get_batch = SyntheticLatents.get_batch
     calls = {"n": 0}
 
-    def poisoned(self, indices, flip):
+    def poisoned(self, indices, flip, eps=None):
         calls["n"] += 1
         x, y = real_get_batch(self, indices, flip)
         return (x * float("nan"), y) if calls["n"] == 3 else (x, y)

@@ -7,6 +7,8 @@ from speedpipe.config import ConfigError, load_config
 
 # stage name -> (module with run(cfg), config phase merged over the top level)
 STAGES = {
+    "autoencoder": ("speedpipe.stages.autoencoder", "train"),
+    "encode": ("speedpipe.stages.encode", None),
     "train": ("speedpipe.stages.train", "train"),
 }
 # main.py phases (SpeeD's entry point) -> stage
@@ -32,7 +34,7 @@ def main(argv=None):
     parser.add_argument("stage", choices=sorted(STAGES))
     parser.add_argument("--config", "-c", required=True, help="YAML config (base.yaml files above it are merged first)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=2e-4")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     _exit_on_config_error(run_stage, args.stage, args.config, args.overrides)
 
 
@@ -42,7 +44,7 @@ def main_py(argv=None):
     parser.add_argument("-c", "--config", required=True)
     parser.add_argument("-p", "--phase", required=True, choices=sorted(PHASE_STAGES))
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     _exit_on_config_error(run_stage, PHASE_STAGES[args.phase], args.config, args.overrides)
 
 

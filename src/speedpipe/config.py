@@ -66,12 +66,46 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Training data: the latent store written by the encode stage, or synthetic latents for tests."""
+    """Images (for the autoencoder, encode and reference stages) and the latent source training reads."""
 
-    name: str = "latents"  # latents | synthetic
+    name: str = "mnist5k"  # mnist5k | image_folder
+    root: Optional[str] = None  # image_folder: root/<class_name>/*.{JPEG,jpg,png,webp}, or a flat folder
+    image_size: int = 32
+    mnist_fit: str = "pad"  # mnist5k 28x28 -> image_size: pad (centred) | resize (bicubic)
+    strict: bool = False  # an unreadable image stops the run instead of being skipped and counted
+    source: str = "latents"  # what training reads: latents (the encode stage's store) | synthetic (tests)
     latents_dir: Optional[str] = None  # default: {output_dir}/{experiment}/latents
     random_flip: bool = True  # use the stored latent of the horizontally flipped image half the time
-    synthetic_size: int = 512  # number of synthetic examples (name: synthetic)
+    synthetic_size: int = 512  # number of synthetic examples (source: synthetic)
+
+
+@dataclass
+class AutoencoderConfig:
+    """tiny: trained by the pipeline; sd-vae-ft-ema / sd-vae-ft-mse: pretrained diffusers AutoencoderKL."""
+
+    name: str = "sd-vae-ft-ema"  # tiny | sd-vae-ft-ema | sd-vae-ft-mse
+    path: Optional[str] = None  # local directory or hub id; default: the pipeline's own (tiny) or stabilityai/<name>
+    allow_download: bool = False  # let diffusers fetch missing weights from the hub (never in tests or the demo)
+    block_out_channels: List[int] = field(default_factory=lambda: [32, 64, 64])  # tiny: 2^(len-1) downsampling
+    latent_channels: int = 4
+    steps: int = 1500
+    batch_size: int = 64
+    lr: float = 1.0e-3
+    kl_weight: float = 1.0e-6
+    ckpt_every: int = 500
+    progress: bool = True
+
+
+@dataclass
+class EncodeConfig:
+    mode: str = "flip"  # flip: one posterior sample of the image and of its mirror | posterior: mean and std of both
+    shard_size: int = 1024
+    dtype: str = "fp16"  # fp16 | fp32
+    batch_size: int = 64
+    num_workers: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "fp32"  # fp32 | bf16 (autocast of the encoder)
+    progress: bool = True
 
 
 @dataclass
@@ -106,6 +140,8 @@ class Config:
     method: str = "baseline"  # label of this arm in results and reports
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    encode: EncodeConfig = field(default_factory=EncodeConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -113,14 +149,23 @@ class Config:
 
 
 CHOICES = {
-    "data.name": ("latents", "synthetic"),
+    "data.name": ("mnist5k", "image_folder"),
+    "data.mnist_fit": ("pad", "resize"),
+    "data.source": ("latents", "synthetic"),
+    "autoencoder.name": ("tiny", "sd-vae-ft-ema", "sd-vae-ft-mse"),
+    "encode.mode": ("flip", "posterior"),
+    "encode.dtype": ("fp16", "fp32"),
+    "encode.device": ("auto", "cpu", "cuda"),
+    "encode.precision": ("fp32", "bf16"),
     "diffusion.noise_schedule": ("linear", "cosine"),
     "trainer.precision": ("fp32", "bf16"),
     "trainer.device": ("auto", "cpu", "cuda"),
 }
 POSITIVE = ("trainer.steps", "trainer.global_batch_size", "trainer.log_every", "trainer.ckpt_every",
             "diffusion.diffusion_steps", "model.input_size", "model.in_channels", "model.num_classes",
-            "data.synthetic_size", "optim.lr")
+            "data.synthetic_size", "data.image_size", "optim.lr", "autoencoder.steps", "autoencoder.batch_size",
+            "autoencoder.lr", "autoencoder.ckpt_every", "autoencoder.latent_channels", "encode.shard_size",
+            "encode.batch_size")
 
 
 def base_chain(path: Path) -> list[Path]:

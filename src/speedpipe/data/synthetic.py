@@ -18,7 +18,7 @@ class SyntheticLatents:
     def __len__(self):
         return len(self.labels)
 
-    def get_batch(self, indices: torch.Tensor, flip: torch.Tensor):
+    def get_batch(self, indices: torch.Tensor, flip: torch.Tensor, eps=None):
         x = self.latents[indices]
         x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
         return x, self.labels[indices]

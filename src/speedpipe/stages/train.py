@@ -54,13 +54,14 @@ def build_model(cfg):
 
 def open_training_data(cfg):
     latent_shape = (cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)
-    if cfg.data.name == "synthetic":
+    if cfg.data.source == "synthetic":
         from speedpipe.data.synthetic import SyntheticLatents
 
         return SyntheticLatents(cfg.data.synthetic_size, latent_shape, cfg.model.num_classes)
     from speedpipe.data.latents import LatentStore
+    from speedpipe.stages.encode import latents_dir_for
 
-    store = LatentStore(cfg.data.latents_dir or Path(cfg.output_dir) / cfg.experiment / "latents")
+    store = LatentStore(latents_dir_for(cfg))
     if store.latent_shape != latent_shape or store.num_classes != cfg.model.num_classes:
         raise ConfigError(
             f"latent store {store.root} holds latents {store.latent_shape} with {store.num_classes} classes, but the model "
@@ -85,22 +86,25 @@ def make_optimizer(model, optim_cfg, device):
 class StepRandomness:
     """Draws everything random about one global batch; each rank slices out its own examples."""
 
-    def __init__(self, seed, sampler, latent_shape, class_dropout_prob, random_flip, device):
-        self.batch_gen = torch.Generator().manual_seed(seed)  # timesteps, label dropout, flips (CPU)
+    def __init__(self, seed, sampler, latent_shape, class_dropout_prob, random_flip, posterior_latents, device):
+        self.batch_gen = torch.Generator().manual_seed(seed)  # timesteps, dropout, flips, posterior samples (CPU)
         self.noise_gen = torch.Generator(device).manual_seed(seed)  # ε (on the training device)
         self.sampler, self.latent_shape, self.device = sampler, latent_shape, device
         self.class_dropout_prob, self.random_flip = class_dropout_prob, random_flip
+        self.posterior_latents = posterior_latents
 
     @property
     def generators(self):
         return {"batch_gen": self.batch_gen, "noise_gen": self.noise_gen}
 
     def draw(self, n: int):
+        """(t, label-drop mask, flip mask, posterior ε or None, diffusion noise ε) for n examples."""
         t = self.sampler.sample(n, self.batch_gen)
         drop = torch.rand(n, generator=self.batch_gen) < self.class_dropout_prob
         flip = torch.rand(n, generator=self.batch_gen) < 0.5 if self.random_flip else torch.zeros(n, dtype=torch.bool)
+        latent_eps = torch.randn((n, *self.latent_shape), generator=self.batch_gen) if self.posterior_latents else None
         noise = torch.randn((n, *self.latent_shape), generator=self.noise_gen, device=self.device)
-        return t, drop, flip, noise
+        return t, drop, flip, latent_eps, noise
 
 
 def train_step(model, diffusion, mse_weight, opt, x, y, t, noise, drop, precision="fp32", grad_clip=None):
@@ -147,7 +151,8 @@ def run(cfg):
     opt = make_optimizer(model, cfg.optim, device)
     order = EpochBatches(len(dataset), tr.global_batch_size, cfg.seed)
     randomness = StepRandomness(
-        cfg.seed, sampler, dataset.latent_shape, cfg.model.class_dropout_prob, cfg.data.random_flip, device
+        cfg.seed, sampler, dataset.latent_shape, cfg.model.class_dropout_prob, cfg.data.random_flip,
+        getattr(dataset, "samples_posterior", False), device,
     )
 
     step = 0
@@ -179,10 +184,10 @@ def run(cfg):
     first_bad_step = torch.full((), float("inf"), device=device)  # first step whose loss was not finite
     logged_steps, last_time = 0, time.perf_counter()
     while step < tr.steps:
-        t, drop, flip, noise = randomness.draw(tr.global_batch_size)
+        t, drop, flip, latent_eps, noise = randomness.draw(tr.global_batch_size)
         idx = order.next_global_batch()
-        mine = lambda v: rank_slice(v, env.rank, env.world_size)  # noqa: E731
-        x, y = dataset.get_batch(mine(idx), mine(flip))
+        mine = lambda v: None if v is None else rank_slice(v, env.rank, env.world_size)  # noqa: E731
+        x, y = dataset.get_batch(mine(idx), mine(flip), mine(latent_eps))
         x, y, t = x.to(device, non_blocking=True), y.to(device, non_blocking=True), mine(t).to(device)
         stats = train_step(net, diffusion, mse_weight, opt, x, y, t, mine(noise), mine(drop).to(device), tr.precision, cfg.optim.grad_clip)
         update_ema(ema_params, model_params, tr.ema_decay)

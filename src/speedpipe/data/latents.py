@@ -1,0 +1,100 @@
+"""The latent store: fixed-size safetensors shards plus manifest.json, written by the encode stage.
+
+Each shard holds `labels` [n] and, per example, the latents of the image and of its horizontal flip
+(index 0 / 1 on the second axis): `latents` [n, 2, C, H, W] in mode "flip" (one posterior sample,
+fixed for all epochs: cheapest), or `mean` and `std` [n, 2, C, H, W] in mode "posterior" (training
+samples a fresh z = mean + std·ε every epoch, as encoding on the fly would, at twice the storage).
+Latents are stored already multiplied by the autoencoder's scale factor.
+"""
+import hashlib
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from speedpipe.data.images import DataError
+
+SAFETENSORS_DTYPES = {"F16": np.float16, "F32": np.float32, "I64": np.int64, "BF16": None}
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.safetensors"
+
+
+def sha256_file(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def mmap_safetensors(path) -> dict[str, np.ndarray]:
+    """Memory-map every tensor of a safetensors file as a read-only numpy array (no copy, no full read)."""
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_len))
+    arrays = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = SAFETENSORS_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise DataError(f"{path}: tensor {name!r} has dtype {info['dtype']}, expected F16, F32 or I64")
+        start, end = info["data_offsets"]
+        arrays[name] = np.memmap(path, dtype=dtype, mode="r", offset=8 + header_len + start, shape=tuple(info["shape"]))
+        assert arrays[name].nbytes == end - start
+    return arrays
+
+
+class LatentStore:
+    """Training data over a latent store: len, latent_shape, num_classes, get_batch(indices, flip, eps)."""
+
+    def __init__(self, root, verify: bool = True):
+        self.root = Path(root)
+        manifest_path = self.root / "manifest.json"
+        if not manifest_path.is_file():
+            raise DataError(f"latent store {self.root}: manifest.json missing (run the encode stage: speedpipe encode)")
+        self.manifest = json.loads(manifest_path.read_text())
+        shards = self.manifest["shards"]
+        for shard in shards:
+            path = self.root / shard["file"]
+            if not path.is_file():
+                raise DataError(f"latent store {self.root}: shard {shard['file']} listed in the manifest is missing")
+            if verify and sha256_file(path) != shard["sha256"]:
+                raise DataError(f"latent store {self.root}: shard {shard['file']} does not match its manifest checksum "
+                                f"(modified or corrupt); delete it and re-run the encode stage")
+        self.mode = self.manifest["mode"]
+        self.latent_shape = tuple(self.manifest["latent_shape"])
+        self.num_classes = self.manifest["num_classes"]
+        self.scale_factor = self.manifest["scale_factor"]
+        self._shards = [mmap_safetensors(self.root / s["file"]) for s in shards]
+        self._offsets = np.cumsum([0] + [s["count"] for s in shards])
+
+    @property
+    def samples_posterior(self) -> bool:
+        return self.mode == "posterior"
+
+    def __len__(self):
+        return int(self._offsets[-1])
+
+    def _gather(self, name, shard_ids, indices, second=None) -> np.ndarray:
+        rows = [self._shards[s][name][i - self._offsets[s]] for s, i in zip(shard_ids, indices)]
+        if second is not None:
+            rows = [r[int(f)] for r, f in zip(rows, second)]
+        return np.stack([np.asarray(r) for r in rows])
+
+    def get_batch(self, indices: torch.Tensor, flip: torch.Tensor, eps: torch.Tensor | None = None):
+        """Latents [n, C, H, W] (float32) of the examples, of their mirror where flip is set, and labels [n]."""
+        idx = indices.numpy()
+        shard_ids = np.searchsorted(self._offsets, idx, side="right") - 1
+        labels = torch.from_numpy(self._gather("labels", shard_ids, idx).astype(np.int64))
+        if self.mode == "flip":
+            return torch.from_numpy(self._gather("latents", shard_ids, idx, flip.numpy()).astype(np.float32)), labels
+        if eps is None:
+            raise ValueError("a posterior-mode latent store needs eps (the noise for z = mean + std·eps)")
+        mean = torch.from_numpy(self._gather("mean", shard_ids, idx, flip.numpy()).astype(np.float32))
+        std = torch.from_numpy(self._gather("std", shard_ids, idx, flip.numpy()).astype(np.float32))
+        return mean + std * eps.to(mean.dtype), labels

@@ -1,0 +1,172 @@
+"""Stage `encode`: the whole image dataset -> latent store (shards + manifest.json), once.
+
+Shard i holds dataset items [i·S, (i+1)·S); rank r of W writes the shards with i mod W = r, so no two
+ranks ever write the same file. Shards are written atomically and an existing shard is kept (after
+checking it was made from the same dataset and encoder), so an interrupted run resumes at the first
+missing shard. Rank 0 writes the manifest last: counts, shapes, checksums, latent statistics, skips.
+"""
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from speedpipe.config import save_config
+from speedpipe.data.images import DataError, open_image_dataset
+from speedpipe.data.latents import mmap_safetensors, sha256_file, shard_name
+from speedpipe.distributed import barrier, init_distributed, shutdown
+from speedpipe.io import atomic_path, atomic_write_text
+from speedpipe.models.autoencoder import encode_posterior, open_autoencoder
+from speedpipe.stages.train import resolve_device
+
+
+def latents_dir_for(cfg) -> Path:
+    return Path(cfg.data.latents_dir or Path(cfg.output_dir) / cfg.experiment / "latents")
+
+
+class _Indexed(torch.utils.data.Dataset):
+    """Items of `indices` as (dataset index, item-or-None), so skipped files can be named."""
+
+    def __init__(self, dataset, indices):
+        self.dataset, self.indices = dataset, list(indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, k):
+        i = self.indices[k]
+        return i, self.dataset[i]
+
+
+def _collate(items):
+    kept = [(i, item) for i, item in items if item is not None]
+    skipped = [i for i, item in items if item is None]
+    images = torch.stack([item[0] for _, item in kept]) if kept else None
+    labels = torch.tensor([item[1] for _, item in kept], dtype=torch.long)
+    return images, labels, skipped
+
+
+def encode_shard(vae, scale, dataset, indices, cfg, device, generator):
+    """Encode one shard's items: tensors to store, and the paths of skipped (unreadable) files."""
+    enc = cfg.encode
+    loader = torch.utils.data.DataLoader(_Indexed(dataset, indices), batch_size=enc.batch_size,
+                                         num_workers=enc.num_workers, collate_fn=_collate)
+    store_dtype = torch.float16 if enc.dtype == "fp16" else torch.float32
+    parts, labels, skipped = {}, [], []
+    for images, batch_labels, batch_skipped in loader:
+        skipped += [dataset.path(i) for i in batch_skipped]
+        if images is None:
+            continue
+        x = images.to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=enc.precision == "bf16"):
+            mean, std = encode_posterior(vae, torch.cat([x, x.flip(-1)]), scale)
+        mean, std = (v.float().unflatten(0, (2, -1)).transpose(0, 1) for v in (mean, std))  # [n, 2, C, H, W]
+        if enc.mode == "flip":
+            z = mean + std * torch.randn(mean.shape, generator=generator, device=mean.device)
+            parts.setdefault("latents", []).append(z.to(store_dtype).cpu())
+        else:
+            parts.setdefault("mean", []).append(mean.to(store_dtype).cpu())
+            parts.setdefault("std", []).append(std.to(store_dtype).cpu())
+        labels.append(batch_labels)
+    tensors = {k: torch.cat(v) for k, v in parts.items()}
+    tensors["labels"] = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
+    return tensors, skipped
+
+
+def run(cfg):
+    device = resolve_device(cfg.encode.device)
+    env = init_distributed(device.type)
+    if device.type == "cuda":
+        device = torch.device("cuda", env.local_rank)
+    out = latents_dir_for(cfg)
+    dataset = open_image_dataset(cfg.data)
+    vae, scale, identity = open_autoencoder(cfg)
+    vae = vae.to(device)
+    provenance = {"dataset": dataset.fingerprint(), "encoder": identity, "mode": cfg.encode.mode,
+                  "dtype": cfg.encode.dtype, "shard_size": cfg.encode.shard_size}
+    if env.is_main:
+        save_config(cfg, out / "config.yaml")
+
+    size = cfg.encode.shard_size
+    num_shards = math.ceil(len(dataset) / size)
+    mine = [i for i in range(num_shards) if i % env.world_size == env.rank]
+    from tqdm.auto import tqdm
+
+    start, encoded = time.perf_counter(), 0
+    for i in tqdm(mine, desc=f"encode (rank {env.rank})", disable=not (cfg.encode.progress and env.is_main)):
+        path = out / shard_name(i)
+        if path.exists():
+            _check_provenance(path, provenance)
+            continue
+        indices = range(i * size, min((i + 1) * size, len(dataset)))
+        generator = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + i)  # per shard: rank-independent
+        tensors, skipped = encode_shard(vae, scale, dataset, indices, cfg, device, generator)
+        with atomic_path(path) as tmp:
+            # One metadata key: safetensors writes metadata from a hash map, so several keys would be in random order.
+            info = {**provenance, "skipped": skipped, "first_index": indices[0]}
+            save_file(tensors, str(tmp), metadata={"speedpipe": json.dumps(info, sort_keys=True)})
+        encoded += len(indices)
+    seconds = time.perf_counter() - start
+    barrier(env)
+    if env.is_main:
+        manifest = build_manifest(out, num_shards, dataset, scale, identity, cfg)
+        manifest["encode_seconds_rank0"] = seconds
+        manifest["encode_images_per_s_rank0"] = encoded / seconds if encoded else None
+        atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2))
+    barrier(env)
+    shutdown(env)
+    return out
+
+
+def _check_provenance(path, provenance):
+    meta = _shard_info(path)
+    stale = [k for k, v in provenance.items() if meta.get(k) != v]
+    if stale:
+        raise DataError(f"{path} was written with a different {', '.join(stale)}; delete {path.parent} to re-encode")
+
+
+def _shard_info(path) -> dict:
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads((f.metadata() or {}).get("speedpipe", "{}"))
+
+
+def build_manifest(out: Path, num_shards, dataset, scale, identity, cfg) -> dict:
+    shards, skipped = [], []
+    total, channel_sum, channel_sq = 0, 0.0, 0.0
+    key = "latents" if cfg.encode.mode == "flip" else "mean"
+    latent_shape = None
+    for i in range(num_shards):
+        path = out / shard_name(i)
+        arrays = mmap_safetensors(path)
+        skipped += _shard_info(path)["skipped"]
+        count = len(arrays["labels"])
+        if count:
+            z = np.asarray(arrays[key], dtype=np.float64)  # [n, 2, C, H, W]
+            latent_shape = list(z.shape[2:])
+            channel_sum = channel_sum + z.sum(axis=(0, 1, 3, 4))
+            channel_sq = channel_sq + (z**2).sum(axis=(0, 1, 3, 4))
+        shards.append({"file": path.name, "count": count, "sha256": sha256_file(path)})
+        total += count
+    if total == 0:
+        raise DataError(f"encode: every image was unreadable ({len(skipped)} skipped); nothing to train on")
+    n_values = total * 2 * latent_shape[1] * latent_shape[2]
+    mean = channel_sum / n_values
+    std = np.sqrt(channel_sq / n_values - mean**2)
+    return {
+        "count": total,
+        "latent_shape": latent_shape,
+        "dtype": cfg.encode.dtype,
+        "mode": cfg.encode.mode,
+        "scale_factor": scale,
+        "encoder": identity,
+        "dataset": dataset.fingerprint(),
+        "num_classes": dataset.num_classes,
+        "channel_mean": mean.tolist(),
+        "channel_std": std.tolist(),
+        "skipped": {"count": len(skipped), "files": skipped},
+        "shards": shards,
+    }
