@@ -10,13 +10,18 @@ STAGES = {
     "autoencoder": ("speedpipe.stages.autoencoder", "train"),
     "encode": ("speedpipe.stages.encode", None),
     "train": ("speedpipe.stages.train", "train"),
+    "sample": ("speedpipe.stages.sample", "sample"),
+    "classifier": ("speedpipe.stages.classifier", None),
+    "reference": ("speedpipe.stages.reference", None),
+    "evaluate": ("speedpipe.stages.evaluate", None),
 }
-# main.py phases (SpeeD's entry point) -> stage
-PHASE_STAGES = {"train": "train"}
+# main.py phases (SpeeD's entry point) -> stage; "inference" is SpeeD's name for sampling a trained model
+PHASE_STAGES = {"train": "train", "inference": "sample", "sample": "sample"}
 
 
-def run_stage(stage: str, config_path: str, overrides: list[str]):
-    module_name, phase = STAGES[stage]
+def run_stage(stage: str, config_path: str, overrides: list[str], phase: str | None = None):
+    module_name, default_phase = STAGES[stage]
+    phase = phase or default_phase
     cfg = load_config(config_path, overrides, phase=phase)
     return importlib.import_module(module_name).run(cfg)
 
@@ -45,7 +50,7 @@ def main_py(argv=None):
     parser.add_argument("-p", "--phase", required=True, choices=sorted(PHASE_STAGES))
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args(argv)
-    _exit_on_config_error(run_stage, PHASE_STAGES[args.phase], args.config, args.overrides)
+    _exit_on_config_error(run_stage, PHASE_STAGES[args.phase], args.config, args.overrides, args.phase)
 
 
 if __name__ == "__main__":

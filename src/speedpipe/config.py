@@ -7,6 +7,7 @@ wrong types and impossible values are refused with the dotted key named, before 
 """
 import dataclasses
 import difflib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional, get_args, get_origin, get_type_hints
@@ -109,6 +110,48 @@ class EncodeConfig:
 
 
 @dataclass
+class SamplingConfig:
+    """The sample stage (config section `sampling`; the `sample:` phase sub-dict can override it)."""
+
+    checkpoint: Optional[str] = None  # ckpt-*.pt of a train (or distill) run
+    sampler: str = "ddpm250"  # ddpm<N> | ddim<N> | scm1 | scm2
+    ddim_eta: float = 0.0
+    cfg_scale: float = 1.0  # 1 = no guidance (a single forward per step)
+    dit_compat: bool = False  # guide only the first 3 latent channels, as DiT's sample.py
+    use_ema: bool = True
+    num_samples: int = 1000
+    batch_size: int = 100
+    labels: str = "balanced"  # balanced: N/num_classes each | random: uniform
+    seed: int = 0
+    scm_mid_t: float = 1.1  # scm2: intermediate TrigFlow time
+    out: Optional[str] = None  # default: {output_dir}/{experiment}/samples/{run}/{step:07d}/{sampler}.npz
+    device: str = "auto"
+    precision: str = "fp32"  # fp32 | bf16 (autocast of the network)
+    progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    """The reference, classifier and evaluate stages (torch-fidelity)."""
+
+    extractor: str = "inception-v3-compat"  # inception-v3-compat | classifier
+    inception_weights: Optional[str] = None  # default: torch hub cache, checkpoints/pt_inception-2015-12-05-6726825d.pth
+    classifier_weights: Optional[str] = None  # default: {output_dir}/{experiment}/classifier/model.safetensors
+    reference: Optional[str] = None  # default: {output_dir}/{experiment}/reference/stats-{extractor}.pt
+    reference_npz: Optional[str] = None  # import an ADM reference batch (mu, sigma) for FID instead of the dataset
+    reference_max_images: Optional[int] = None  # real images for the reference statistics (default: all)
+    samples: Optional[str] = None  # the samples npz to evaluate
+    out: Optional[str] = None  # default: the samples path with samples/ -> metrics/ and .npz -> .json
+    metrics: List[str] = field(default_factory=lambda: ["fid", "kid", "isc", "prc"])
+    batch_size: int = 100
+    kid_subset_size: int = 1000
+    classifier_steps: int = 600
+    classifier_batch_size: int = 64
+    classifier_lr: float = 2.0e-3
+    device: str = "auto"
+
+
+@dataclass
 class OptimConfig:
     lr: float = 1e-4
     weight_decay: float = 0.0
@@ -146,6 +189,8 @@ class Config:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 CHOICES = {
@@ -157,6 +202,11 @@ CHOICES = {
     "encode.dtype": ("fp16", "fp32"),
     "encode.device": ("auto", "cpu", "cuda"),
     "encode.precision": ("fp32", "bf16"),
+    "sampling.labels": ("balanced", "random"),
+    "sampling.device": ("auto", "cpu", "cuda"),
+    "sampling.precision": ("fp32", "bf16"),
+    "eval.extractor": ("inception-v3-compat", "classifier"),
+    "eval.device": ("auto", "cpu", "cuda"),
     "diffusion.noise_schedule": ("linear", "cosine"),
     "trainer.precision": ("fp32", "bf16"),
     "trainer.device": ("auto", "cpu", "cuda"),
@@ -165,7 +215,8 @@ POSITIVE = ("trainer.steps", "trainer.global_batch_size", "trainer.log_every", "
             "diffusion.diffusion_steps", "model.input_size", "model.in_channels", "model.num_classes",
             "data.synthetic_size", "data.image_size", "optim.lr", "autoencoder.steps", "autoencoder.batch_size",
             "autoencoder.lr", "autoencoder.ckpt_every", "autoencoder.latent_channels", "encode.shard_size",
-            "encode.batch_size")
+            "encode.batch_size", "sampling.num_samples", "sampling.batch_size", "sampling.cfg_scale", "eval.batch_size",
+            "eval.kid_subset_size", "eval.classifier_steps", "eval.classifier_batch_size")
 
 
 def base_chain(path: Path) -> list[Path]:
@@ -230,6 +281,11 @@ def validate(cfg: DictConfig) -> DictConfig:
         raise ConfigError(f"config key 'model.name': unknown model {cfg.model.name!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
     if not 0.0 <= cfg.model.class_dropout_prob < 1.0:
         raise ConfigError(f"config key 'model.class_dropout_prob': expected a value in [0, 1), got {cfg.model.class_dropout_prob}")
+    if not re.fullmatch(r"(ddpm|ddim)\d+|scm[12]", cfg.sampling.sampler):
+        raise ConfigError(f"config key 'sampling.sampler': {cfg.sampling.sampler!r} is not ddpm<N>, ddim<N>, scm1 or scm2")
+    unknown_metrics = sorted(set(cfg.eval.metrics) - {"fid", "kid", "isc", "prc"})
+    if unknown_metrics:
+        raise ConfigError(f"config key 'eval.metrics': unknown {unknown_metrics}; expected a subset of [fid, kid, isc, prc]")
     if not 0.0 <= cfg.trainer.ema_decay < 1.0:
         raise ConfigError(f"config key 'trainer.ema_decay': expected a value in [0, 1), got {cfg.trainer.ema_decay}")
     diffusion = create_diffusion(noise_schedule=cfg.diffusion.noise_schedule, diffusion_steps=cfg.diffusion.diffusion_steps)

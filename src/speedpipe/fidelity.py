@@ -1,0 +1,132 @@
+"""torch-fidelity glue: feature extraction with validated arguments, and metrics from stored features.
+
+torch-fidelity silently ignores unknown keyword arguments and caches by name only, so this module checks
+every argument against torch_fidelity.defaults.DEFAULTS and never uses its cache: reference features are
+stored by the reference stage under results/{exp}/reference/ with the dataset and extractor identity.
+"""
+import contextlib
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch_fidelity
+from torch_fidelity.defaults import DEFAULTS
+from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+from torch_fidelity.metric_isc import isc_features_to_metric
+from torch_fidelity.metric_kid import kid_features_to_metric
+from torch_fidelity.metric_prc import prc_features_to_metric
+from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
+
+from speedpipe.models.classifier import ClassifierFeatureExtractor
+
+INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
+EXTRACTOR_NAMES = {"inception-v3-compat": "inception-v3-compat", "classifier": ClassifierFeatureExtractor.NAME}
+LAYERS = {  # metric -> feature layer, per extractor
+    "inception-v3-compat": {"fid": "2048", "kid": "2048", "prc": "2048", "isc": "logits_unbiased"},
+    "classifier": {"fid": "features", "kid": "features", "prc": "features", "isc": "logits"},
+}
+
+if ClassifierFeatureExtractor.NAME not in torch_fidelity.registry.FEATURE_EXTRACTORS_REGISTRY:
+    torch_fidelity.register_feature_extractor(ClassifierFeatureExtractor.NAME, ClassifierFeatureExtractor)
+
+
+class EvaluationError(ValueError):
+    """Unusable evaluation input (weights, samples, reference); the message names the file."""
+
+
+def fidelity_kwargs(**kwargs) -> dict:
+    """Keyword arguments for torch-fidelity, refused if it would not recognise them."""
+    unknown = sorted(set(kwargs) - set(DEFAULTS))
+    if unknown:
+        raise EvaluationError(f"torch-fidelity does not know the argument(s) {unknown}")
+    return kwargs
+
+
+def inception_weights_path(configured: str | None) -> Path:
+    path = Path(configured) if configured else Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+    if not path.is_file():
+        raise EvaluationError(
+            f"Inception-v3 weights not found at {path}. Download {INCEPTION_FILE} (torch-fidelity's release) on a machine "
+            f"with network and put it there (torch hub cache: $TORCH_HOME/hub/checkpoints/) or set eval.inception_weights"
+        )
+    return path
+
+
+class UInt8Images(torch.utils.data.Dataset):
+    """uint8 NHWC array -> uint8 CHW tensors (torch-fidelity's input format)."""
+
+    def __init__(self, images: np.ndarray):
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+            raise EvaluationError(f"expected uint8 images of shape [N, H, W, 3], got {images.dtype} {tuple(images.shape)}")
+        self.images = images
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return torch.from_numpy(np.ascontiguousarray(self.images[i])).permute(2, 0, 1)
+
+
+@contextlib.contextmanager
+def no_tf32():
+    """Evaluation in full fp32: TF32 matmuls would change features in the 3rd digit."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def extractor_kwargs(extractor: str, weights: Path, cuda: bool) -> dict:
+    return fidelity_kwargs(feature_extractor=EXTRACTOR_NAMES[extractor], feature_extractor_weights_path=str(weights),
+                           cuda=cuda, verbose=False)
+
+
+def extract_features(images: np.ndarray, extractor: str, weights: Path, metrics, batch_size=100, cuda=False) -> dict:
+    """{layer: features [N, D]} (as torch-fidelity extracts them) for the layers the metrics need."""
+    layers = sorted({LAYERS[extractor][m] for m in metrics})
+    kwargs = extractor_kwargs(extractor, weights, cuda)
+    fe = create_feature_extractor(kwargs["feature_extractor"], layers, **kwargs)
+    torch.manual_seed(0)
+    with no_tf32():
+        feats = get_featuresdict_from_dataset(UInt8Images(images), fe, batch_size, cuda, save_cpu_ram=True, verbose=False)
+    return feats
+
+
+def compute_metrics(sample_feats: dict, reference: dict, extractor: str, metrics, kid_subset_size=1000) -> dict:
+    """torch-fidelity's metric functions on stored features; FID against the reference mu/sigma."""
+    layers, out = LAYERS[extractor], {}
+    n = len(next(iter(sample_feats.values())))
+    if "fid" in metrics:
+        ref_stats = {"mu": reference["mu"].numpy(), "sigma": reference["sigma"].numpy()}
+        stats = fid_features_to_statistics(sample_feats[layers["fid"]])
+        stats = {k: v.astype(ref_stats[k].dtype) for k, v in stats.items()}  # an ADM batch stores float64 mu
+        out.update(fid_statistics_to_metric(stats, ref_stats, verbose=False))
+    ref_feats = reference.get("features") or {}
+    for metric in ("kid", "prc"):
+        if metric in metrics and layers[metric] not in ref_feats:
+            raise EvaluationError(f"{metric}: the reference holds no features (an imported ADM batch has only mu/sigma)")
+    if "kid" in metrics:
+        subset = min(kid_subset_size, n, len(ref_feats[layers["kid"]]))
+        out.update(kid_features_to_metric(sample_feats[layers["kid"]], ref_feats[layers["kid"]],
+                                          **fidelity_kwargs(kid_subset_size=subset, verbose=False)))
+    if "isc" in metrics:
+        out.update(isc_features_to_metric(sample_feats[layers["isc"]]))
+    if "prc" in metrics:
+        out.update(prc_features_to_metric(sample_feats[layers["prc"]], ref_feats[layers["prc"]], **fidelity_kwargs(verbose=False)))
+    return {k: float(v) for k, v in out.items()}
+
+
+def weights_for(cfg) -> Path:
+    if cfg.eval.extractor == "inception-v3-compat":
+        return inception_weights_path(cfg.eval.inception_weights)
+    path = Path(cfg.eval.classifier_weights or Path(cfg.output_dir) / cfg.experiment / "classifier" / "model.safetensors")
+    if not path.is_file():
+        raise EvaluationError(f"classifier weights not found: {path} (run the classifier stage: speedpipe classifier)")
+    return path
+
+
+def use_cuda(device_name: str) -> bool:
+    return device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available() and os.environ.get("CUDA_VISIBLE_DEVICES") != "")

@@ -1,0 +1,74 @@
+"""Stage `evaluate`: FID, KID, IS and precision/recall of a samples npz against the reference (torch-fidelity).
+
+Writes metrics/{run}/{step}/{sampler}.json with every metric, the sample count and content hash, the
+reference identity, the extractor, and the sampler's NFE and seconds. Nothing is written when an input
+is unusable.
+"""
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from speedpipe.config import ConfigError
+from speedpipe.fidelity import EvaluationError, UInt8Images, compute_metrics, extract_features, use_cuda, weights_for
+from speedpipe.io import atomic_write_text, safe_torch_load
+from speedpipe.stages.reference import reference_path_for
+
+
+def metrics_path_for(cfg) -> Path:
+    if cfg.eval.out:
+        return Path(cfg.eval.out)
+    samples = Path(cfg.eval.samples)
+    parts = list(samples.parts)
+    if "samples" not in parts:
+        raise ConfigError(f"config key 'eval.out': required when the samples path {samples} has no samples/ folder")
+    parts[len(parts) - 1 - parts[::-1].index("samples")] = "metrics"
+    return Path(*parts).with_suffix(".json")
+
+
+def load_samples(path) -> tuple[np.ndarray, str]:
+    path = Path(path)
+    if not path.is_file():
+        raise EvaluationError(f"samples file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            images = npz["arr_0"]
+    except Exception as err:
+        raise EvaluationError(f"{path}: not an ADM samples npz with arr_0 ({err})") from None
+    try:
+        UInt8Images(images)
+    except EvaluationError as err:
+        raise EvaluationError(f"{path}: {err}") from None
+    return images, hashlib.sha256(images.tobytes()).hexdigest()
+
+
+def run(cfg):
+    e = cfg.eval
+    if not e.samples:
+        raise ConfigError("config key 'eval.samples': required (a samples npz)")
+    out = metrics_path_for(cfg)
+    images, digest = load_samples(e.samples)
+    weights = weights_for(cfg)
+    reference = safe_torch_load(reference_path_for(cfg))
+    if reference["identity"]["extractor"] != e.extractor:
+        raise EvaluationError(f"{reference_path_for(cfg)} holds {reference['identity']['extractor']} statistics, not {e.extractor}")
+    features = extract_features(images, e.extractor, weights, e.metrics, e.batch_size, use_cuda(e.device))
+    metrics = compute_metrics(features, reference, e.extractor, e.metrics, e.kid_subset_size)
+    sidecar = Path(e.samples).with_suffix(".json")
+    sampling = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+    result = {
+        "metrics": metrics,
+        "num_samples": len(images),
+        "samples": str(e.samples),
+        "samples_sha256": digest,
+        "reference": {**reference["identity"], "count": reference["count"], "path": str(reference_path_for(cfg))},
+        "extractor": e.extractor,
+        "nfe_per_image": sampling.get("nfe_per_image"),
+        "sampling_seconds": sampling.get("seconds"),
+        "seconds_per_image": sampling.get("seconds_per_image"),
+        "step": sampling.get("step"),
+        "sampler": sampling.get("sampler"),
+    }
+    atomic_write_text(out, json.dumps(result, indent=2))
+    return out

@@ -1,0 +1,155 @@
+"""Stage `sample`: N images from a checkpoint, written in the ADM layout (arr_0 uint8 NHWC, arr_1 labels).
+
+Labels are class-balanced (or uniform random) and every batch b draws its noise from a generator seeded
+with (seed, b), so the same config gives the same images on any number of ranks: ranks take batches
+round-robin, write their part, and rank 0 assembles `{sampler}.npz`, an 8x8 grid PNG and a JSON sidecar
+with the NFE per image and the wall-clock seconds.
+"""
+import json
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from torchvision.utils import save_image
+
+from speedpipe.checkpoint import load_checkpoint
+from speedpipe.config import ConfigError, save_config
+from speedpipe.diffusion import create_diffusion
+from speedpipe.diffusion.gaussian import cfg_model_fn
+from speedpipe.distributed import barrier, init_distributed, shutdown
+from speedpipe.io import atomic_path, atomic_write_text
+from speedpipe.models.autoencoder import decode_latents, open_autoencoder
+from speedpipe.stages.train import build_model, resolve_device
+
+CKPT_STEP = re.compile(r"ckpt-(\d{7})\.pt$")
+
+
+def samples_path_for(cfg) -> Path:
+    s = cfg.sampling
+    if s.out:
+        return Path(s.out)
+    ckpt = Path(s.checkpoint)
+    step = CKPT_STEP.search(ckpt.name)
+    if step is None:
+        raise ConfigError(f"config key 'sampling.out': required when the checkpoint name {ckpt.name} is not ckpt-NNNNNNN.pt")
+    return Path(cfg.output_dir) / cfg.experiment / "samples" / ckpt.parent.name / step.group(1) / f"{s.sampler}.npz"
+
+
+def make_labels(n: int, num_classes: int, mode: str, seed: int) -> torch.Tensor:
+    if mode == "balanced":
+        return torch.arange(n) % num_classes
+    return torch.randint(0, num_classes, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] NCHW float -> uint8 NHWC, as DiT's sample.py: clamp(127.5 x + 128, 0, 255)."""
+    return torch.clamp(127.5 * images + 128.0, 0, 255).permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8)
+
+
+def write_npz(path, images: np.ndarray, labels: np.ndarray):
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, arr_0=images, arr_1=labels)
+
+
+class DiffusionSampler:
+    """DDPM (ancestral) or DDIM over a respaced diffusion, with classifier-free guidance."""
+
+    def __init__(self, model, run_cfg, sampling_cfg):
+        kind, steps = re.fullmatch(r"(ddpm|ddim)(\d+)", sampling_cfg.sampler).groups()
+        self.model, self.kind, self.s = model, kind, sampling_cfg
+        self.diffusion = create_diffusion(steps if kind == "ddpm" else f"ddim{steps}", run_cfg.diffusion.noise_schedule,
+                                          run_cfg.diffusion.learn_sigma, run_cfg.diffusion.diffusion_steps)
+        self.latent_shape = (run_cfg.model.in_channels, run_cfg.model.input_size, run_cfg.model.input_size)
+        if sampling_cfg.cfg_scale != 1.0 and model.y_embedder.dropout_prob == 0:
+            raise ConfigError("config key 'sampling.cfg_scale': guidance needs a model trained with class dropout (null class)")
+        self.nfe = self.diffusion.num_timesteps * (1 if sampling_cfg.cfg_scale == 1.0 else 2)
+
+    def __call__(self, labels, generator):
+        s = self.s
+        model_fn = cfg_model_fn(self.model, labels, s.cfg_scale, null_class=self.model.num_classes,
+                                guided_channels=3 if s.dit_compat else None)
+        device = labels.device
+
+        def autocast_fn(x, t):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=s.precision == "bf16"):
+                return model_fn(x, t).float()
+
+        shape = (len(labels), *self.latent_shape)
+        noise = torch.randn(shape, generator=generator, device=device)
+        if self.kind == "ddpm":
+            return self.diffusion.p_sample_loop(autocast_fn, shape, noise=noise, generator=generator)
+        return self.diffusion.ddim_sample_loop(autocast_fn, shape, eta=s.ddim_eta, noise=noise, generator=generator)
+
+
+def build_sampler_for(state, cfg, device):
+    """The latent sampler for a checkpoint: diffusion samplers for train runs, consistency ones for sCD runs."""
+    run_cfg = OmegaConf.create(state["config"])
+    if cfg.sampling.sampler.startswith("scm"):
+        from speedpipe.consistency.scd import ConsistencySampler
+
+        return ConsistencySampler.from_checkpoint(state, cfg.sampling, device)
+    model = build_model(run_cfg)
+    model.load_state_dict(state["ema" if cfg.sampling.use_ema else "model"])
+    return DiffusionSampler(model.to(device).eval(), run_cfg, cfg.sampling)
+
+
+@torch.no_grad()
+def run(cfg):
+    s = cfg.sampling
+    if not s.checkpoint:
+        raise ConfigError("config key 'sampling.checkpoint': required (a ckpt-*.pt of a train or distill run)")
+    device = resolve_device(s.device)
+    env = init_distributed(device.type)
+    if device.type == "cuda":
+        device = torch.device("cuda", env.local_rank)
+    out = samples_path_for(cfg)
+    state = load_checkpoint(s.checkpoint)
+    sampler = build_sampler_for(state, cfg, device)
+    vae, scale, _ = open_autoencoder(cfg)
+    vae = vae.to(device)
+    labels = make_labels(s.num_samples, sampler.model.num_classes, s.labels, s.seed)
+    batches = [range(b, min(b + s.batch_size, s.num_samples)) for b in range(0, s.num_samples, s.batch_size)]
+
+    from tqdm.auto import tqdm
+
+    start = time.perf_counter()
+    parts = []
+    for b in tqdm(range(env.rank, len(batches), env.world_size), desc="sample", disable=not (s.progress and env.is_main)):
+        generator = torch.Generator(device).manual_seed(s.seed * 1_000_003 + b)
+        y = labels[batches[b].start : batches[b].stop].to(device)
+        z = sampler(y, generator)
+        parts.append((b, to_uint8(decode_latents(vae, z, scale)).numpy(), y.cpu().numpy()))
+    seconds = time.perf_counter() - start
+
+    if env.world_size > 1:  # each rank writes its batches; rank 0 assembles them in batch order
+        part_file = out.parent / f".part-{out.stem}-rank{env.rank}.npz"
+        write_npz(part_file, np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts]))
+        barrier(env)
+        if env.is_main:
+            parts = []
+            for r in range(env.world_size):
+                with np.load(out.parent / f".part-{out.stem}-rank{r}.npz", allow_pickle=False) as part:
+                    mine = range(r, len(batches), env.world_size)
+                    bounds = np.cumsum([0] + [len(batches[b]) for b in mine])
+                    parts += [(b, part["arr_0"][lo:hi], part["arr_1"][lo:hi]) for b, lo, hi in zip(mine, bounds[:-1], bounds[1:])]
+        barrier(env)
+        part_file.unlink()
+    if env.is_main:
+        parts.sort(key=lambda p: p[0])
+        images = np.concatenate([p[1] for p in parts])
+        write_npz(out, images, np.concatenate([p[2] for p in parts]))
+        with atomic_path(out.with_suffix(".png")) as tmp:
+            grid = torch.from_numpy(images[:64]).permute(0, 3, 1, 2).float() / 255.0
+            save_image(grid, tmp, nrow=8, format="png")
+        info = {
+            "checkpoint": str(s.checkpoint), "step": int(state["step"]), "sampler": s.sampler, "num_samples": s.num_samples,
+            "nfe_per_image": sampler.nfe, "cfg_scale": s.cfg_scale, "seed": s.seed, "world_size": env.world_size,
+            "seconds": seconds, "seconds_per_image": seconds * env.world_size / s.num_samples, "device": str(device),
+        }
+        atomic_write_text(out.with_suffix(".json"), json.dumps(info, indent=2))
+        save_config(cfg, out.with_suffix(".yaml"))
+    shutdown(env)
+    return out
