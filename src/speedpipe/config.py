@@ -145,9 +145,9 @@ class EvalConfig:
     metrics: List[str] = field(default_factory=lambda: ["fid", "kid", "isc", "prc"])
     batch_size: int = 100
     kid_subset_size: int = 1000
-    classifier_steps: int = 600
+    classifier_steps: int = 500
     classifier_batch_size: int = 64
-    classifier_lr: float = 2.0e-3
+    classifier_lr: float = 3.0e-3
     device: str = "auto"
 
 

@@ -27,7 +27,7 @@ def run(cfg):
     labels = torch.tensor([items[i][1] for i in keep])
     train_idx, test_idx = (torch.tensor(ix) for ix in held_out(len(keep)))
 
-    net = DigitClassifier(num_classes=dataset.num_classes)
+    net = DigitClassifier(num_classes=dataset.num_classes).train()
     opt = torch.optim.AdamW(net.parameters(), lr=e.classifier_lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=e.classifier_lr, total_steps=e.classifier_steps)
     order = EpochBatches(len(train_idx), e.classifier_batch_size, cfg.seed)
