@@ -10,6 +10,7 @@ STAGES = {
     "autoencoder": ("speedpipe.stages.autoencoder", "train"),
     "encode": ("speedpipe.stages.encode", None),
     "train": ("speedpipe.stages.train", "train"),
+    "distill": ("speedpipe.stages.distill", "train"),
     "sample": ("speedpipe.stages.sample", "sample"),
     "classifier": ("speedpipe.stages.classifier", None),
     "reference": ("speedpipe.stages.reference", None),

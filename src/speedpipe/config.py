@@ -152,6 +152,31 @@ class EvalConfig:
 
 
 @dataclass
+class DistillConfig:
+    """sCD of a trained DiT teacher (stage `distill`)."""
+
+    teacher: Optional[str] = None  # ckpt-*.pt of a train run (its EMA weights are the teacher and the student's init)
+    sigma_d: float = 0.5
+    p_mean: float = -1.0  # time proposal: tan t = e^τ/σ_d, τ ~ N(p_mean, p_std²)
+    p_std: float = 1.4
+    tangent_warmup: int = 10_000  # H: r = min(1, step/H)
+    tangent_c: float = 0.1  # g ← g / (‖g‖ + c)
+    cfg_scale: float = 1.0  # guidance of the teacher velocity
+    steps: int = 20_000
+    global_batch_size: int = 256
+    lr: float = 1.0e-4
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.99])
+    ema_decay: float = 0.9999
+    log_every: int = 100
+    ckpt_every: int = 5_000
+    precision: str = "fp32"  # fp32 | bf16 (autocast of the graded forward pass)
+    skip_nonfinite: bool = False  # skip (and count) steps with a non-finite tangent or loss instead of stopping
+    run_dir: Optional[str] = None  # default: {output_dir}/{experiment}/distill/{teacher run}
+    device: str = "auto"
+    progress: bool = True
+
+
+@dataclass
 class OptimConfig:
     lr: float = 1e-4
     weight_decay: float = 0.0
@@ -190,6 +215,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
@@ -207,6 +233,8 @@ CHOICES = {
     "sampling.precision": ("fp32", "bf16"),
     "eval.extractor": ("inception-v3-compat", "classifier"),
     "eval.device": ("auto", "cpu", "cuda"),
+    "distill.precision": ("fp32", "bf16"),
+    "distill.device": ("auto", "cpu", "cuda"),
     "diffusion.noise_schedule": ("linear", "cosine"),
     "trainer.precision": ("fp32", "bf16"),
     "trainer.device": ("auto", "cpu", "cuda"),
@@ -216,7 +244,9 @@ POSITIVE = ("trainer.steps", "trainer.global_batch_size", "trainer.log_every", "
             "data.synthetic_size", "data.image_size", "optim.lr", "autoencoder.steps", "autoencoder.batch_size",
             "autoencoder.lr", "autoencoder.ckpt_every", "autoencoder.latent_channels", "encode.shard_size",
             "encode.batch_size", "sampling.num_samples", "sampling.batch_size", "sampling.cfg_scale", "eval.batch_size",
-            "eval.kid_subset_size", "eval.classifier_steps", "eval.classifier_batch_size")
+            "eval.kid_subset_size", "eval.classifier_steps", "eval.classifier_batch_size", "distill.sigma_d", "distill.p_std",
+            "distill.tangent_warmup", "distill.steps", "distill.global_batch_size", "distill.lr", "distill.log_every",
+            "distill.ckpt_every")
 
 
 def base_chain(path: Path) -> list[Path]:

@@ -52,20 +52,22 @@ def build_model(cfg):
     return model
 
 
-def open_training_data(cfg):
-    latent_shape = (cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)
+def open_training_data(cfg, model_cfg=None):
+    """The latent dataset of cfg.data, checked against the model (cfg.model, or a teacher's model_cfg)."""
+    m = model_cfg or cfg.model
+    latent_shape = (m.in_channels, m.input_size, m.input_size)
     if cfg.data.source == "synthetic":
         from speedpipe.data.synthetic import SyntheticLatents
 
-        return SyntheticLatents(cfg.data.synthetic_size, latent_shape, cfg.model.num_classes)
+        return SyntheticLatents(cfg.data.synthetic_size, latent_shape, m.num_classes)
     from speedpipe.data.latents import LatentStore
     from speedpipe.stages.encode import latents_dir_for
 
     store = LatentStore(latents_dir_for(cfg))
-    if store.latent_shape != latent_shape or store.num_classes != cfg.model.num_classes:
+    if store.latent_shape != latent_shape or store.num_classes != m.num_classes:
         raise ConfigError(
             f"latent store {store.root} holds latents {store.latent_shape} with {store.num_classes} classes, but the model "
-            f"expects {latent_shape} with {cfg.model.num_classes} (model.in_channels, model.input_size, model.num_classes)"
+            f"expects {latent_shape} with {m.num_classes} (model.in_channels, model.input_size, model.num_classes)"
         )
     return store
 

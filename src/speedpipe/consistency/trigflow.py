@@ -1,0 +1,87 @@
+"""TrigFlow (Lu & Song, 2024) view of an ε-prediction DDPM DiT.
+
+x_t = cos(t)·x0 + sin(t)·z, z ~ N(0, σ_d² I), t ∈ [0, π/2]; the consistency function is
+f(x_t, t) = cos(t)·x_t − sin(t)·σ_d·F(x_t/σ_d, t). For a DDPM network trained on x_n = √ᾱ_n x0 + √(1−ᾱ_n) ε:
+σ = σ_d·tan t, ᾱ* = 1/(1+σ²), n* = the continuous index with ᾱ(n*) = ᾱ* (log-space interpolation of the
+ᾱ table, never rounded, so F stays differentiable in t), x_n = √ᾱ*·x_t/cos t, ε̂ = net(x_n, n*),
+x̂0 = (x_n − √(1−ᾱ*) ε̂)/√ᾱ*, and F = cos t·ε̂ − sin t·x̂0/σ_d. σ_d is a pure reparametrisation here: the
+data stay in the teacher's latent units (unit-variance latents), so σ_d = 0.5 puts the TrigFlow noise
+scale at half the data scale; the conversion is exact for any σ_d.
+"""
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+
+class ContinuousIndex:
+    """n*(ᾱ*) and ᾱ(n) as inverse piecewise-linear maps between n and log ᾱ_n (extrapolated at both ends)."""
+
+    def __init__(self, alphas_cumprod: np.ndarray):
+        self.log_ab = torch.as_tensor(np.log(alphas_cumprod), dtype=torch.float64)  # strictly decreasing in n
+
+    def index(self, log_alpha_bar: torch.Tensor) -> torch.Tensor:
+        table = self.log_ab.to(log_alpha_bar.device, log_alpha_bar.dtype)
+        T = len(table)
+        # segment i with table[i] >= target > table[i+1]; clamp to [0, T-2] to extrapolate
+        i = (torch.searchsorted(-table, -log_alpha_bar.detach(), right=True) - 1).clamp(0, T - 2)
+        lo, hi = table[i], table[i + 1]
+        return i.to(log_alpha_bar.dtype) + (lo - log_alpha_bar) / (lo - hi)
+
+    def log_alpha_bar(self, n: torch.Tensor) -> torch.Tensor:
+        table = self.log_ab.to(n.device, n.dtype)
+        i = n.detach().floor().long().clamp(0, len(table) - 2)
+        frac = n - i.to(n.dtype)
+        return table[i] + frac * (table[i + 1] - table[i])
+
+
+def _bcast(v, x):
+    return v.view(-1, *([1] * (x.ndim - 1)))
+
+
+class TrigFlowTeacher(nn.Module):
+    """F(x_t/σ_d, t, y) of a DDPM DiT (learned-sigma outputs: the first C channels are ε̂), optional CFG."""
+
+    def __init__(self, net, alphas_cumprod, sigma_d: float = 0.5, cfg_scale: float = 1.0):
+        super().__init__()
+        self.net = net
+        self.index = ContinuousIndex(alphas_cumprod)
+        self.sigma_d = sigma_d
+        self.cfg_scale = cfg_scale
+
+    def epsilon(self, x_n, n, y):
+        C = x_n.shape[1]
+        if self.cfg_scale == 1.0:
+            return self.net(x_n, n, y)[:, :C]
+        null = torch.full_like(y, self.net.num_classes)
+        cond, uncond = self.net(torch.cat([x_n, x_n]), torch.cat([n, n]), torch.cat([y, null]))[:, :C].chunk(2)
+        return uncond + self.cfg_scale * (cond - uncond)
+
+    def c_noise(self, t):
+        """The DDPM continuous index n*(t) fed to the network's time embedding."""
+        sigma = self.sigma_d * torch.tan(t)
+        return self.index.index(-torch.log1p(sigma**2))
+
+    def forward(self, x_scaled, t, y):
+        sigma_d = self.sigma_d
+        x_t = sigma_d * x_scaled
+        sigma = sigma_d * torch.tan(t)
+        alpha_bar = 1.0 / (1.0 + sigma**2)
+        n = self.index.index(torch.log(alpha_bar))
+        x_n = _bcast(alpha_bar.sqrt() / torch.cos(t), x_t) * x_t
+        eps = self.epsilon(x_n.to(self._dtype()), n.to(self._dtype()), y).to(x_t.dtype)
+        x0 = (x_n - _bcast((1 - alpha_bar).sqrt(), x_t) * eps) / _bcast(alpha_bar.sqrt(), x_t)
+        return _bcast(torch.cos(t), x_t) * eps - _bcast(torch.sin(t), x_t) * x0 / sigma_d
+
+    def consistency(self, x_t, t, y):
+        """f(x_t, t) = cos t·x_t − sin t·σ_d·F(x_t/σ_d, t): the predicted clean sample."""
+        F = self(x_t / self.sigma_d, t, y)
+        return _bcast(torch.cos(t), x_t) * x_t - _bcast(torch.sin(t), x_t) * self.sigma_d * F
+
+    def _dtype(self):
+        return next(self.net.parameters()).dtype
+
+
+def t_max(sigma_max: float, sigma_d: float) -> float:
+    return math.atan(sigma_max / sigma_d)

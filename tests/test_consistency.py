@@ -1,0 +1,173 @@
+import csv
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from speedpipe.checkpoint import load_checkpoint
+from speedpipe.config import load_config
+from speedpipe.consistency.scd import jvp_F
+from speedpipe.consistency.trigflow import ContinuousIndex, TrigFlowTeacher
+from speedpipe.diffusion import create_diffusion
+from speedpipe.models.dit import DiT_models
+from speedpipe.stages import distill, train
+
+
+class OptimalGaussianEps(torch.nn.Module):
+    """E[ε | x_n] for data x0 ~ N(μ, s² I) at a (continuous) DDPM index n: the optimal ε-predictor."""
+
+    def __init__(self, index: ContinuousIndex, mu, s):
+        super().__init__()
+        self.index, self.mu, self.s = index, mu, s
+        self.dummy = torch.nn.Parameter(torch.zeros((), dtype=torch.float64))
+        self.num_classes = 1
+
+    def forward(self, x_n, n, y):
+        ab = torch.exp(self.index.log_alpha_bar(n)).view(-1, 1, 1, 1)
+        eps = (1 - ab).sqrt() * (x_n - ab.sqrt() * self.mu) / (ab * self.s**2 + 1 - ab)
+        return torch.cat([eps, torch.zeros_like(eps)], dim=1)  # learned-sigma layout: [ε̂ | v]
+
+
+@pytest.mark.parametrize("sigma_d", [0.5, 1.0])
+def test_converted_teacher_is_the_optimal_trigflow_velocity(sigma_d):
+    diffusion = create_diffusion("")
+    mu, s = 0.3, 0.8
+    net = OptimalGaussianEps(ContinuousIndex(diffusion.alphas_cumprod), mu, s)
+    teacher = TrigFlowTeacher(net, diffusion.alphas_cumprod, sigma_d=sigma_d)
+    t = torch.tensor([0.05, 0.4, 0.9, 1.3, 1.55], dtype=torch.float64)
+    x_t = torch.randn(5, 2, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    F = teacher(x_t / sigma_d, t, torch.zeros(5, dtype=torch.long))
+    c, sn = torch.cos(t).view(-1, 1, 1, 1), torch.sin(t).view(-1, 1, 1, 1)
+    var = c**2 * s**2 + sn**2 * sigma_d**2  # x_t = cos t·x0 + sin t·z, z ~ N(0, σ_d²)
+    e_x0 = mu + c * s**2 / var * (x_t - c * mu)
+    e_z = sn * sigma_d**2 / var * (x_t - c * mu)
+    F_opt = (c * e_z - sn * e_x0) / sigma_d
+    assert torch.allclose(F, F_opt, rtol=0, atol=1e-8)
+
+
+def test_continuous_index_inverts_the_alpha_table():
+    diffusion = create_diffusion("")
+    index = ContinuousIndex(diffusion.alphas_cumprod)
+    n = torch.tensor([0.0, 0.25, 7.5, 641.9, 999.0], dtype=torch.float64)
+    assert torch.allclose(index.index(index.log_alpha_bar(n)), n, atol=1e-9)
+    ints = torch.arange(0, 1000, 37)
+    assert torch.allclose(index.log_alpha_bar(ints.double()), torch.log(torch.from_numpy(diffusion.alphas_cumprod))[ints])
+
+
+def _tiny_student(dtype=torch.float64):
+    torch.manual_seed(0)
+    net = DiT_models["DiT-T/2"](input_size=8, num_classes=10)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if name != "pos_embed":
+                p.normal_(0, 0.05)
+    return TrigFlowTeacher(net.to(dtype).eval(), create_diffusion("").alphas_cumprod, sigma_d=0.5)
+
+
+def test_jvp_tangent_matches_finite_differences():
+    student = _tiny_student()
+    g = torch.Generator().manual_seed(1)
+    x0, z = torch.randn(3, 4, 8, 8, generator=g, dtype=torch.float64), 0.5 * torch.randn(3, 4, 8, 8, generator=g, dtype=torch.float64)
+    y = torch.tensor([1, 5, 9])
+    t = torch.tensor([0.3, 0.8, 1.2], dtype=torch.float64)
+    path = lambda tt: torch.cos(tt).view(-1, 1, 1, 1) * x0 + torch.sin(tt).view(-1, 1, 1, 1) * z  # noqa: E731
+    dx_dt = -torch.sin(t).view(-1, 1, 1, 1) * x0 + torch.cos(t).view(-1, 1, 1, 1) * z
+    F, cos_sin_dF = jvp_F(student, path(t), t, y, dx_dt)
+    h = 1e-6
+    with torch.no_grad():
+        fd = (student(path(t + h) / 0.5, t + h, y) - student(path(t - h) / 0.5, t - h, y)) / (2 * h)
+    expected = (torch.cos(t) * torch.sin(t)).view(-1, 1, 1, 1) * fd
+    assert torch.allclose(F, student(path(t) / 0.5, t, y))
+    rel = (cos_sin_dF - expected).norm() / expected.norm()
+    assert rel < 1e-6, rel
+
+
+def test_boundary_condition():
+    student = _tiny_student()
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    y = torch.tensor([0, 1])
+    for t0, tol in ((1e-3, 1e-2), (1e-7, 1e-5)):
+        f = student.consistency(x, torch.full((2,), t0, dtype=torch.float64), y)
+        assert (f - x).abs().max() < tol
+
+
+@pytest.fixture
+def toy_teacher(tiny_train_config):
+    return train.run(load_config(tiny_train_config, ["trainer.steps=4"], phase="train")) / "ckpt-0000004.pt"
+
+
+def _distill_cfg(tiny_train_config, teacher, run_dir, *extra):
+    return load_config(tiny_train_config, [f"distill.teacher={teacher}", f"distill.run_dir={run_dir}", "distill.steps=24",
+                                           "distill.global_batch_size=8", "distill.log_every=4", "distill.ckpt_every=8",
+                                           "distill.tangent_warmup=8", "distill.lr=1e-3", "distill.ema_decay=0.9",
+                                           "distill.device=cpu", "distill.progress=false", *extra], phase="train")
+
+
+def _log(run_dir):
+    with open(run_dir / "log.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_distill_reduces_loss_and_resumes_bit_identical(tiny_train_config, toy_teacher, tmp_path):
+    straight = distill.run(_distill_cfg(tiny_train_config, toy_teacher, tmp_path / "a"))
+    rows = _log(straight)
+    assert [int(r["step"]) for r in rows] == [4, 8, 12, 16, 20, 24]
+    assert float(rows[-1]["loss"]) < float(rows[0]["loss"])
+    distill.run(_distill_cfg(tiny_train_config, toy_teacher, tmp_path / "b", "distill.steps=8"))
+    resumed = distill.run(_distill_cfg(tiny_train_config, toy_teacher, tmp_path / "b"))
+    a, b = load_checkpoint(straight / "ckpt-0000024.pt"), load_checkpoint(resumed / "ckpt-0000024.pt")
+    for key in ("model", "ema", "logvar_head"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    assert [r["loss"] for r in _log(straight)] == [r["loss"] for r in _log(resumed)]
+
+
+def test_nonfinite_tangent_is_caught(tiny_train_config, toy_teacher, tmp_path, monkeypatch):
+    real_forward = TrigFlowTeacher.forward
+    calls = {"n": 0}
+
+    def poisoned(self, x_scaled, t, y):
+        out = real_forward(self, x_scaled, t, y)
+        if self.cfg_scale == 1.0 and not torch.is_grad_enabled() and out.dtype == torch.float32 and self is TEACHER["t"]:
+            calls["n"] += 1
+            if calls["n"] == 3:
+                return out * float("nan")
+        return out
+
+    TEACHER = {}
+    real_init = TrigFlowTeacher.__init__
+
+    def remember(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        TEACHER.setdefault("t", self)
+
+    monkeypatch.setattr(TrigFlowTeacher, "__init__", remember)
+    monkeypatch.setattr(TrigFlowTeacher, "forward", poisoned)
+    with pytest.raises(FloatingPointError, match="non-finite tangent g at step 3"):
+        distill.run(_distill_cfg(tiny_train_config, toy_teacher, tmp_path / "nan"))
+    TEACHER.clear()
+    calls["n"] = 0
+    run_dir = distill.run(_distill_cfg(tiny_train_config, toy_teacher, tmp_path / "skip", "distill.skip_nonfinite=true"))
+    assert _log(run_dir)[-1]["skipped"] == "1"
+    state = load_checkpoint(run_dir / "ckpt-0000024.pt")
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_scm_samplers_plug_into_the_sample_stage(tiny_train_config, toy_teacher, tmp_path):
+    import json
+
+    from diffusers import AutoencoderKL
+
+    from speedpipe.models.autoencoder import save_tiny_autoencoder, tiny_autoencoder_config
+    from speedpipe.stages import sample
+
+    run_dir = distill.run(_distill_cfg(tiny_train_config, toy_teacher, tmp_path / "d", "distill.steps=2"))
+    vae = tmp_path / "vae.safetensors"
+    save_tiny_autoencoder(AutoencoderKL(**tiny_autoencoder_config([8, 8], 4)), 0.7, vae)
+    for sampler, nfe in (("scm1", 1), ("scm2", 2)):
+        out = sample.run(load_config(tiny_train_config, [f"sampling.checkpoint={run_dir / 'ckpt-0000002.pt'}", f"sampling.sampler={sampler}",
+                                                         "autoencoder.name=tiny", f"autoencoder.path={vae}", "sampling.num_samples=6",
+                                                         f"sampling.out={tmp_path / sampler}.npz", "sampling.progress=false"], phase="sample"))
+        images = np.load(out)["arr_0"]
+        assert images.shape == (6, 16, 16, 3) and json.loads(out.with_suffix(".json").read_text())["nfe_per_image"] == nfe
+    assert math.isclose(math.atan(80 / 0.5), 1.5645, abs_tol=1e-4)
