@@ -20,8 +20,7 @@ test: venv
 	$(PY) -m pytest -q tests
 
 demo: venv
-	$(PY) main.py -c configs/mnist5k/baseline.yaml -p train data.source=synthetic
-	$(PY) main.py -c configs/mnist5k/speed.yaml -p train data.source=synthetic
+	$(VENV)/bin/snakemake --cores all --configfile configs/pipeline/demo.yaml
 
 bench: venv
 	$(PY) benchmarks/train_step.py --model DiT-S/2 --batch 32

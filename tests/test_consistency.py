@@ -123,29 +123,19 @@ def test_distill_reduces_loss_and_resumes_bit_identical(tiny_train_config, toy_t
 
 
 def test_nonfinite_tangent_is_caught(tiny_train_config, toy_teacher, tmp_path, monkeypatch):
-    real_forward = TrigFlowTeacher.forward
+    from speedpipe.data.synthetic import SyntheticLatents
+
+    real_get_batch = SyntheticLatents.get_batch
     calls = {"n": 0}
 
-    def poisoned(self, x_scaled, t, y):
-        out = real_forward(self, x_scaled, t, y)
-        if self.cfg_scale == 1.0 and not torch.is_grad_enabled() and out.dtype == torch.float32 and self is TEACHER["t"]:
-            calls["n"] += 1
-            if calls["n"] == 3:
-                return out * float("nan")
-        return out
+    def poisoned(self, indices, flip, eps=None):
+        calls["n"] += 1
+        x, y = real_get_batch(self, indices, flip)
+        return (x * float("nan"), y) if calls["n"] == 3 else (x, y)
 
-    TEACHER = {}
-    real_init = TrigFlowTeacher.__init__
-
-    def remember(self, *args, **kwargs):
-        real_init(self, *args, **kwargs)
-        TEACHER.setdefault("t", self)
-
-    monkeypatch.setattr(TrigFlowTeacher, "__init__", remember)
-    monkeypatch.setattr(TrigFlowTeacher, "forward", poisoned)
+    monkeypatch.setattr(SyntheticLatents, "get_batch", poisoned)
     with pytest.raises(FloatingPointError, match="non-finite tangent g at step 3"):
         distill.run(_distill_cfg(tiny_train_config, toy_teacher, tmp_path / "nan"))
-    TEACHER.clear()
     calls["n"] = 0
     run_dir = distill.run(_distill_cfg(tiny_train_config, toy_teacher, tmp_path / "skip", "distill.skip_nonfinite=true"))
     assert _log(run_dir)[-1]["skipped"] == "1"

@@ -30,7 +30,7 @@ def classifier_weights(tmp_path_factory):
 @pytest.fixture(scope="module")
 def digits():
     from speedpipe.data.images import Mnist5k
-    from speedpipe.stages.sample import to_uint8
+    from speedpipe.data.images import to_uint8
 
     return to_uint8(Mnist5k(32).images[:500]).numpy()  # the first 500 real digits (the reference of the tests), uint8 NHWC
 

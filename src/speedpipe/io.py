@@ -3,6 +3,7 @@
 A killed job leaves at most a `.tmp-*` file behind, never a file with the final name that looks finished.
 """
 import contextlib
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -44,3 +45,22 @@ def safe_torch_load(path, map_location="cpu"):
         raise FileNotFoundError(f"checkpoint not found: {path}") from None
     except Exception as err:
         raise ValueError(f"cannot load {path} (corrupt, truncated or not a weights-only checkpoint): {err}") from None
+
+
+def sha256_file(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_tree(path) -> str:
+    """sha256 of a weights file, or of every weights file in a directory (sorted by name)."""
+    path = Path(path)
+    if not path.is_dir():
+        return sha256_file(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.suffix in (".safetensors", ".bin")):
+        h.update(sha256_file(f).encode())
+    return h.hexdigest()

@@ -44,6 +44,11 @@ def uint8_to_unit(arr: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float() / 127.5 - 1.0
 
 
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] NCHW float -> uint8 NHWC, as DiT's sample.py: clamp(127.5 x + 128, 0, 255)."""
+    return torch.clamp(127.5 * images + 128.0, 0, 255).permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8)
+
+
 class Mnist5k(torch.utils.data.Dataset):
     num_classes = 10
 

@@ -6,7 +6,6 @@ fixed for all epochs: cheapest), or `mean` and `std` [n, 2, C, H, W] in mode "po
 samples a fresh z = mean + std·ε every epoch, as encoding on the fly would, at twice the storage).
 Latents are stored already multiplied by the autoencoder's scale factor.
 """
-import hashlib
 import json
 import struct
 from pathlib import Path
@@ -15,20 +14,13 @@ import numpy as np
 import torch
 
 from speedpipe.data.images import DataError
+from speedpipe.io import sha256_file
 
 SAFETENSORS_DTYPES = {"F16": np.float16, "F32": np.float32, "I64": np.int64, "BF16": None}
 
 
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.safetensors"
-
-
-def sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def mmap_safetensors(path) -> dict[str, np.ndarray]:

@@ -13,7 +13,7 @@ from diffusers import AutoencoderKL
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from speedpipe.io import atomic_path
+from speedpipe.io import atomic_path, sha256_tree
 
 SD_VAE_SCALE = 0.18215
 
@@ -71,18 +71,6 @@ def load_pretrained_autoencoder(name_or_path: str, allow_download: bool = False)
         ) from None
 
 
-def weights_hash(path) -> str:
-    """sha256 of a weights file, or of every weights file in a directory (sorted by name)."""
-    path = Path(path)
-    files = sorted(p for p in path.rglob("*") if p.suffix in (".safetensors", ".bin")) if path.is_dir() else [path]
-    h = hashlib.sha256()
-    for f in files:
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
-
-
 def tiny_weights_path(cfg) -> Path:
     return Path(cfg.autoencoder.path or Path(cfg.output_dir) / cfg.experiment / "autoencoder" / "model.safetensors")
 
@@ -93,11 +81,11 @@ def open_autoencoder(cfg) -> tuple[AutoencoderKL, float, dict]:
     if ae.name == "tiny":
         path = tiny_weights_path(cfg)
         vae, scale = load_tiny_autoencoder(path)
-        return vae, scale, {"name": "tiny", "sha256": weights_hash(path)}
+        return vae, scale, {"name": "tiny", "sha256": sha256_tree(path)}
     source = ae.path or f"stabilityai/{ae.name}"
     vae = load_pretrained_autoencoder(source, ae.allow_download)
     local = Path(source) if Path(source).is_dir() else None
-    digest = weights_hash(local) if local else hashlib.sha256(json.dumps(dict(vae.config), sort_keys=True, default=str).encode()).hexdigest()
+    digest = sha256_tree(local) if local else hashlib.sha256(json.dumps(dict(vae.config), sort_keys=True, default=str).encode()).hexdigest()
     return vae, SD_VAE_SCALE, {"name": ae.name, "source": source, "sha256": digest}
 
 

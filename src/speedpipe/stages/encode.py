@@ -17,9 +17,9 @@ from safetensors.torch import save_file
 
 from speedpipe.config import save_config
 from speedpipe.data.images import DataError, open_image_dataset
-from speedpipe.data.latents import mmap_safetensors, sha256_file, shard_name
+from speedpipe.data.latents import mmap_safetensors, shard_name
 from speedpipe.distributed import barrier, init_distributed, shutdown
-from speedpipe.io import atomic_path, atomic_write_text
+from speedpipe.io import atomic_path, atomic_write_text, sha256_file
 from speedpipe.models.autoencoder import encode_posterior, open_autoencoder
 from speedpipe.stages.train import resolve_device
 

@@ -9,11 +9,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from speedpipe.data.images import open_image_dataset
+from speedpipe.data.images import open_image_dataset, to_uint8
 from speedpipe.fidelity import LAYERS, extract_features, use_cuda, weights_for
-from speedpipe.io import atomic_torch_save
-from speedpipe.models.autoencoder import weights_hash
-from speedpipe.stages.sample import to_uint8
+from speedpipe.io import atomic_torch_save, sha256_tree
 
 
 def reference_path_for(cfg) -> Path:
@@ -35,7 +33,7 @@ def run(cfg):
         with np.load(cfg.eval.reference_npz, allow_pickle=False) as adm:
             images = adm["arr_0"] if "arr_0" in adm else None
             mu, sigma = adm["mu"], adm["sigma"]
-        source = f"adm:{Path(cfg.eval.reference_npz).name}:{weights_hash(cfg.eval.reference_npz)[:16]}"
+        source = f"adm:{Path(cfg.eval.reference_npz).name}:{sha256_tree(cfg.eval.reference_npz)[:16]}"
         metrics = [m for m in ("kid", "isc", "prc") if images is not None]
     else:
         images, source = real_images(cfg)
@@ -49,7 +47,7 @@ def run(cfg):
         "sigma": torch.from_numpy(np.asarray(sigma)),
         "features": features,
         "count": 0 if images is None else len(images),
-        "identity": {"source": source, "extractor": cfg.eval.extractor, "extractor_sha256": weights_hash(weights)},
+        "identity": {"source": source, "extractor": cfg.eval.extractor, "extractor_sha256": sha256_tree(weights)},
     }
     out = reference_path_for(cfg)
     atomic_torch_save(reference, out)

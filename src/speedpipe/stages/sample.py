@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from torchvision.utils import save_image
 
 from speedpipe.checkpoint import load_checkpoint
+from speedpipe.data.images import to_uint8
 from speedpipe.config import ConfigError, save_config
 from speedpipe.diffusion import create_diffusion
 from speedpipe.diffusion.gaussian import cfg_model_fn
@@ -42,11 +43,6 @@ def make_labels(n: int, num_classes: int, mode: str, seed: int) -> torch.Tensor:
     if mode == "balanced":
         return torch.arange(n) % num_classes
     return torch.randint(0, num_classes, (n,), generator=torch.Generator().manual_seed(seed))
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] NCHW float -> uint8 NHWC, as DiT's sample.py: clamp(127.5 x + 128, 0, 255)."""
-    return torch.clamp(127.5 * images + 128.0, 0, 255).permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8)
 
 
 def write_npz(path, images: np.ndarray, labels: np.ndarray):

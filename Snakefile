@@ -1,0 +1,28 @@
+# speedpipe: dataset -> autoencoder -> latents -> train (methods x seeds) -> sCD -> sample -> evaluate -> report.
+# The experiment file says what to run (configs/pipeline/demo.yaml by default):
+#   snakemake --cores all                                   # the demo
+#   snakemake --cores all --configfile configs/pipeline/imagenet_256.yaml
+#   snakemake --profile slurm/profile --configfile ...      # many jobs at once on a cluster
+from speedpipe import workflow as W
+
+configfile: "configs/pipeline/demo.yaml"
+
+PIPE = W.check_pipeline(config, base_dir=workflow.basedir)
+ROOT = str(W.root(PIPE))
+
+wildcard_constraints:
+    run=r"[A-Za-z0-9_.]+-s\d+|scm-[A-Za-z0-9_.]+-s\d+",
+    step=r"\d{7}",
+    sampler=r"ddpm\d+|ddim\d+|scm[12]",
+
+include: "workflow/rules/data.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/distill.smk"
+include: "workflow/rules/sample.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/report.smk"
+
+rule all:
+    default_target: True
+    input:
+        f"{ROOT}/README.md",

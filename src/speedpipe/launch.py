@@ -1,0 +1,216 @@
+"""Where a stage runs: in this process (`executor: local`) or as a SLURM job through submitit (`executor: slurm`).
+
+For SLURM the job is named after the stage and a hash of its resolved config, and its submitit folder is
+derived from the same hash: a re-run after Snakemake itself died finds the job still pending or running
+(squeue) and waits for it instead of submitting a duplicate. Job state is polled with squeue and, once the
+job left the queue, scontrol (clusters without accounting have no sacct, where submitit alone would wait
+forever on a cancelled job); a failed, cancelled or timed-out job raises with its id, state and stderr tail.
+Multi-task jobs get their DDP environment from submitit's TorchDistributedEnvironment; preempted or
+timed-out jobs are requeued by submitit and resume from the stage's own checkpoints.
+"""
+import hashlib
+import importlib
+import json
+import re
+import subprocess
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from speedpipe.config import ConfigError
+
+STAGE_MODULES = {s: f"speedpipe.stages.{s}" for s in
+                 ("autoencoder", "encode", "classifier", "reference", "train", "distill", "sample", "evaluate", "report")}
+SAFE_VALUE = re.compile(r"^[A-Za-z0-9_.,:=@%+/-]*$")  # no whitespace, quotes or shell metacharacters
+
+
+@dataclass
+class LauncherConfig:
+    executor: str = "local"  # local | slurm
+    partition: str = ""
+    account: str = ""
+    qos: str = ""
+    constraint: str = ""
+    nodes: int = 1
+    tasks_per_node: int = 1  # = GPUs per node for DDP: one rank per task
+    gpus_per_node: int = 0
+    cpus_per_task: int = 1
+    mem_gb: int = 4
+    time_min: int = 60
+    additional: dict = field(default_factory=dict)  # extra sbatch parameters, e.g. {"exclusive": ""}
+    poll_seconds: float = 2.0
+    folder: str = ""  # submitit logs; default: {output_dir}/{experiment}/.slurm
+
+
+def parse_launcher(settings: dict) -> LauncherConfig:
+    """Validate launcher settings before anything is submitted; errors name the key and the value."""
+    known = {f.name: f for f in fields(LauncherConfig)}
+    for key, value in settings.items():
+        if key not in known:
+            raise ConfigError(f"launcher: unknown key {key!r}; expected one of {sorted(known)}")
+        kind = known[key].type
+        if kind == "int" and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise ConfigError(f"launcher.{key}: expected a non-negative integer, got {value!r}")
+        if kind == "str" and (not isinstance(value, str) or not SAFE_VALUE.match(value)):
+            raise ConfigError(f"launcher.{key}: {value!r} contains whitespace, quotes or shell metacharacters")
+        if kind == "float" and (not isinstance(value, (int, float)) or value <= 0):
+            raise ConfigError(f"launcher.{key}: expected a positive number, got {value!r}")
+        if kind == "dict":
+            if not isinstance(value, dict):
+                raise ConfigError(f"launcher.{key}: expected a mapping of sbatch options")
+            for k, v in value.items():
+                if not SAFE_VALUE.match(str(k)) or not SAFE_VALUE.match(str(v)):
+                    raise ConfigError(f"launcher.{key}.{k}: {v!r} contains whitespace, quotes or shell metacharacters")
+    cfg = LauncherConfig(**settings)
+    if cfg.executor not in ("local", "slurm"):
+        raise ConfigError(f"launcher.executor: {cfg.executor!r} is not 'local' or 'slurm'")
+    if cfg.nodes < 1 or cfg.tasks_per_node < 1 or cfg.time_min < 1:
+        raise ConfigError("launcher: nodes, tasks_per_node and time_min must be at least 1")
+    return cfg
+
+
+def config_hash(stage: str, config: dict) -> str:
+    return hashlib.sha256(json.dumps([stage, config], sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def run_in_process(stage: str, config: dict):
+    return importlib.import_module(STAGE_MODULES[stage]).run(OmegaConf.create(config))
+
+
+class StageJob:
+    """The callable submitit pickles: sets up the DDP environment of its task and runs the stage."""
+
+    def __init__(self, stage: str, config: dict):
+        self.stage, self.config = stage, config
+
+    def __call__(self):
+        import os
+
+        import submitit
+
+        if int(os.environ.get("SLURM_NTASKS", "1")) > 1:  # RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        result = run_in_process(self.stage, self.config)
+        return str(result)
+
+    def checkpoint(self):
+        """On preemption or the pre-timeout signal: requeue; the stage resumes from its last checkpoint."""
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(StageJob(self.stage, self.config))
+
+
+def launch(stage: str, config: dict, settings: dict | None = None, log=print):
+    """Run one stage with its resolved config where the launcher settings say."""
+    launcher = parse_launcher(settings or {})
+    if stage not in STAGE_MODULES:
+        raise ConfigError(f"unknown stage {stage!r}; expected one of {sorted(STAGE_MODULES)}")
+    if launcher.executor == "local":
+        return run_in_process(stage, config)
+    return SlurmLauncher(launcher, log).run(stage, config)
+
+
+class SlurmJobFailed(RuntimeError):
+    pass
+
+
+class SlurmLauncher:
+    def __init__(self, launcher: LauncherConfig, log=print):
+        self.cfg, self.log = launcher, log
+
+    def folder(self, stage, config, digest) -> Path:
+        base = Path(self.cfg.folder) if self.cfg.folder else Path(config["output_dir"]) / config["experiment"] / ".slurm"
+        return base / f"{stage}-{digest}"
+
+    def executor(self, folder: Path, name: str):
+        import submitit
+
+        c = self.cfg
+        executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=3)
+        params = dict(job_name=name, nodes=c.nodes, ntasks_per_node=c.tasks_per_node, cpus_per_task=c.cpus_per_task,
+                      mem=f"{c.mem_gb}GB", time=c.time_min, signal_delay_s=min(120, 30 * c.time_min),
+                      additional_parameters=dict(c.additional))
+        if c.gpus_per_node:
+            params["gpus_per_node"] = c.gpus_per_node
+        for key in ("partition", "account", "qos", "constraint"):
+            if getattr(c, key):
+                params[key] = getattr(c, key)
+        executor.update_parameters(**params)
+        return executor
+
+    def run(self, stage: str, config: dict):
+        import submitit
+
+        digest = config_hash(stage, config)
+        name = f"speedpipe-{stage}-{digest}"
+        folder = self.folder(stage, config, digest)
+        existing = queued_job_ids(name)
+        if existing:
+            job = submitit.SlurmJob(folder=folder, job_id=existing[0])
+            self.log(f"speedpipe: re-attaching to SLURM job {job.job_id} ({name}), still in the queue")
+        else:
+            job = self.executor(folder, name).submit(StageJob(stage, config))
+            self.log(f"speedpipe: submitted SLURM job {job.job_id} ({name}), logs in {folder}")
+        return self.wait(job)
+
+    def wait(self, job):
+        """Poll until the job leaves the queue, streaming its stdout into our log as it grows."""
+        stream = LogStream(job.paths.stdout, self.log)
+        while True:
+            stream.flush()
+            state = job_state(job.job_id)
+            if state in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED", None):
+                time.sleep(self.cfg.poll_seconds)
+                continue
+            if state == "COMPLETED" and job.paths.result_pickle.exists():
+                return job.result()
+            if state == "COMPLETED":  # the batch script ended, submitit's result file may lag a moment
+                time.sleep(self.cfg.poll_seconds)
+                if job.paths.result_pickle.exists():
+                    return job.result()
+            raise SlurmJobFailed(f"SLURM job {job.job_id} ended in state {state}.\n--- last lines of its stderr "
+                                 f"({job.paths.stderr}) ---\n{tail(job.paths.stderr)}")
+
+
+class LogStream:
+    """Forwards the lines appended to a file since the last flush (a job's stdout) to a log function."""
+
+    def __init__(self, path, log):
+        self.path, self.log, self.offset = Path(path), log, 0
+
+    def flush(self):
+        if not self.path.exists():
+            return
+        with open(self.path, errors="replace") as f:
+            f.seek(self.offset)
+            text = f.read()
+            self.offset = f.tell()
+        for line in text.splitlines():
+            self.log(f"[slurm] {line}")
+
+
+def queued_job_ids(name: str) -> list[str]:
+    out = subprocess.run(["squeue", "-h", "-n", name, "-o", "%i %T"], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SlurmJobFailed(f"squeue failed: {out.stderr.strip()}")
+    return [line.split()[0] for line in out.stdout.splitlines() if line.split()[1] in ("PENDING", "RUNNING", "CONFIGURING", "REQUEUED")]
+
+
+def job_state(job_id: str) -> str | None:
+    """The job's state from squeue while queued, else from scontrol (works without accounting/sacct)."""
+    main_id = str(job_id).split("_")[0]
+    out = subprocess.run(["squeue", "-h", "-j", main_id, "-o", "%T"], capture_output=True, text=True)
+    if out.returncode == 0 and out.stdout.strip():
+        return out.stdout.split()[0]
+    out = subprocess.run(["scontrol", "show", "job", main_id], capture_output=True, text=True)
+    match = re.search(r"JobState=(\w+)", out.stdout)
+    return match.group(1) if match else "UNKNOWN (left the queue; scontrol no longer knows it: raise MinJobAge)"
+
+
+def tail(path, lines: int = 30) -> str:
+    path = Path(path)
+    if not path.exists():
+        return "(no stderr file)"
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])

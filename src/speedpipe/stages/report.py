@@ -1,0 +1,206 @@
+"""Stage `report`: the papers' tables and figures from the metrics files and training logs.
+
+Tables (CSV, Markdown, LaTeX): FID/KID/IS/precision/recall per method and iteration (mean ± std over
+seeds), SpeeD's iteration speed-up at the baseline's final FID, sCM versus its teacher. Figures (PNG and
+PDF): FID curves with seed bands, training losses, timestep distributions and weights per method, sample
+grids. A generated README.md says what was run, with versions, sample counts and the reference set.
+"""
+import json
+import platform
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+from speedpipe.diffusion import create_diffusion  # noqa: E402
+from speedpipe.diffusion.timesteps import build_sampler, build_weighting  # noqa: E402
+from speedpipe.io import atomic_path, atomic_write_text  # noqa: E402
+
+METRIC_KEYS = {"frechet_inception_distance": "FID", "kernel_inception_distance_mean": "KID", "inception_score_mean": "IS",
+               "precision": "precision", "recall": "recall"}
+
+
+def load_metrics(root: Path, evaluations) -> pd.DataFrame:
+    rows = []
+    for run, step, sampler in evaluations:
+        m = json.loads((root / "metrics" / run / f"{int(step):07d}" / f"{sampler}.json").read_text())
+        method, seed = (run.rsplit("-s", 1)[0], int(run.rsplit("-s", 1)[1])) if not run.startswith("scm-") else ("sCM", 0)
+        rows.append({"run": run, "method": method, "seed": seed, "step": int(step), "sampler": sampler,
+                     **{v: m["metrics"].get(k, np.nan) for k, v in METRIC_KEYS.items()},
+                     "num_samples": m["num_samples"], "nfe": m["nfe_per_image"], "seconds_per_image": m["seconds_per_image"],
+                     "reference": m["reference"]["source"], "extractor": m["extractor"]})
+    return pd.DataFrame(rows)
+
+
+def write_table(df: pd.DataFrame, root: Path, name: str, caption: str):
+    """The same table as CSV, Markdown (with the caption above it) and LaTeX."""
+    with atomic_path(root / "tables" / f"{name}.csv") as tmp:
+        df.to_csv(tmp, index=False)
+    atomic_write_text(root / "tables" / f"{name}.md", f"{caption}\n\n{df.to_markdown(index=False)}\n")
+    atomic_write_text(root / "tables" / f"{name}.tex", df.to_latex(index=False, caption=caption, float_format="%.3f"))
+
+
+def mean_std(series) -> str:
+    return f"{series.mean():.2f} ± {series.std(ddof=0):.2f}" if len(series) > 1 else f"{series.mean():.2f}"
+
+
+def crossing_step(steps, fids, target):
+    """First iteration at which the (linearly interpolated) FID curve reaches target, or None."""
+    if fids[0] <= target:
+        return float(steps[0])
+    for (s0, f0), (s1, f1) in zip(zip(steps, fids), zip(steps[1:], fids[1:])):
+        if f1 <= target:
+            return s0 + (f0 - target) / (f0 - f1) * (s1 - s0)
+    return None
+
+
+def save_figure(fig, root: Path, name: str):
+    for ext in ("png", "pdf"):
+        with atomic_path(root / "figures" / f"{name}.{ext}") as tmp:
+            fig.savefig(tmp, format=ext, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def run(cfg):
+    cfg = cfg if isinstance(cfg, dict) else __import__("omegaconf").OmegaConf.to_container(cfg, resolve=True)
+    pipe, root = cfg["pipeline"], Path(cfg["root"])
+    df = load_metrics(root, cfg["evaluations"])
+    curve = df[(df.sampler == pipe["curve_sampler"]) & (df.method != "sCM")]
+    methods = list(pipe["methods"])
+
+    # --- FID per method and step (mean ± std over seeds)
+    write_table(curve.sort_values(["method", "step", "seed"]), root, "metrics",
+                f"All metrics, {pipe['curve_sampler']}, {pipe['curve_samples']} samples, {pipe['extractor']} features.")
+    grouped = curve.groupby(["method", "step"])
+    fid_table = grouped.agg(**{m: (m, mean_std) for m in ("FID", "KID", "IS", "precision", "recall")}).reset_index()
+    write_table(fid_table, root, "fid", f"FID and other metrics (mean ± std over seeds {pipe['seeds']}); sampler "
+                f"{pipe['curve_sampler']}, {pipe['curve_samples']} samples vs the {pipe['extractor']} reference of the full dataset.")
+
+    # --- speed-up: iterations SpeeD needs to reach the baseline's final FID
+    means = curve.groupby(["method", "step"]).FID.mean().unstack(0).sort_index()
+    rows = []
+    if "baseline" in means:
+        target = means["baseline"].iloc[-1]
+        for m in methods:
+            if m == "baseline":
+                continue
+            reached = crossing_step(list(means.index), list(means[m]), target)
+            rows.append({"method": m, "baseline final FID": round(target, 3), "baseline iterations": int(means.index[-1]),
+                         "iterations to reach it": None if reached is None else round(reached),
+                         "speed-up": None if reached is None else round(means.index[-1] / reached, 2)})
+    write_table(pd.DataFrame(rows), root, "speedup", "Iterations needed to reach the baseline's final FID (linear "
+                "interpolation of the mean FID curves); speed-up = baseline iterations / those iterations.")
+
+    # --- sCM versus teacher
+    teacher = df[(df.run == pipe["teacher"]) & (df.sampler == pipe["teacher_sampler"])]
+    scm = df[df.method == "sCM"]
+    t_row = teacher.iloc[0]
+    scm_rows = [{"model": f"teacher {pipe['teacher']}", "sampler": t_row.sampler, "FID": t_row.FID, "NFE": t_row.nfe,
+                 "seconds/image": t_row.seconds_per_image, "FID / teacher": 1.0, "sampling speed-up": 1.0,
+                 "samples": t_row.num_samples}]
+    for _, r in scm.sort_values("sampler").iterrows():
+        scm_rows.append({"model": f"sCD of {pipe['teacher']} ({pipe['distill_steps']} steps)", "sampler": r.sampler, "FID": r.FID,
+                         "NFE": r.nfe, "seconds/image": r.seconds_per_image, "FID / teacher": r.FID / t_row.FID,
+                         "sampling speed-up": t_row.seconds_per_image / r.seconds_per_image, "samples": r.num_samples})
+    write_table(pd.DataFrame(scm_rows).round(4), root, "scm", f"sCM versus its teacher ({pipe['extractor']} features, "
+                f"same sample count and reference).")
+
+    # --- figures
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for m in methods:
+        per_step = curve[curve.method == m].groupby("step").FID
+        ax.plot(per_step.mean().index, per_step.mean(), marker="o", label=m)
+        ax.fill_between(per_step.mean().index, per_step.min(), per_step.max(), alpha=0.2)
+    ax.set(xlabel="training iterations", ylabel=f"FID ({pipe['extractor']}, {pipe['curve_samples']} samples)", title="FID vs iterations")
+    ax.legend()
+    save_figure(fig, root, "fid_vs_iterations")
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for m in methods:
+        logs = [pd.read_csv(root / "train" / f"{m}-s{s}" / "log.csv") for s in pipe["seeds"]]
+        mean = pd.concat(logs).groupby("step").mean(numeric_only=True)
+        axes[0].plot(mean.index, mean["loss"], label=m)
+        axes[1].plot(mean.index, mean["mse"], label=m)
+    axes[0].set(xlabel="iteration", ylabel="weighted loss", yscale="log")
+    axes[1].set(xlabel="iteration", ylabel="MSE term (unweighted)", yscale="log")
+    axes[0].legend()
+    save_figure(fig, root, "training_loss")
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for m, dcfg in cfg["diffusion"].items():
+        diffusion = create_diffusion(noise_schedule=dcfg["noise_schedule"], diffusion_steps=dcfg["diffusion_steps"])
+        params = lambda sec: {k: v for k, v in sec.items() if k != "name" and v is not None}  # noqa: E731
+        sampler = build_sampler(dcfg["timestep_sampler"]["name"], diffusion, **params(dcfg["timestep_sampler"]))
+        weights = build_weighting(dcfg["loss_weighting"]["name"], diffusion, **params(dcfg["loss_weighting"]))
+        axes[0].plot(sampler.distribution(cfg["train_config"]["trainer"]["global_batch_size"]).numpy(), label=m)
+        axes[1].plot(weights.numpy(), label=m)
+    axes[0].set(xlabel="timestep t", ylabel="sampling probability", title="timestep sampling")
+    axes[1].set(xlabel="timestep t", ylabel="MSE weight w_t", title="loss weighting")
+    axes[0].legend()
+    save_figure(fig, root, "timestep_methods")
+
+    steps = pipe["eval_steps"]
+    fig, axes = plt.subplots(len(methods), len(steps), figsize=(2.2 * len(steps), 2.3 * len(methods)), squeeze=False)
+    for i, m in enumerate(methods):
+        for j, s in enumerate(steps):
+            axes[i][j].imshow(plt.imread(root / "samples" / f"{m}-s{pipe['seeds'][0]}" / f"{s:07d}" / f"{pipe['curve_sampler']}.png"))
+            axes[i][j].set(title=f"{m}, {s} it", xticks=[], yticks=[])
+    save_figure(fig, root, "samples_per_method")
+
+    panels = [(pipe["teacher"], pipe["train_steps"], pipe["teacher_sampler"])] + [
+        (f"scm-{pipe['teacher']}", pipe["distill_steps"], s) for s in pipe["scm_samplers"]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3.2))
+    for ax, (run, step, sampler) in zip(np.atleast_1d(axes), panels):
+        ax.imshow(plt.imread(root / "samples" / run / f"{step:07d}" / f"{sampler}.png"))
+        ax.set(title=f"{'teacher' if not run.startswith('scm-') else 'sCM'} {sampler}", xticks=[], yticks=[])
+    save_figure(fig, root, "teacher_vs_scm")
+
+    atomic_write_text(root / "README.md", experiment_readme(cfg, fid_table, pd.DataFrame(rows), pd.DataFrame(scm_rows), df))
+    return root
+
+
+def experiment_readme(cfg, fid_table, speedup, scm, df) -> str:
+    import diffusers
+    import snakemake
+    import torch_fidelity
+
+    pipe = cfg["pipeline"]
+    ref = df.reference.iloc[0]
+    return f"""# Experiment `{pipe['experiment']}`
+
+Generated by `speedpipe report`. Everything below was measured by this pipeline run.
+
+- Methods: {', '.join(f"`{m}` ({p})" for m, p in pipe['methods'].items())}; seeds {pipe['seeds']}; {pipe['train_steps']} training iterations.
+- Evaluation: {pipe['extractor']} features via torch-fidelity; reference `{ref}` (real images of the dataset);
+  FID curves with `{pipe['curve_sampler']}` on {pipe['curve_samples']} samples per point; teacher vs sCM on {pipe['final_samples']} samples.
+- sCD: teacher `{pipe['teacher']}` at {pipe['train_steps']} iterations, {pipe['distill_steps']} distillation steps
+  (σ_d = {cfg['distill_config']['sigma_d']}, P_mean = {cfg['distill_config']['p_mean']}, P_std = {cfg['distill_config']['p_std']}).
+- Software: Python {platform.python_version()}, torch {torch.__version__}, diffusers {diffusers.__version__},
+  torch-fidelity {torch_fidelity.__version__}, snakemake {snakemake.__version__}; machine {platform.machine()}, {torch.get_num_threads()} threads.
+
+## FID per method and iteration
+
+{fid_table.to_markdown(index=False)}
+
+## Speed-up (iterations to reach the baseline's final FID)
+
+{speedup.to_markdown(index=False) if len(speedup) else 'no baseline in this experiment'}
+
+## sCM versus teacher
+
+{scm.round(4).to_markdown(index=False)}
+
+Figures: `figures/fid_vs_iterations.png`, `figures/training_loss.png`, `figures/timestep_methods.png`,
+`figures/samples_per_method.png`, `figures/teacher_vs_scm.png`. Tables as CSV/Markdown/LaTeX in `tables/`.
+
+## Experiment file
+
+```yaml
+{json.dumps(pipe, indent=2)}
+```
+"""

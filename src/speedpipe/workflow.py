@@ -1,0 +1,119 @@
+"""The experiment file of a Snakemake run -> the resolved config of every job (plain values for `params`).
+
+The Snakefile only says what depends on what; everything about *what* a job computes is decided here,
+from configs/pipeline/*.yaml: which stage config file, which overrides, which checkpoint or samples file.
+"""
+import difflib
+from pathlib import Path
+
+from speedpipe.config import ConfigError, load_config, to_plain
+
+PIPELINE_KEYS = {
+    "experiment", "output_dir", "base_config", "methods", "seeds", "train_steps", "eval_steps", "curve_sampler",
+    "curve_samples", "teacher", "teacher_sampler", "scm_samplers", "final_samples", "distill_steps", "extractor",
+    "overrides", "launcher",
+}
+STAGES = ("autoencoder", "encode", "classifier", "reference", "train", "distill", "sample", "evaluate", "report")
+PHASES = {"train": "train", "distill": "train", "sample": "sample"}
+
+
+def check_pipeline(pipe: dict, base_dir=None) -> dict:
+    """Validate an experiment file; config paths in it are taken relative to base_dir (the repository)."""
+    pipe = dict(pipe)
+    unknown = sorted(set(pipe) - PIPELINE_KEYS)
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], sorted(PIPELINE_KEYS), n=1)
+        raise ConfigError(f"pipeline config: unknown key {unknown[0]!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
+    missing = sorted(PIPELINE_KEYS - set(pipe) - {"overrides", "launcher"})
+    if missing:
+        raise ConfigError(f"pipeline config: missing key(s) {missing}")
+    for stage in pipe.get("overrides") or {}:
+        if stage not in STAGES:
+            raise ConfigError(f"pipeline config: overrides.{stage}: unknown stage; expected one of {list(STAGES)}")
+    if pipe["teacher"] not in runs(pipe):
+        raise ConfigError(f"pipeline config: teacher {pipe['teacher']!r} is not one of the train runs {runs(pipe)}")
+    if max(pipe["eval_steps"]) != pipe["train_steps"]:
+        raise ConfigError("pipeline config: the last of eval_steps must equal train_steps (the teacher's checkpoint)")
+    if base_dir is not None:
+        absolute = lambda p: str(Path(base_dir, p)) if not Path(p).is_absolute() else p  # noqa: E731
+        pipe["base_config"] = absolute(pipe["base_config"])
+        pipe["methods"] = {m: absolute(p) for m, p in pipe["methods"].items()}
+    for path in [pipe["base_config"], *pipe["methods"].values()]:
+        if not Path(path).is_file():
+            raise ConfigError(f"pipeline config: config file not found: {path}")
+    from speedpipe.launch import parse_launcher
+
+    for stage, settings in (pipe.get("launcher") or {}).items():
+        if stage != "default" and stage not in STAGES:
+            raise ConfigError(f"pipeline config: launcher.{stage}: unknown stage; expected 'default' or one of {list(STAGES)}")
+        parse_launcher(settings or {})
+    return pipe
+
+
+def runs(pipe) -> list[str]:
+    return [f"{m}-s{s}" for m in pipe["methods"] for s in pipe["seeds"]]
+
+
+def root(pipe) -> Path:
+    return Path(pipe["output_dir"]) / pipe["experiment"]
+
+
+def step_dir(step) -> str:
+    return f"{int(step):07d}"
+
+
+def stage_config(pipe: dict, stage: str, run: str | None = None, step=None, sampler: str | None = None) -> dict:
+    """The resolved, validated config of one job, as plain Python values."""
+    method = run.rsplit("-s", 1)[0] if run and not run.startswith("scm-") else None
+    path = pipe["methods"][method] if method else pipe["base_config"]
+    overrides = [f"experiment={pipe['experiment']}", f"output_dir={pipe['output_dir']}", f"eval.extractor={pipe['extractor']}"]
+    overrides += list((pipe.get("overrides") or {}).get(stage, []))
+    base = root(pipe)
+    if stage == "train":
+        seed = int(run.rsplit("-s", 1)[1])
+        ckpt_every = min(pipe["eval_steps"][0], *[b - a for a, b in zip(pipe["eval_steps"], pipe["eval_steps"][1:])])
+        overrides += [f"seed={seed}", f"method={method}", f"trainer.steps={pipe['train_steps']}", f"trainer.ckpt_every={ckpt_every}"]
+    elif stage == "distill":
+        overrides += [f"distill.teacher={base / 'train' / pipe['teacher'] / ('ckpt-' + step_dir(pipe['train_steps']) + '.pt')}",
+                      f"distill.steps={pipe['distill_steps']}", f"distill.run_dir={base / 'distill' / pipe['teacher']}"]
+    elif stage in ("sample", "evaluate"):
+        samples = base / "samples" / run / step_dir(step) / f"{sampler}.npz"
+        if run.startswith("scm-"):
+            ckpt = base / "distill" / run[len("scm-"):] / f"ckpt-{step_dir(step)}.pt"
+        else:
+            ckpt = base / "train" / run / f"ckpt-{step_dir(step)}.pt"
+        count = pipe["curve_samples"] if sampler == pipe["curve_sampler"] else pipe["final_samples"]
+        overrides += [f"sampling.checkpoint={ckpt}", f"sampling.sampler={sampler}", f"sampling.out={samples}",
+                      f"sampling.num_samples={count}", f"eval.samples={samples}"]
+    return to_plain(load_config(path, overrides, phase=PHASES.get(stage)))
+
+
+def final_step(pipe, run) -> int:
+    return pipe["distill_steps"] if run.startswith("scm-") else pipe["train_steps"]
+
+
+def evaluations(pipe) -> list[tuple[str, int, str]]:
+    """(run, step, sampler) of every metrics file the report needs."""
+    jobs = [(run, step, pipe["curve_sampler"]) for run in runs(pipe) for step in pipe["eval_steps"]]
+    jobs.append((pipe["teacher"], pipe["train_steps"], pipe["teacher_sampler"]))
+    jobs += [(f"scm-{pipe['teacher']}", pipe["distill_steps"], s) for s in pipe["scm_samplers"]]
+    return sorted(set(jobs))
+
+
+def launcher_settings(pipe, stage) -> dict:
+    launcher = pipe.get("launcher") or {}
+    return {**(launcher.get("default") or {"executor": "local"}), **(launcher.get(stage) or {})}
+
+
+def report_config(pipe) -> dict:
+    """What the report needs: the experiment file and each method's resolved diffusion settings."""
+    method_cfgs = {m: stage_config(pipe, "train", run=f"{m}-s{pipe['seeds'][0]}") for m in pipe["methods"]}
+    return {
+        "pipeline": dict(pipe),
+        "root": str(root(pipe)),
+        "runs": runs(pipe),
+        "evaluations": [list(e) for e in evaluations(pipe)],
+        "diffusion": {m: c["diffusion"] for m, c in method_cfgs.items()},
+        "train_config": method_cfgs[next(iter(pipe["methods"]))],
+        "distill_config": stage_config(pipe, "distill")["distill"],
+    }

@@ -1,0 +1,159 @@
+"""The launcher: validation without a cluster, and real jobs on the local one-node SLURM cluster.
+
+`.ci/run` starts that cluster (slurm/local-cluster/start.sh); on a machine where it is not running the
+SLURM tests are skipped with that reason.
+"""
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+from conftest import REPO
+from speedpipe.config import ConfigError, load_config, to_plain
+from speedpipe.launch import SlurmJobFailed, job_state, launch, parse_launcher, queued_job_ids
+
+
+def _cluster_up() -> bool:
+    if shutil.which("sinfo") is None:
+        return False
+    out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True)
+    return out.returncode == 0 and any(s in out.stdout for s in ("idle", "mixed", "alloc"))
+
+
+slurm = pytest.mark.skipif(not _cluster_up(), reason="no local SLURM cluster: start it with slurm/local-cluster/start.sh (.ci/run does)")
+SLURM = {"executor": "slurm", "cpus_per_task": 1, "mem_gb": 1, "time_min": 10, "poll_seconds": 0.5}
+
+
+@pytest.mark.parametrize("settings,message", [
+    ({"executor": "slurm", "partition": "gpu\n#SBATCH --x"}, "launcher.partition"),
+    ({"executor": "slurm", "account": "a;rm -rf /"}, "shell metacharacters"),
+    ({"executor": "slurm", "nodes": -1}, "non-negative integer"),
+    ({"executor": "slurm", "gpus": 2}, "unknown key 'gpus'"),
+    ({"executor": "slurm", "additional": {"comment": "two words"}}, "launcher.additional.comment"),
+    ({"executor": "kubernetes"}, "launcher.executor"),
+])
+def test_invalid_submission_parameters_are_refused_before_submission(settings, message, tiny_train_config):
+    before = _queue_length()
+    cfg = to_plain(load_config(tiny_train_config))
+    with pytest.raises(ConfigError, match=message):
+        launch("train", cfg, settings)
+    assert _queue_length() == before
+    assert parse_launcher({"executor": "slurm", "additional": {"exclusive": ""}}).additional == {"exclusive": ""}
+
+
+def _queue_length():
+    if shutil.which("squeue") is None:
+        return 0
+    return len(subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout.splitlines())
+
+
+def _train_cfg(tiny_train_config, tmp_path, name, *extra):
+    return to_plain(load_config(tiny_train_config, [f"trainer.run_dir={tmp_path / name}", *extra], phase="train"))
+
+
+@slurm
+def test_failing_job_reports_state_and_stderr_tail(tmp_path):
+    cfg = to_plain(load_config(REPO / "configs/mnist5k/base.yaml", [f"output_dir={tmp_path}", "data.name=image_folder",
+                                                                    f"data.root={tmp_path / 'no-such-folder'}"]))
+    with pytest.raises(SlurmJobFailed, match=r"(?s)SLURM job \d+ ended in state FAILED.*no-such-folder does not exist"):
+        launch("classifier", cfg, SLURM)
+
+
+@slurm
+def test_job_result_and_requeue_resume_bit_identical(tiny_train_config, tmp_path):
+    from speedpipe.checkpoint import load_checkpoint
+    from speedpipe.stages import train
+
+    steps = ["trainer.steps=600", "trainer.ckpt_every=50", "trainer.log_every=50"]
+    reference = train.run(load_config(tiny_train_config, [f"trainer.run_dir={tmp_path / 'ref'}", *steps], phase="train"))
+    cfg = _train_cfg(tiny_train_config, tmp_path, "slurm", *steps)
+    result, requeued = {}, {}
+
+    def watch_and_requeue():
+        deadline = time.time() + 120
+        while time.time() < deadline and not (tmp_path / "slurm" / "ckpt-0000100.pt").exists():
+            time.sleep(0.05)
+        ids = queued_job_ids(_job_name("train", cfg))
+        if ids and not (tmp_path / "slurm" / "ckpt-0000600.pt").exists():
+            subprocess.run(["scontrol", "requeue", ids[0]], check=True)
+            requeued["id"] = ids[0]
+
+    watcher = threading.Thread(target=watch_and_requeue)
+    watcher.start()
+    result["dir"] = launch("train", cfg, SLURM)
+    watcher.join()
+    assert requeued, "the job finished before it could be requeued"
+    assert "ckpt-0000600.pt" in str(sorted((tmp_path / "slurm").iterdir()))
+    a, b = load_checkpoint(reference / "ckpt-0000600.pt"), load_checkpoint(tmp_path / "slurm" / "ckpt-0000600.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
+
+
+def _job_name(stage, cfg):
+    from speedpipe.launch import config_hash
+
+    return f"speedpipe-{stage}-{config_hash(stage, cfg)}"
+
+
+def _launch_in_subprocess(cfg_path_overrides, tmp_path):
+    code = ("import sys; from speedpipe.config import load_config, to_plain; from speedpipe.launch import launch; "
+            f"cfg = to_plain(load_config(sys.argv[1], sys.argv[2:], phase='train')); launch('train', cfg, {SLURM!r})")
+    return subprocess.Popen([sys.executable, "-c", code, *cfg_path_overrides], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_until_running(name, timeout=60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        ids = queued_job_ids(name)
+        if ids and job_state(ids[0]) == "RUNNING":
+            return ids[0]
+        time.sleep(0.2)
+    raise AssertionError(f"job {name} did not start running")
+
+
+@slurm
+def test_scancel_fails_the_launch_within_a_minute(tiny_train_config, tmp_path):
+    overrides = [f"trainer.run_dir={tmp_path / 'cancel'}", "trainer.steps=1000000"]
+    cfg = to_plain(load_config(tiny_train_config, overrides, phase="train"))
+    proc = _launch_in_subprocess([str(tiny_train_config), *overrides], tmp_path)
+    job_id = _wait_until_running(_job_name("train", cfg))
+    subprocess.run(["scancel", job_id], check=True)
+    start = time.time()
+    out, _ = proc.communicate(timeout=60)
+    assert time.time() - start < 60
+    assert proc.returncode != 0 and f"SLURM job {job_id} ended in state CANCELLED" in out
+
+
+@slurm
+def test_relaunch_after_the_launcher_died_reattaches(tiny_train_config, tmp_path):
+    overrides = [f"trainer.run_dir={tmp_path / 'attach'}", "trainer.steps=300", "trainer.ckpt_every=300"]
+    cfg = to_plain(load_config(tiny_train_config, overrides, phase="train"))
+    proc = _launch_in_subprocess([str(tiny_train_config), *overrides], tmp_path)
+    job_id = _wait_until_running(_job_name("train", cfg))
+    proc.send_signal(signal.SIGKILL)  # the process that submitted (Snakemake's job) dies; the SLURM job runs on
+    proc.wait()
+    messages = []
+    launch("train", cfg, SLURM, log=messages.append)
+    assert messages[0] == f"speedpipe: re-attaching to SLURM job {job_id} ({_job_name('train', cfg)}), still in the queue"
+    assert not [m for m in messages if "submitted SLURM job" in m]
+    assert (tmp_path / "attach" / "ckpt-0000300.pt").exists()
+    assert job_state(job_id) == "COMPLETED"
+
+
+@slurm
+def test_two_task_slurm_job_runs_ddp_like_one_process(tiny_train_config, tmp_path):
+    import csv
+
+    from speedpipe.stages import train
+
+    steps = ["trainer.steps=6", "trainer.log_every=1", "trainer.ckpt_every=6"]
+    single = train.run(load_config(tiny_train_config, [f"trainer.run_dir={tmp_path / 'one'}", *steps], phase="train"))
+    launch("train", _train_cfg(tiny_train_config, tmp_path, "two", *steps), {**SLURM, "tasks_per_node": 2})
+    read = lambda d: [float(r["loss"]) for r in csv.DictReader(open(d / "log.csv"))]  # noqa: E731
+    assert read(tmp_path / "two") == pytest.approx(read(single), rel=1e-5)
