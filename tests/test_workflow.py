@@ -55,11 +55,8 @@ def test_bad_experiment_file_is_refused(tmp_path):
 def micro_run(tmp_path_factory):
     """The micro experiment run end to end through Snakemake, with the method configs copied so tests can edit them."""
     work = tmp_path_factory.mktemp("micro")
-    for name in ("baseline", "speed"):
-        shutil.copy(REPO / f"configs/mnist5k/{name}.yaml", work / f"{name}.yaml")
-    pipeline = (REPO / "tests/data/micro.yaml").read_text()
-    pipeline = pipeline.replace("configs/mnist5k/baseline.yaml", str(work / "baseline.yaml"))
-    pipeline = pipeline.replace("configs/mnist5k/speed.yaml", str(work / "speed.yaml"))
+    shutil.copytree(REPO / "configs/mnist5k", work / "configs/mnist5k")  # method files inherit configs/**/base.yaml
+    pipeline = (REPO / "tests/data/micro.yaml").read_text().replace("configs/mnist5k/", f"{work}/configs/mnist5k/")
     (work / "micro.yaml").write_text(pipeline)
     result = snakemake(work, "--configfile", str(work / "micro.yaml"))
     assert result.returncode == 0, result.stderr[-5000:]
@@ -87,7 +84,7 @@ def test_nothing_to_do_after_a_complete_run(micro_run):
 
 
 def test_changing_a_speed_parameter_reruns_only_the_speed_branch(micro_run):
-    speed = micro_run / "speed.yaml"
+    speed = micro_run / "configs/mnist5k/speed.yaml"
     original = speed.read_text()
     speed.write_text(original.replace("k: 5", "k: 10"))
     try:

@@ -23,7 +23,7 @@ from speedpipe.config import ConfigError
 
 STAGE_MODULES = {s: f"speedpipe.stages.{s}" for s in
                  ("autoencoder", "encode", "classifier", "reference", "train", "distill", "sample", "evaluate", "report")}
-SAFE_VALUE = re.compile(r"^[A-Za-z0-9_.,:=@%+/-]*$")  # no whitespace, quotes or shell metacharacters
+SAFE_VALUE = re.compile(r"[A-Za-z0-9_.,:=@%+/-]*")  # no whitespace, quotes or shell metacharacters
 
 
 @dataclass
@@ -51,17 +51,17 @@ def parse_launcher(settings: dict) -> LauncherConfig:
         if key not in known:
             raise ConfigError(f"launcher: unknown key {key!r}; expected one of {sorted(known)}")
         kind = known[key].type
-        if kind == "int" and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+        if kind is int and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
             raise ConfigError(f"launcher.{key}: expected a non-negative integer, got {value!r}")
-        if kind == "str" and (not isinstance(value, str) or not SAFE_VALUE.match(value)):
+        if kind is str and (not isinstance(value, str) or not SAFE_VALUE.fullmatch(value)):
             raise ConfigError(f"launcher.{key}: {value!r} contains whitespace, quotes or shell metacharacters")
-        if kind == "float" and (not isinstance(value, (int, float)) or value <= 0):
+        if kind is float and (not isinstance(value, (int, float)) or value <= 0):
             raise ConfigError(f"launcher.{key}: expected a positive number, got {value!r}")
-        if kind == "dict":
+        if kind is dict:
             if not isinstance(value, dict):
                 raise ConfigError(f"launcher.{key}: expected a mapping of sbatch options")
             for k, v in value.items():
-                if not SAFE_VALUE.match(str(k)) or not SAFE_VALUE.match(str(v)):
+                if not SAFE_VALUE.fullmatch(str(k)) or not SAFE_VALUE.fullmatch(str(v)):
                     raise ConfigError(f"launcher.{key}.{k}: {v!r} contains whitespace, quotes or shell metacharacters")
     cfg = LauncherConfig(**settings)
     if cfg.executor not in ("local", "slurm"):
@@ -164,12 +164,10 @@ class SlurmLauncher:
             if state in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED", None):
                 time.sleep(self.cfg.poll_seconds)
                 continue
+            if state == "COMPLETED" and not job.paths.result_pickle.exists():
+                time.sleep(self.cfg.poll_seconds)  # the batch script ended; submitit's result file may lag a moment
             if state == "COMPLETED" and job.paths.result_pickle.exists():
-                return job.result()
-            if state == "COMPLETED":  # the batch script ended, submitit's result file may lag a moment
-                time.sleep(self.cfg.poll_seconds)
-                if job.paths.result_pickle.exists():
-                    return job.result()
+                return job.results()[0]  # task 0's result (every task of a DDP job returns the same)
             raise SlurmJobFailed(f"SLURM job {job.job_id} ended in state {state}.\n--- last lines of its stderr "
                                  f"({job.paths.stderr}) ---\n{tail(job.paths.stderr)}")
 
