@@ -28,6 +28,23 @@ trainer: {{steps: 6, global_batch_size: 8, log_every: 1, ckpt_every: 2, ema_deca
     return path
 
 
+@pytest.fixture
+def poison_third_batch(monkeypatch):
+    """Make the 3rd synthetic batch NaN (a data fault in the middle of a run); returns a reset function."""
+    from speedpipe.data.synthetic import SyntheticLatents
+
+    real_get_batch = SyntheticLatents.get_batch
+    calls = {"n": 0}
+
+    def poisoned(self, indices, flip, eps=None):
+        calls["n"] += 1
+        x, y = real_get_batch(self, indices, flip)
+        return (x * float("nan"), y) if calls["n"] == 3 else (x, y)
+
+    monkeypatch.setattr(SyntheticLatents, "get_batch", poisoned)
+    return lambda: calls.update(n=0)
+
+
 def run_python(args, env_extra=None, **kwargs):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env_extra or {})}
     return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, **kwargs)

@@ -122,21 +122,10 @@ def test_distill_reduces_loss_and_resumes_bit_identical(tiny_train_config, toy_t
     assert [r["loss"] for r in _log(straight)] == [r["loss"] for r in _log(resumed)]
 
 
-def test_nonfinite_tangent_is_caught(tiny_train_config, toy_teacher, tmp_path, monkeypatch):
-    from speedpipe.data.synthetic import SyntheticLatents
-
-    real_get_batch = SyntheticLatents.get_batch
-    calls = {"n": 0}
-
-    def poisoned(self, indices, flip, eps=None):
-        calls["n"] += 1
-        x, y = real_get_batch(self, indices, flip)
-        return (x * float("nan"), y) if calls["n"] == 3 else (x, y)
-
-    monkeypatch.setattr(SyntheticLatents, "get_batch", poisoned)
+def test_nonfinite_tangent_is_caught(tiny_train_config, toy_teacher, tmp_path, poison_third_batch):
     with pytest.raises(FloatingPointError, match="non-finite tangent g at step 3"):
         distill.run(_distill_cfg(tiny_train_config, toy_teacher, tmp_path / "nan"))
-    calls["n"] = 0
+    poison_third_batch()
     run_dir = distill.run(_distill_cfg(tiny_train_config, toy_teacher, tmp_path / "skip", "distill.skip_nonfinite=true"))
     assert _log(run_dir)[-1]["skipped"] == "1"
     state = load_checkpoint(run_dir / "ckpt-0000024.pt")

@@ -10,7 +10,6 @@ import torch
 from conftest import REPO, run_python
 from speedpipe.checkpoint import latest_checkpoint, load_checkpoint
 from speedpipe.config import load_config
-from speedpipe.data.synthetic import SyntheticLatents
 from speedpipe.stages import train
 
 
@@ -65,16 +64,7 @@ def test_killed_run_resumes_bit_identical(tiny_train_config, tmp_path):
     assert not list(killed_dir.glob(".tmp-*")) or latest_checkpoint(killed_dir).name == "ckpt-0000400.pt"
 
 
-def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_train_config, monkeypatch):
-    real_get_batch = SyntheticLatents.get_batch
-    calls = {"n": 0}
-
-    def poisoned(self, indices, flip, eps=None):
-        calls["n"] += 1
-        x, y = real_get_batch(self, indices, flip)
-        return (x * float("nan"), y) if calls["n"] == 3 else (x, y)
-
-    monkeypatch.setattr(SyntheticLatents, "get_batch", poisoned)
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_train_config, poison_third_batch):
     cfg = load_config(tiny_train_config, ["trainer.log_every=2"], phase="train")
     with pytest.raises(FloatingPointError, match=r"non-finite training loss at step 3.*ckpt-0000002\.pt"):
         train.run(cfg)

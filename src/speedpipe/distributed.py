@@ -38,6 +38,26 @@ def init_distributed(device_type: str) -> DistEnv:
     return env
 
 
+def resolve_device(name: str, key: str = "device") -> torch.device:
+    """auto | cpu | cuda -> a torch.device, refusing cuda where none is visible (naming the config key)."""
+    from speedpipe.config import ConfigError
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"config key '{key}': 'cuda' requested but no CUDA device is visible")
+    return torch.device(name)
+
+
+def setup_device(name: str, key: str = "device") -> tuple[torch.device, DistEnv]:
+    """The device of this rank (cuda:LOCAL_RANK under DDP) and the joined process group's ranks."""
+    device = resolve_device(name, key)
+    env = init_distributed(device.type)
+    if device.type == "cuda":
+        device = torch.device("cuda", env.local_rank)
+    return device, env
+
+
 def all_reduce_mean(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
     if env.world_size > 1:
         t = t.clone()

@@ -19,8 +19,8 @@ from speedpipe.consistency.trigflow import TrigFlowTeacher
 from speedpipe.csvlog import CsvLog
 from speedpipe.data.order import EpochBatches, rank_slice
 from speedpipe.diffusion import create_diffusion
-from speedpipe.distributed import all_reduce_mean, barrier, init_distributed, shutdown
-from speedpipe.stages.train import build_model, open_training_data, resolve_device, update_ema
+from speedpipe.distributed import all_reduce_mean, barrier, setup_device, shutdown
+from speedpipe.stages.train import build_model, open_training_data, update_ema
 
 LOG_COLUMNS = ["step", "loss", "mse", "tangent_norm", "logvar", "skipped", "steps_per_s"]
 
@@ -46,10 +46,7 @@ def run(cfg):
     d = cfg.distill
     if not d.teacher:
         raise ConfigError("config key 'distill.teacher': required (a ckpt-*.pt of a train run)")
-    device = resolve_device(d.device)
-    env = init_distributed(device.type)
-    if device.type == "cuda":
-        device = torch.device("cuda", env.local_rank)
+    device, env = setup_device(d.device, "distill.device")
     if d.global_batch_size % env.world_size:
         raise ConfigError(f"config key 'distill.global_batch_size': {d.global_batch_size} is not divisible by {env.world_size} ranks")
     run_dir = run_dir_for(cfg)

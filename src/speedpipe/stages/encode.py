@@ -18,10 +18,9 @@ from safetensors.torch import save_file
 from speedpipe.config import save_config
 from speedpipe.data.images import DataError, open_image_dataset
 from speedpipe.data.latents import mmap_safetensors, shard_name
-from speedpipe.distributed import barrier, init_distributed, shutdown
+from speedpipe.distributed import barrier, setup_device, shutdown
 from speedpipe.io import atomic_path, atomic_write_text, sha256_file
 from speedpipe.models.autoencoder import encode_posterior, open_autoencoder
-from speedpipe.stages.train import resolve_device
 
 
 def latents_dir_for(cfg) -> Path:
@@ -78,10 +77,7 @@ def encode_shard(vae, scale, dataset, indices, cfg, device, generator):
 
 
 def run(cfg):
-    device = resolve_device(cfg.encode.device)
-    env = init_distributed(device.type)
-    if device.type == "cuda":
-        device = torch.device("cuda", env.local_rank)
+    device, env = setup_device(cfg.encode.device, "encode.device")
     out = latents_dir_for(cfg)
     dataset = open_image_dataset(cfg.data)
     vae, scale, identity = open_autoencoder(cfg)

@@ -20,10 +20,10 @@ from speedpipe.data.images import to_uint8
 from speedpipe.config import ConfigError, save_config
 from speedpipe.diffusion import create_diffusion
 from speedpipe.diffusion.gaussian import cfg_model_fn
-from speedpipe.distributed import barrier, init_distributed, shutdown
+from speedpipe.distributed import barrier, setup_device, shutdown
 from speedpipe.io import atomic_path, atomic_write_text
 from speedpipe.models.autoencoder import decode_latents, open_autoencoder
-from speedpipe.stages.train import build_model, resolve_device
+from speedpipe.stages.train import build_model
 
 CKPT_STEP = re.compile(r"ckpt-(\d{7})\.pt$")
 
@@ -97,10 +97,7 @@ def run(cfg):
     s = cfg.sampling
     if not s.checkpoint:
         raise ConfigError("config key 'sampling.checkpoint': required (a ckpt-*.pt of a train or distill run)")
-    device = resolve_device(s.device)
-    env = init_distributed(device.type)
-    if device.type == "cuda":
-        device = torch.device("cuda", env.local_rank)
+    device, env = setup_device(s.device, "sampling.device")
     out = samples_path_for(cfg)
     state = load_checkpoint(s.checkpoint)
     sampler = build_sampler_for(state, cfg, device)

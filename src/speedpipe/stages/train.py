@@ -19,7 +19,7 @@ from speedpipe.csvlog import CsvLog
 from speedpipe.data.order import EpochBatches, rank_slice
 from speedpipe.diffusion import create_diffusion
 from speedpipe.diffusion.timesteps import build_sampler, build_weighting
-from speedpipe.distributed import all_reduce_mean, all_reduce_min, barrier, init_distributed, shutdown
+from speedpipe.distributed import all_reduce_mean, all_reduce_min, barrier, setup_device, shutdown
 from speedpipe.models.dit import DiT_models, load_dit_state_dict
 
 LOG_COLUMNS = ["step", "loss", "mse", "vlb", "steps_per_s", "images_per_s"]
@@ -27,14 +27,6 @@ LOG_COLUMNS = ["step", "loss", "mse", "vlb", "steps_per_s", "images_per_s"]
 
 def run_dir_for(cfg) -> Path:
     return Path(cfg.trainer.run_dir or Path(cfg.output_dir) / cfg.experiment / "train" / f"{cfg.method}-s{cfg.seed}")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("config key 'trainer.device': 'cuda' requested but no CUDA device is visible")
-    return torch.device(name)
 
 
 def build_model(cfg):
@@ -131,10 +123,8 @@ def update_ema(ema_params, model_params, decay: float):
 
 def run(cfg):
     tr = cfg.trainer
-    device = resolve_device(tr.device)
-    env = init_distributed(device.type)
+    device, env = setup_device(tr.device, "trainer.device")
     if device.type == "cuda":
-        device = torch.device("cuda", env.local_rank)
         torch.backends.cuda.matmul.allow_tf32 = tr.tf32
         torch.backends.cudnn.allow_tf32 = tr.tf32
     if tr.global_batch_size % env.world_size:
