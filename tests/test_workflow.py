@@ -102,3 +102,44 @@ def test_snakemake_report_builds_html(micro_run):
     result = snakemake(micro_run, "--configfile", str(micro_run / "micro.yaml"), "--report", str(micro_run / "report.html"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert (micro_run / "report.html").stat().st_size > 10_000
+
+
+def _slurm_up() -> bool:
+    if shutil.which("sinfo") is None:
+        return False
+    out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True)
+    return out.returncode == 0 and any(s in out.stdout for s in ("idle", "mixed", "alloc"))
+
+
+@pytest.mark.skipif(not _slurm_up(), reason="no local SLURM cluster: start it with slurm/local-cluster/start.sh (.ci/run does)")
+def test_micro_run_on_slurm_survives_a_killed_snakemake(tmp_path):
+    """Every stage as a SLURM job; Snakemake is killed while a training job runs, and the re-run re-attaches to it."""
+    import os
+    import signal
+
+    pipeline = (REPO / "tests/data/micro.yaml").read_text().replace(
+        "  default: {executor: local}",
+        f"  default: {{executor: slurm, cpus_per_task: 1, mem_gb: 1, time_min: 10, poll_seconds: 0.5, folder: {tmp_path / 'slurm'}}}\n"
+        "  report: {executor: local}")
+    pipeline = pipeline.replace("train_steps: 4", "train_steps: 400").replace("eval_steps: [2, 4]", "eval_steps: [200, 400]")
+    (tmp_path / "micro.yaml").write_text(pipeline)
+    cmd = [*SNAKEMAKE, "--directory", str(tmp_path), "--cores", "2", "--configfile", str(tmp_path / "micro.yaml")]
+    first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    running = []
+    while time.time() < deadline and not running:
+        out = subprocess.run(["squeue", "-h", "-o", "%i %j %T"], capture_output=True, text=True).stdout.split("\n")
+        running = [line.split()[0] for line in out if "speedpipe-train-" in line and line.endswith("RUNNING")]
+        time.sleep(0.5)
+    assert running, "no training job started"
+    os.killpg(first.pid, signal.SIGKILL)  # Snakemake and its job processes die; the SLURM job runs on
+    first.wait()
+
+    assert snakemake(tmp_path, "--unlock", "--configfile", str(tmp_path / "micro.yaml")).returncode == 0
+    second = snakemake(tmp_path, "--configfile", str(tmp_path / "micro.yaml"), "--rerun-incomplete")
+    assert second.returncode == 0, second.stderr[-5000:]
+    assert f"re-attaching to SLURM job {running[0]}" in second.stdout + second.stderr
+    assert (tmp_path / "results/micro/README.md").exists()
+    submitted_trains = {p.name for p in (tmp_path / "slurm").glob("train-*")}
+    assert len(submitted_trains) == 2  # one job folder per training run: nothing was submitted twice
+    assert len(list((tmp_path / "slurm").glob("train-*/*_submitted.pkl"))) == 2

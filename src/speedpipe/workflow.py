@@ -4,6 +4,8 @@ The Snakefile only says what depends on what; everything about *what* a job comp
 from configs/pipeline/*.yaml: which stage config file, which overrides, which checkpoint or samples file.
 """
 import difflib
+import functools
+import json
 from pathlib import Path
 
 from speedpipe.config import ConfigError, load_config, to_plain
@@ -63,19 +65,26 @@ def step_dir(step) -> str:
 
 
 def stage_config(pipe: dict, stage: str, run: str | None = None, step=None, sampler: str | None = None) -> dict:
-    """The resolved, validated config of one job, as plain Python values."""
+    """The resolved, validated config of one job, as plain Python values.
+
+    The stage config file with the experiment's overrides is loaded and validated once per (file, stage);
+    the job's own values (seed, checkpoint, sampler, paths), generated here with the schema's types, are
+    then set on a copy: parsing the DAG stays fast with hundreds of jobs.
+    """
     method = run.rsplit("-s", 1)[0] if run and not run.startswith("scm-") else None
     path = pipe["methods"][method] if method else pipe["base_config"]
     overrides = [f"experiment={pipe['experiment']}", f"output_dir={pipe['output_dir']}", f"eval.extractor={pipe['extractor']}"]
     overrides += list((pipe.get("overrides") or {}).get(stage, []))
+    cfg = json.loads(_validated(path, tuple(overrides), PHASES.get(stage)))
     base = root(pipe)
+    job = {}
     if stage == "train":
-        seed = int(run.rsplit("-s", 1)[1])
         ckpt_every = min(pipe["eval_steps"][0], *[b - a for a, b in zip(pipe["eval_steps"], pipe["eval_steps"][1:])])
-        overrides += [f"seed={seed}", f"method={method}", f"trainer.steps={pipe['train_steps']}", f"trainer.ckpt_every={ckpt_every}"]
+        job = {"seed": int(run.rsplit("-s", 1)[1]), "method": method, "trainer.steps": int(pipe["train_steps"]),
+               "trainer.ckpt_every": int(ckpt_every)}
     elif stage == "distill":
-        overrides += [f"distill.teacher={base / 'train' / pipe['teacher'] / ('ckpt-' + step_dir(pipe['train_steps']) + '.pt')}",
-                      f"distill.steps={pipe['distill_steps']}", f"distill.run_dir={base / 'distill' / pipe['teacher']}"]
+        job = {"distill.teacher": str(base / "train" / pipe["teacher"] / f"ckpt-{step_dir(pipe['train_steps'])}.pt"),
+               "distill.steps": int(pipe["distill_steps"]), "distill.run_dir": str(base / "distill" / pipe["teacher"])}
     elif stage in ("sample", "evaluate"):
         samples = base / "samples" / run / step_dir(step) / f"{sampler}.npz"
         if run.startswith("scm-"):
@@ -83,9 +92,20 @@ def stage_config(pipe: dict, stage: str, run: str | None = None, step=None, samp
         else:
             ckpt = base / "train" / run / f"ckpt-{step_dir(step)}.pt"
         count = pipe["curve_samples"] if sampler == pipe["curve_sampler"] else pipe["final_samples"]
-        overrides += [f"sampling.checkpoint={ckpt}", f"sampling.sampler={sampler}", f"sampling.out={samples}",
-                      f"sampling.num_samples={count}", f"eval.samples={samples}"]
-    return to_plain(load_config(path, overrides, phase=PHASES.get(stage)))
+        job = {"sampling.checkpoint": str(ckpt), "sampling.sampler": sampler, "sampling.out": str(samples),
+               "sampling.num_samples": int(count), "eval.samples": str(samples)}
+    for dotted, value in job.items():
+        *parents, leaf = dotted.split(".")
+        node = cfg
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    return cfg
+
+
+@functools.lru_cache(maxsize=None)
+def _validated(path: str, overrides: tuple, phase: str | None) -> str:
+    return json.dumps(to_plain(load_config(path, list(overrides), phase=phase)))
 
 
 def final_step(pipe, run) -> int:
