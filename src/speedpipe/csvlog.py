@@ -19,8 +19,12 @@ class CsvLog:
         atomic_write_text(self.path, "\n".join(lines) + "\n")
 
     def write(self, **row):
+        new_file = not self.path.exists()  # removed under a running job (e.g. Snakemake's --rerun-incomplete)
         with open(self.path, "a", newline="") as f:
-            csv.DictWriter(f, self.columns).writerow({c: _fmt(row.get(c, "")) for c in self.columns})
+            writer = csv.DictWriter(f, self.columns)
+            if new_file:
+                writer.writeheader()
+            writer.writerow({c: _fmt(row.get(c, "")) for c in self.columns})
 
 
 def _fmt(value):
