@@ -105,7 +105,24 @@ def stage_config(pipe: dict, stage: str, run: str | None = None, step=None, samp
 
 @functools.lru_cache(maxsize=None)
 def _validated(path: str, overrides: tuple, phase: str | None) -> str:
-    return json.dumps(to_plain(load_config(path, list(overrides), phase=phase)))
+    """load_config, remembered on disk by the content of every file it reads (a no-op re-run of Snakemake
+    then never imports torch to validate, which is most of its start-up time)."""
+    import hashlib
+
+    import speedpipe.config as config_module
+    from speedpipe.config import base_chain
+
+    files = [*base_chain(Path(path)), Path(path), Path(config_module.__file__)]
+    key = hashlib.sha256(json.dumps([[str(f), f.read_text()] for f in files] + [list(overrides), phase]).encode()).hexdigest()
+    cached = Path(".snakemake") / "speedpipe-configs" / f"{key}.json"
+    if cached.is_file():
+        return cached.read_text()
+    text = json.dumps(to_plain(load_config(path, list(overrides), phase=phase)))
+    if Path(".snakemake").is_dir():
+        from speedpipe.io import atomic_write_text
+
+        atomic_write_text(cached, text)
+    return text
 
 
 def final_step(pipe, run) -> int:
