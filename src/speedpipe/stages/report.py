@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from speedpipe.diffusion import create_diffusion  # noqa: E402
 from speedpipe.diffusion.timesteps import build_sampler, build_weighting  # noqa: E402
@@ -67,7 +68,7 @@ def save_figure(fig, root: Path, name: str):
 
 
 def run(cfg):
-    cfg = cfg if isinstance(cfg, dict) else __import__("omegaconf").OmegaConf.to_container(cfg, resolve=True)
+    cfg = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
     pipe, root = cfg["pipeline"], Path(cfg["root"])
     df = load_metrics(root, cfg["evaluations"])
     curve = df[(df.sampler == pipe["curve_sampler"]) & (df.method != "sCM")]

@@ -82,11 +82,11 @@ class DiffusionSampler:
 
 def build_sampler_for(state, cfg, device):
     """The latent sampler for a checkpoint: diffusion samplers for train runs, consistency ones for sCD runs."""
-    run_cfg = OmegaConf.create(state["config"])
     if cfg.sampling.sampler.startswith("scm"):
         from speedpipe.consistency.scd import ConsistencySampler
 
         return ConsistencySampler.from_checkpoint(state, cfg.sampling, device)
+    run_cfg = OmegaConf.create(state["config"])
     model = build_model(run_cfg)
     model.load_state_dict(state["ema" if cfg.sampling.use_ema else "model"])
     return DiffusionSampler(model.to(device).eval(), run_cfg, cfg.sampling)
