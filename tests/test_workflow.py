@@ -1,4 +1,6 @@
+import os
 import re
+import signal
 import shutil
 import subprocess
 import sys
@@ -11,10 +13,9 @@ from conftest import REPO
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile")]
 
 
-def snakemake(workdir, *args, timeout=900):
-    result = subprocess.run([*SNAKEMAKE, "--directory", str(workdir), "--cores", "2", *args],
-                            capture_output=True, text=True, timeout=timeout, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
-    return result
+def snakemake(workdir, *args, cores=2, timeout=900):
+    return subprocess.run([*SNAKEMAKE, "--directory", str(workdir), "--cores", str(cores), *args],
+                          capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def planned_jobs(output: str) -> list[str]:
@@ -114,14 +115,12 @@ def _slurm_up() -> bool:
 @pytest.mark.skipif(not _slurm_up(), reason="no local SLURM cluster: start it with slurm/local-cluster/start.sh (.ci/run does)")
 def test_micro_run_on_slurm_survives_a_killed_snakemake(tmp_path):
     """Every stage as a SLURM job; Snakemake is killed while a training job runs, and the re-run re-attaches to it."""
-    import os
-    import signal
 
     pipeline = (REPO / "tests/data/micro.yaml").read_text().replace(
         "  default: {executor: local}",
         f"  default: {{executor: slurm, cpus_per_task: 1, mem_gb: 1, time_min: 10, poll_seconds: 0.5, folder: {tmp_path / 'slurm'}}}\n"
         "  report: {executor: local}")
-    pipeline = pipeline.replace("train_steps: 4", "train_steps: 400").replace("eval_steps: [2, 4]", "eval_steps: [200, 400]")
+    pipeline = pipeline.replace("train_steps: 4", "train_steps: 1000").replace("eval_steps: [2, 4]", "eval_steps: [500, 1000]")
     (tmp_path / "micro.yaml").write_text(pipeline)
     cmd = [*SNAKEMAKE, "--directory", str(tmp_path), "--cores", "2", "--configfile", str(tmp_path / "micro.yaml")]
     first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -136,7 +135,8 @@ def test_micro_run_on_slurm_survives_a_killed_snakemake(tmp_path):
     first.wait()
 
     assert snakemake(tmp_path, "--unlock", "--configfile", str(tmp_path / "micro.yaml")).returncode == 0
-    second = snakemake(tmp_path, "--configfile", str(tmp_path / "micro.yaml"), "--rerun-incomplete")
+    # SLURM jobs use no local cores: start every ready job at once, so the re-run reaches the training job while it runs
+    second = snakemake(tmp_path, "--configfile", str(tmp_path / "micro.yaml"), "--rerun-incomplete", cores=8)
     assert second.returncode == 0, second.stderr[-5000:]
     assert f"re-attaching to SLURM job {running[0]}" in second.stdout + second.stderr
     assert (tmp_path / "results/micro/README.md").exists()
