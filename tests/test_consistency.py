@@ -7,7 +7,7 @@ import torch
 
 from speedpipe.checkpoint import load_checkpoint
 from speedpipe.config import load_config
-from speedpipe.consistency.scd import jvp_F
+from speedpipe.consistency.scd import LogvarHead, jvp_F, make_student, scd_terms
 from speedpipe.consistency.trigflow import ContinuousIndex, TrigFlowTeacher
 from speedpipe.diffusion import create_diffusion
 from speedpipe.models.dit import DiT_models
@@ -29,12 +29,13 @@ class OptimalGaussianEps(torch.nn.Module):
         return torch.cat([eps, torch.zeros_like(eps)], dim=1)  # learned-sigma layout: [ε̂ | v]
 
 
-@pytest.mark.parametrize("sigma_d", [0.5, 1.0])
-def test_converted_teacher_is_the_optimal_trigflow_velocity(sigma_d):
+@pytest.mark.parametrize("sigma_d,latent_scale", [(0.5, 1.0), (1.0, 1.0), (0.5, 0.5), (0.5, 0.8)])
+def test_converted_teacher_is_the_optimal_trigflow_velocity(sigma_d, latent_scale):
     diffusion = create_diffusion("")
-    mu, s = 0.3, 0.8
-    net = OptimalGaussianEps(ContinuousIndex(diffusion.alphas_cumprod), mu, s)
-    teacher = TrigFlowTeacher(net, diffusion.alphas_cumprod, sigma_d=sigma_d)
+    mu_latent, s_latent = 0.3, 0.8
+    net = OptimalGaussianEps(ContinuousIndex(diffusion.alphas_cumprod), mu_latent, s_latent)
+    teacher = TrigFlowTeacher(net, diffusion.alphas_cumprod, sigma_d=sigma_d, latent_scale=latent_scale)
+    mu, s = latent_scale * mu_latent, latent_scale * s_latent  # the TrigFlow data x0 = L·latent
     t = torch.tensor([0.05, 0.4, 0.9, 1.3, 1.55], dtype=torch.float64)
     x_t = torch.randn(5, 2, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     F = teacher(x_t / sigma_d, t, torch.zeros(5, dtype=torch.long))
@@ -150,3 +151,31 @@ def test_scm_samplers_plug_into_the_sample_stage(tiny_train_config, toy_teacher,
         images = np.load(out)["arr_0"]
         assert images.shape == (6, 16, 16, 3) and json.loads(out.with_suffix(".json").read_text())["nfe_per_image"] == nfe
     assert math.isclose(math.atan(80 / 0.5), 1.5645, abs_tol=1e-4)
+
+
+@pytest.mark.parametrize("t", [0.4, 1.1])
+def test_scd_step_makes_f_more_consistent_along_the_teacher_ode(t):
+    """One gradient step on the sCD loss shrinks |df/dt| along the teacher's probability-flow ODE (sign check of g)."""
+    teacher = _tiny_student()
+    teacher.latent_scale = teacher.sigma_d
+    teacher.net.requires_grad_(False)
+    student = make_student(teacher).requires_grad_(True)
+    g = torch.Generator().manual_seed(2)
+    x0, z = 0.5 * torch.randn(16, 4, 8, 8, generator=g, dtype=torch.float64), 0.5 * torch.randn(16, 4, 8, 8, generator=g, dtype=torch.float64)
+    y, t = torch.arange(16) % 10, torch.full((16,), t, dtype=torch.float64)
+    x_t = torch.cos(t).view(-1, 1, 1, 1) * x0 + torch.sin(t).view(-1, 1, 1, 1) * z
+    with torch.no_grad():
+        dx_dt = 0.5 * teacher(x_t / 0.5, t, y)
+
+    def consistency_rate():
+        h = 1e-5
+        with torch.no_grad():
+            return ((student.consistency(x_t, t, y) - student.consistency(x_t - h * dx_dt, t - h, y)) / h).norm()
+
+    before = consistency_rate()
+    scd_terms(student, teacher, LogvarHead().double(), x0, z, t, y, r=1.0)["loss"].backward()
+    with torch.no_grad():
+        for p in student.net.parameters():
+            if p.grad is not None:
+                p -= 0.2 * p.grad
+    assert consistency_rate() < 0.97 * before

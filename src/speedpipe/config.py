@@ -156,7 +156,7 @@ class DistillConfig:
     """sCD of a trained DiT teacher (stage `distill`)."""
 
     teacher: Optional[str] = None  # ckpt-*.pt of a train run (its EMA weights are the teacher and the student's init)
-    sigma_d: float = 0.5
+    sigma_d: float = 0.5  # TrigFlow σ_d; the unit-variance latents are scaled by σ_d (data std σ_d, as in the paper)
     p_mean: float = -1.0  # time proposal: tan t = e^τ/σ_d, τ ~ N(p_mean, p_std²)
     p_std: float = 1.4
     tangent_warmup: int = 10_000  # H: r = min(1, step/H)

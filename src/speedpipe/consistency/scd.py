@@ -101,7 +101,8 @@ class ConsistencySampler:
         net.load_state_dict(state["ema" if sampling_cfg.use_ema else "model"])
         diffusion = create_diffusion(noise_schedule=teacher_cfg.diffusion.noise_schedule,
                                      diffusion_steps=teacher_cfg.diffusion.diffusion_steps)
-        student = TrigFlowTeacher(net.to(device).eval(), diffusion.alphas_cumprod, state["config"]["distill"]["sigma_d"])
+        sigma_d = state["config"]["distill"]["sigma_d"]
+        student = TrigFlowTeacher(net.to(device).eval(), diffusion.alphas_cumprod, sigma_d, latent_scale=sigma_d)
         latent_shape = (teacher_cfg.model.in_channels, teacher_cfg.model.input_size, teacher_cfg.model.input_size)
         return cls(student, latent_shape, int(sampling_cfg.sampler[-1]), sampling_cfg.scm_mid_t)
 
@@ -114,4 +115,4 @@ class ConsistencySampler:
             z2 = torch.randn((n, *self.latent_shape), generator=generator, device=device)
             x_mid = math.cos(self.mid_t) * x0 + math.sin(self.mid_t) * sigma_d * z2
             x0 = self.student.consistency(x_mid, torch.full((n,), self.mid_t, device=device), labels)
-        return x0
+        return x0 / self.student.latent_scale  # back to the autoencoder's latent units

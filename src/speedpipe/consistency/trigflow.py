@@ -1,12 +1,14 @@
 """TrigFlow (Lu & Song, 2024) view of an ε-prediction DDPM DiT.
 
 x_t = cos(t)·x0 + sin(t)·z, z ~ N(0, σ_d² I), t ∈ [0, π/2]; the consistency function is
-f(x_t, t) = cos(t)·x_t − sin(t)·σ_d·F(x_t/σ_d, t). For a DDPM network trained on x_n = √ᾱ_n x0 + √(1−ᾱ_n) ε:
-σ = σ_d·tan t, ᾱ* = 1/(1+σ²), n* = the continuous index with ᾱ(n*) = ᾱ* (log-space interpolation of the
-ᾱ table, never rounded, so F stays differentiable in t), x_n = √ᾱ*·x_t/cos t, ε̂ = net(x_n, n*),
-x̂0 = (x_n − √(1−ᾱ*) ε̂)/√ᾱ*, and F = cos t·ε̂ − sin t·x̂0/σ_d. σ_d is a pure reparametrisation here: the
-data stay in the teacher's latent units (unit-variance latents), so σ_d = 0.5 puts the TrigFlow noise
-scale at half the data scale; the conversion is exact for any σ_d.
+f(x_t, t) = cos(t)·x_t − sin(t)·σ_d·F(x_t/σ_d, t). The TrigFlow data are the teacher's latents times
+`latent_scale` (the pipeline uses latent_scale = σ_d: unit-variance latents become data of std σ_d, as in
+the paper, so σ_d = 0.5 keeps the paper's time proposal and t_max meaningful). With L = latent_scale, for a
+DDPM network trained on x_n = √ᾱ_n x0 + √(1−ᾱ_n) ε over the latents:
+σ = (σ_d/L)·tan t, ᾱ* = 1/(1+σ²), n* = the continuous index with ᾱ(n*) = ᾱ* (log-space interpolation of
+the ᾱ table, never rounded, so F stays differentiable in t), x_n = √ᾱ*·x_t/(L cos t), ε̂ = net(x_n, n*),
+x̂0 = (x_n − √(1−ᾱ*) ε̂)/√ᾱ*, and F = cos t·ε̂ − sin t·L·x̂0/σ_d (METHODS.md §4 is the case L = 1).
+With L = σ_d this is σ = tan t and x_n = x_t/σ_d: the student sees its TrigFlow input unchanged.
 """
 import math
 
@@ -43,12 +45,13 @@ def _bcast(v, x):
 class TrigFlowTeacher(nn.Module):
     """F(x_t/σ_d, t, y) of a DDPM DiT (learned-sigma outputs: the first C channels are ε̂), optional CFG."""
 
-    def __init__(self, net, alphas_cumprod, sigma_d: float = 0.5, cfg_scale: float = 1.0):
+    def __init__(self, net, alphas_cumprod, sigma_d: float = 0.5, cfg_scale: float = 1.0, latent_scale: float = 1.0):
         super().__init__()
         self.net = net
         self.index = ContinuousIndex(alphas_cumprod)
         self.sigma_d = sigma_d
         self.cfg_scale = cfg_scale
+        self.latent_scale = latent_scale  # TrigFlow data = latent_scale · the teacher's latents
 
     def epsilon(self, x_n, n, y):
         C = x_n.shape[1]
@@ -58,21 +61,23 @@ class TrigFlowTeacher(nn.Module):
         cond, uncond = self.net(torch.cat([x_n, x_n]), torch.cat([n, n]), torch.cat([y, null]))[:, :C].chunk(2)
         return uncond + self.cfg_scale * (cond - uncond)
 
+    def ddpm_sigma(self, t):
+        """σ = (σ_d/L)·tan t: the noise-to-signal ratio of x_t in the teacher's latent units."""
+        return self.sigma_d / self.latent_scale * torch.tan(t)
+
     def c_noise(self, t):
         """The DDPM continuous index n*(t) fed to the network's time embedding."""
-        sigma = self.sigma_d * torch.tan(t)
-        return self.index.index(-torch.log1p(sigma**2))
+        return self.index.index(-torch.log1p(self.ddpm_sigma(t) ** 2))
 
     def forward(self, x_scaled, t, y):
-        sigma_d = self.sigma_d
+        sigma_d, L = self.sigma_d, self.latent_scale
         x_t = sigma_d * x_scaled
-        sigma = sigma_d * torch.tan(t)
-        alpha_bar = 1.0 / (1.0 + sigma**2)
+        alpha_bar = 1.0 / (1.0 + self.ddpm_sigma(t) ** 2)
         n = self.index.index(torch.log(alpha_bar))
-        x_n = _bcast(alpha_bar.sqrt() / torch.cos(t), x_t) * x_t
+        x_n = _bcast(alpha_bar.sqrt() / (L * torch.cos(t)), x_t) * x_t
         eps = self.epsilon(x_n.to(self._dtype()), n.to(self._dtype()), y).to(x_t.dtype)
         x0 = (x_n - _bcast((1 - alpha_bar).sqrt(), x_t) * eps) / _bcast(alpha_bar.sqrt(), x_t)
-        return _bcast(torch.cos(t), x_t) * eps - _bcast(torch.sin(t), x_t) * x0 / sigma_d
+        return _bcast(torch.cos(t), x_t) * eps - _bcast(torch.sin(t), x_t) * L * x0 / sigma_d
 
     def consistency(self, x_t, t, y):
         """f(x_t, t) = cos t·x_t − sin t·σ_d·F(x_t/σ_d, t): the predicted clean sample."""

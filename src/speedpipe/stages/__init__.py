@@ -9,8 +9,8 @@ STAGE_VERSIONS = {
     "classifier": 1,
     "reference": 1,
     "train": 1,
-    "distill": 1,
-    "sample": 1,
+    "distill": 2,  # 2: TrigFlow data = σ_d · latents
+    "sample": 2,  # 2: scm samplers return latents (÷ σ_d)
     "evaluate": 1,
     "report": 1,
 }

@@ -58,7 +58,8 @@ def run(cfg):
     net.load_state_dict(teacher_state["ema"])
     diffusion = create_diffusion(noise_schedule=teacher_cfg.diffusion.noise_schedule,
                                  diffusion_steps=teacher_cfg.diffusion.diffusion_steps)
-    teacher = TrigFlowTeacher(net.to(device).eval().requires_grad_(False), diffusion.alphas_cumprod, d.sigma_d, d.cfg_scale)
+    teacher = TrigFlowTeacher(net.to(device).eval().requires_grad_(False), diffusion.alphas_cumprod, d.sigma_d, d.cfg_scale,
+                              latent_scale=d.sigma_d)  # unit-variance latents -> TrigFlow data of std σ_d
     student = make_student(teacher).requires_grad_(True)
     student.net.pos_embed.requires_grad_(False)
     trained = _StudentWithHead(student, LogvarHead()).to(device)
@@ -98,7 +99,8 @@ def run(cfg):
         z = d.sigma_d * torch.randn((n, *dataset.latent_shape), generator=batch_gen)
         eps = torch.randn((n, *dataset.latent_shape), generator=batch_gen) if getattr(dataset, "samples_posterior", False) else None
         mine = lambda v: None if v is None else rank_slice(v, env.rank, env.world_size)  # noqa: E731
-        x0, y = dataset.get_batch(mine(idx), mine(flip), mine(eps))
+        latents, y = dataset.get_batch(mine(idx), mine(flip), mine(eps))
+        x0 = teacher.latent_scale * latents
         r = min(1.0, (step + 1) / d.tangent_warmup)
         terms = net_ddp(teacher, x0.to(device), mine(z).to(device), mine(t).to(device), y.to(device), r, d.tangent_c, d.precision)
         finite = all_reduce_mean(torch.stack([torch.isfinite(terms["g"]).all(), torch.isfinite(terms["loss"])]).double(), env)
