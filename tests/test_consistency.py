@@ -161,7 +161,7 @@ def test_scd_step_makes_f_more_consistent_along_the_teacher_ode(t):
     teacher.net.requires_grad_(False)
     student = make_student(teacher).requires_grad_(True)
     g = torch.Generator().manual_seed(2)
-    x0, z = 0.5 * torch.randn(16, 4, 8, 8, generator=g, dtype=torch.float64), 0.5 * torch.randn(16, 4, 8, 8, generator=g, dtype=torch.float64)
+    x0, z = (0.5 * torch.randn(16, 4, 8, 8, generator=g, dtype=torch.float64) for _ in range(2))
     y, t = torch.arange(16) % 10, torch.full((16,), t, dtype=torch.float64)
     x_t = torch.cos(t).view(-1, 1, 1, 1) * x0 + torch.sin(t).view(-1, 1, 1, 1) * z
     with torch.no_grad():
