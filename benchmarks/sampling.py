@@ -66,7 +66,7 @@ def main():
     ddpm = DiffusionSampler(teacher, run_cfg, sampling_cfg(args.teacher_sampler, args.cfg_scale, args.precision))
     from speedpipe.diffusion import create_diffusion
 
-    student = TrigFlowTeacher(student_net, create_diffusion("").alphas_cumprod, sigma_d, latent_scale=sigma_d)
+    student = TrigFlowTeacher.over_latents(student_net, create_diffusion("").alphas_cumprod, sigma_d)
     latent_shape = (run_cfg.model.in_channels, run_cfg.model.input_size, run_cfg.model.input_size)
     rows = [(args.teacher_sampler, ddpm, 1)] + [(f"scm{k}", ConsistencySampler(student, latent_shape, k), args.scm_repeats) for k in (1, 2)]
 

@@ -101,8 +101,7 @@ class ConsistencySampler:
         net.load_state_dict(state["ema" if sampling_cfg.use_ema else "model"])
         diffusion = create_diffusion(noise_schedule=teacher_cfg.diffusion.noise_schedule,
                                      diffusion_steps=teacher_cfg.diffusion.diffusion_steps)
-        sigma_d = state["config"]["distill"]["sigma_d"]
-        student = TrigFlowTeacher(net.to(device).eval(), diffusion.alphas_cumprod, sigma_d, latent_scale=sigma_d)
+        student = TrigFlowTeacher.over_latents(net.to(device).eval(), diffusion.alphas_cumprod, state["config"]["distill"]["sigma_d"])
         latent_shape = (teacher_cfg.model.in_channels, teacher_cfg.model.input_size, teacher_cfg.model.input_size)
         return cls(student, latent_shape, int(sampling_cfg.sampler[-1]), sampling_cfg.scm_mid_t)
 

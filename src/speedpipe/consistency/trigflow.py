@@ -53,6 +53,11 @@ class TrigFlowTeacher(nn.Module):
         self.cfg_scale = cfg_scale
         self.latent_scale = latent_scale  # TrigFlow data = latent_scale · the teacher's latents
 
+    @classmethod
+    def over_latents(cls, net, alphas_cumprod, sigma_d: float, cfg_scale: float = 1.0):
+        """The pipeline's choice: unit-variance latents scaled by σ_d become TrigFlow data of std σ_d."""
+        return cls(net, alphas_cumprod, sigma_d, cfg_scale, latent_scale=sigma_d)
+
     def epsilon(self, x_n, n, y):
         C = x_n.shape[1]
         if self.cfg_scale == 1.0:

@@ -58,8 +58,8 @@ def run(cfg):
     net.load_state_dict(teacher_state["ema"])
     diffusion = create_diffusion(noise_schedule=teacher_cfg.diffusion.noise_schedule,
                                  diffusion_steps=teacher_cfg.diffusion.diffusion_steps)
-    teacher = TrigFlowTeacher(net.to(device).eval().requires_grad_(False), diffusion.alphas_cumprod, d.sigma_d, d.cfg_scale,
-                              latent_scale=d.sigma_d)  # unit-variance latents -> TrigFlow data of std σ_d
+    teacher = TrigFlowTeacher.over_latents(net.to(device).eval().requires_grad_(False), diffusion.alphas_cumprod, d.sigma_d,
+                                           d.cfg_scale)
     student = make_student(teacher).requires_grad_(True)
     student.net.pos_embed.requires_grad_(False)
     trained = _StudentWithHead(student, LogvarHead()).to(device)
