@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from torchvision.utils import save_image
 
-from speedpipe.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, rng_state, save_checkpoint
+from speedpipe.checkpoint import latest_checkpoint, resume_from_latest, rng_state, save_checkpoint
 from speedpipe.config import ConfigError, save_config
 from speedpipe.csvlog import CsvLog
 from speedpipe.data.images import held_out, open_image_dataset
@@ -56,12 +56,8 @@ def run(cfg):
     order = EpochBatches(len(train_images), ae.batch_size, cfg.seed)
     sample_gen = torch.Generator().manual_seed(cfg.seed)
     step = 0
-    ckpt = latest_checkpoint(out)
-    if ckpt is not None:
-        state = load_checkpoint(ckpt)
-        vae.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        restore_rng(state["rng"], {"sample_gen": sample_gen})
+    state = resume_from_latest(out, {"model": vae, "opt": opt}, {"sample_gen": sample_gen})
+    if state is not None:
         order = EpochBatches(len(train_images), ae.batch_size, cfg.seed, **state["data_order"])
         step = state["step"]
     save_config(cfg, out / "config.yaml")

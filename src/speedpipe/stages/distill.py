@@ -12,7 +12,7 @@ import torch
 from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from speedpipe.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, rng_state, save_checkpoint
+from speedpipe.checkpoint import latest_checkpoint, load_checkpoint, resume_from_latest, rng_state, save_checkpoint
 from speedpipe.config import ConfigError, save_config, to_plain
 from speedpipe.consistency.scd import LogvarHead, make_student, sample_time, scd_terms
 from speedpipe.consistency.trigflow import TrigFlowTeacher
@@ -71,14 +71,9 @@ def run(cfg):
     batch_gen = torch.Generator().manual_seed(cfg.seed)
     generators = {"batch_gen": batch_gen}
     step, skipped = 0, 0
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is not None:
-        state = load_checkpoint(ckpt)
-        student.net.load_state_dict(state["model"])
-        trained.logvar_head.load_state_dict(state["logvar_head"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-        restore_rng(state["rng"], generators)
+    state = resume_from_latest(run_dir, {"model": student.net, "logvar_head": trained.logvar_head, "ema": ema, "opt": opt},
+                               generators)
+    if state is not None:
         order = EpochBatches(len(dataset), d.global_batch_size, cfg.seed, **state["data_order"])
         step, skipped = state["step"], state["skipped"]
     if env.is_main:

@@ -38,7 +38,8 @@ def run(cfg):
     else:
         images, source = real_images(cfg)
         metrics = ["fid", "kid", "isc", "prc"]
-    features = extract_features(images, cfg.eval.extractor, weights, metrics, cfg.eval.batch_size, use_cuda(cfg.eval.device)) if metrics else {}
+    cuda = use_cuda(cfg.eval.device)
+    features = extract_features(images, cfg.eval.extractor, weights, metrics, cfg.eval.batch_size, cuda) if metrics else {}
     if not cfg.eval.reference_npz:
         fid_feats = features[LAYERS[cfg.eval.extractor]["fid"]].numpy()
         mu, sigma = np.mean(fid_feats, axis=0), np.cov(fid_feats, rowvar=False)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from speedpipe.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, rng_state, save_checkpoint
+from speedpipe.checkpoint import latest_checkpoint, resume_from_latest, rng_state, save_checkpoint
 from speedpipe.config import ConfigError, named_params, save_config, to_plain
 from speedpipe.csvlog import CsvLog
 from speedpipe.data.order import EpochBatches, rank_slice
@@ -148,13 +148,8 @@ def run(cfg):
     )
 
     step = 0
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is not None:
-        state = load_checkpoint(ckpt)
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-        restore_rng(state["rng"], randomness.generators)
+    state = resume_from_latest(run_dir, {"model": model, "ema": ema, "opt": opt}, randomness.generators)
+    if state is not None:
         order = EpochBatches(len(dataset), tr.global_batch_size, cfg.seed, **state["data_order"])
         step = state["step"]
     if env.is_main:
