@@ -4,7 +4,7 @@
                                   --student results/demo/distill/speed-s0/ckpt-0000300.pt
     python benchmarks/sampling.py --model DiT-XL/2 --cfg-scale 4 --precision bf16 --batch 125   # GPU, random weights
 
-Times latent generation (the network evaluations) and, where --autoencoder is given, decoding too.
+Times latent generation (the network evaluations), not decoding.
 With --model instead of checkpoints it builds randomly initialised networks: throughput does not depend
 on the weights. Every row is measured in the same run, so the ratios compare like with like.
 """
@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from speedpipe.checkpoint import load_checkpoint
 from speedpipe.consistency.scd import ConsistencySampler
 from speedpipe.consistency.trigflow import TrigFlowTeacher
+from speedpipe.diffusion import create_diffusion
 from speedpipe.stages.sample import DiffusionSampler
 from speedpipe.stages.train import build_model
 
@@ -64,9 +65,8 @@ def main():
     teacher, run_cfg, student_net, sigma_d = models(args, device)
     labels = torch.arange(args.batch, device=device) % teacher.num_classes
     ddpm = DiffusionSampler(teacher, run_cfg, sampling_cfg(args.teacher_sampler, args.cfg_scale, args.precision))
-    from speedpipe.diffusion import create_diffusion
-
-    student = TrigFlowTeacher.over_latents(student_net, create_diffusion("").alphas_cumprod, sigma_d)
+    diffusion = create_diffusion(noise_schedule=run_cfg.diffusion.noise_schedule, diffusion_steps=run_cfg.diffusion.diffusion_steps)
+    student = TrigFlowTeacher.over_latents(student_net, diffusion.alphas_cumprod, sigma_d)
     latent_shape = (run_cfg.model.in_channels, run_cfg.model.input_size, run_cfg.model.input_size)
     rows = [(args.teacher_sampler, ddpm, 1)] + [(f"scm{k}", ConsistencySampler(student, latent_shape, k), args.scm_repeats) for k in (1, 2)]
 

@@ -328,9 +328,10 @@ def validate(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
-def named_params(section: DictConfig) -> dict:
+def named_params(section: DictConfig | dict) -> dict:
     """The parameters of a {name: ..., param: value} section that are set (not null), without the name."""
-    return {k: v for k, v in OmegaConf.to_container(section).items() if k != "name" and v is not None}
+    items = section.items() if isinstance(section, dict) else OmegaConf.to_container(section).items()
+    return {k: v for k, v in items if k != "name" and v is not None}
 
 
 def load_config(path, overrides: list[str] | tuple[str, ...] = (), phase: str | None = None, schema: type = Config) -> DictConfig:

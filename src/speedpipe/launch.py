@@ -23,6 +23,7 @@ from speedpipe.config import ConfigError
 
 STAGE_MODULES = {s: f"speedpipe.stages.{s}" for s in
                  ("autoencoder", "encode", "classifier", "reference", "train", "distill", "sample", "evaluate", "report")}
+QUEUED_STATES = ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED")
 SAFE_VALUE = re.compile(r"[A-Za-z0-9_.,:=@%+/-]*")  # no whitespace, quotes or shell metacharacters
 
 
@@ -161,7 +162,7 @@ class SlurmLauncher:
         while True:
             stream.flush()
             state = job_state(job.job_id)
-            if state in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED", None):
+            if state in QUEUED_STATES:
                 time.sleep(self.cfg.poll_seconds)
                 continue
             if state == "COMPLETED" and not job.paths.result_pickle.exists():
@@ -193,7 +194,7 @@ def queued_job_ids(name: str) -> list[str]:
     out = subprocess.run(["squeue", "-h", "-n", name, "-o", "%i %T"], capture_output=True, text=True)
     if out.returncode != 0:
         raise SlurmJobFailed(f"squeue failed: {out.stderr.strip()}")
-    return [line.split()[0] for line in out.stdout.splitlines() if line.split()[1] in ("PENDING", "RUNNING", "CONFIGURING", "REQUEUED")]
+    return [line.split()[0] for line in out.stdout.splitlines() if line.split()[1] in QUEUED_STATES]
 
 
 def job_state(job_id: str) -> str | None:

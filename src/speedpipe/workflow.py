@@ -125,10 +125,6 @@ def _validated(path: str, overrides: tuple, phase: str | None) -> str:
     return text
 
 
-def final_step(pipe, run) -> int:
-    return pipe["distill_steps"] if run.startswith("scm-") else pipe["train_steps"]
-
-
 def evaluations(pipe) -> list[tuple[str, int, str]]:
     """(run, step, sampler) of every metrics file the report needs."""
     jobs = [(run, step, pipe["curve_sampler"]) for run in runs(pipe) for step in pipe["eval_steps"]]

@@ -18,6 +18,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
+from speedpipe.config import named_params  # noqa: E402
 from speedpipe.diffusion import create_diffusion  # noqa: E402
 from speedpipe.diffusion.timesteps import build_sampler, build_weighting  # noqa: E402
 from speedpipe.io import atomic_path, atomic_write_text  # noqa: E402
@@ -83,7 +84,7 @@ def run(cfg):
                 f"{pipe['curve_sampler']}, {pipe['curve_samples']} samples vs the {pipe['extractor']} reference of the full dataset.")
 
     # --- speed-up: iterations SpeeD needs to reach the baseline's final FID
-    means = curve.groupby(["method", "step"]).FID.mean().unstack(0).sort_index()
+    means = grouped.FID.mean().unstack(0).sort_index()
     rows = []
     if "baseline" in means:
         target = means["baseline"].iloc[-1]
@@ -135,9 +136,8 @@ def run(cfg):
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     for m, dcfg in cfg["diffusion"].items():
         diffusion = create_diffusion(noise_schedule=dcfg["noise_schedule"], diffusion_steps=dcfg["diffusion_steps"])
-        params = lambda sec: {k: v for k, v in sec.items() if k != "name" and v is not None}  # noqa: E731
-        sampler = build_sampler(dcfg["timestep_sampler"]["name"], diffusion, **params(dcfg["timestep_sampler"]))
-        weights = build_weighting(dcfg["loss_weighting"]["name"], diffusion, **params(dcfg["loss_weighting"]))
+        sampler = build_sampler(dcfg["timestep_sampler"]["name"], diffusion, **named_params(dcfg["timestep_sampler"]))
+        weights = build_weighting(dcfg["loss_weighting"]["name"], diffusion, **named_params(dcfg["loss_weighting"]))
         axes[0].plot(sampler.distribution(cfg["train_config"]["trainer"]["global_batch_size"]).numpy(), label=m)
         axes[1].plot(weights.numpy(), label=m)
     axes[0].set(xlabel="timestep t", ylabel="sampling probability", title="timestep sampling")
