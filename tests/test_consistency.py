@@ -7,8 +7,8 @@ import torch
 
 from speedpipe.checkpoint import load_checkpoint
 from speedpipe.config import load_config
-from speedpipe.consistency.scd import LogvarHead, jvp_F, make_student, scd_terms
-from speedpipe.consistency.trigflow import ContinuousIndex, TrigFlowTeacher
+from speedpipe.consistency.scd import ConsistencySampler, LogvarHead, SCDLoss, jvp_dF_dt
+from speedpipe.consistency.trigflow import ContinuousIndex, TrigFlowStudent, TrigFlowTeacher, t_max
 from speedpipe.diffusion import create_diffusion
 from speedpipe.models.dit import DiT_models
 from speedpipe.stages import distill, train
@@ -56,14 +56,22 @@ def test_continuous_index_inverts_the_alpha_table():
     assert torch.allclose(index.log_alpha_bar(ints.double()), torch.log(torch.from_numpy(diffusion.alphas_cumprod))[ints])
 
 
-def _tiny_student(dtype=torch.float64):
-    torch.manual_seed(0)
+def _tiny_dit(dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
     net = DiT_models["DiT-T/2"](input_size=8, num_classes=10)
     with torch.no_grad():
         for name, p in net.named_parameters():
             if name != "pos_embed":
                 p.normal_(0, 0.05)
-    return TrigFlowTeacher(net.to(dtype).eval(), create_diffusion("").alphas_cumprod, sigma_d=0.5)
+    return net.to(dtype).eval()
+
+
+def _tiny_student(dtype=torch.float64):
+    return TrigFlowStudent(_tiny_dit(dtype), sigma_d=0.5, time_scale=1.0)
+
+
+def _tiny_teacher(dtype=torch.float64):
+    return TrigFlowTeacher.over_latents(_tiny_dit(dtype, seed=1).requires_grad_(False), create_diffusion("").alphas_cumprod, 0.5)
 
 
 def test_jvp_tangent_matches_finite_differences():
@@ -74,12 +82,11 @@ def test_jvp_tangent_matches_finite_differences():
     t = torch.tensor([0.3, 0.8, 1.2], dtype=torch.float64)
     path = lambda tt: torch.cos(tt).view(-1, 1, 1, 1) * x0 + torch.sin(tt).view(-1, 1, 1, 1) * z  # noqa: E731
     dx_dt = -torch.sin(t).view(-1, 1, 1, 1) * x0 + torch.cos(t).view(-1, 1, 1, 1) * z
-    F, cos_sin_dF = jvp_F(student, path(t), t, y, dx_dt)
+    cos_sin_dF = jvp_dF_dt(student, path(t), t, y, dx_dt)
     h = 1e-6
     with torch.no_grad():
         fd = (student(path(t + h) / 0.5, t + h, y) - student(path(t - h) / 0.5, t - h, y)) / (2 * h)
     expected = (torch.cos(t) * torch.sin(t)).view(-1, 1, 1, 1) * fd
-    assert torch.allclose(F, student(path(t) / 0.5, t, y))
     rel = (cos_sin_dF - expected).norm() / expected.norm()
     assert rel < 1e-6, rel
 
@@ -99,7 +106,8 @@ def toy_teacher(tiny_train_config):
 
 
 def _distill_cfg(tiny_train_config, teacher, run_dir, *extra):
-    return load_config(tiny_train_config, [f"distill.teacher={teacher}", f"distill.run_dir={run_dir}", "distill.steps=24",
+    return load_config(tiny_train_config, [f"distill.teacher={teacher}", f"distill.run_dir={run_dir}", "distill.steps=20",
+                                           "distill.warm_start_steps=4",
                                            "distill.global_batch_size=8", "distill.log_every=4", "distill.ckpt_every=8",
                                            "distill.tangent_warmup=8", "distill.lr=1e-3", "distill.ema_decay=0.9",
                                            "distill.device=cpu", "distill.progress=false", *extra], phase="train")
@@ -123,11 +131,14 @@ def test_distill_reduces_loss_and_resumes_bit_identical(tiny_train_config, toy_t
     assert [r["loss"] for r in _log(straight)] == [r["loss"] for r in _log(resumed)]
 
 
-def test_nonfinite_tangent_is_caught(tiny_train_config, toy_teacher, tmp_path, poison_third_batch):
-    with pytest.raises(FloatingPointError, match="non-finite tangent g at step 3"):
-        distill.run(_distill_cfg(tiny_train_config, toy_teacher, tmp_path / "nan"))
+@pytest.mark.parametrize("warm_start,quantity", [(0, "tangent g"), (4, "loss")])
+def test_nonfinite_tangent_is_caught(tiny_train_config, toy_teacher, tmp_path, poison_third_batch, warm_start, quantity):
+    """A NaN batch in sCD (the tangent) or in the warm start (the loss) stops the run, or is skipped and counted."""
+    no_warm_start = f"distill.warm_start_steps={warm_start}", f"distill.steps={24 - warm_start}"
+    with pytest.raises(FloatingPointError, match=f"non-finite {quantity} at step 3"):
+        distill.run(_distill_cfg(tiny_train_config, toy_teacher, tmp_path / "nan", *no_warm_start))
     poison_third_batch()
-    run_dir = distill.run(_distill_cfg(tiny_train_config, toy_teacher, tmp_path / "skip", "distill.skip_nonfinite=true"))
+    run_dir = distill.run(_distill_cfg(tiny_train_config, toy_teacher, tmp_path / "skip", "distill.skip_nonfinite=true", *no_warm_start))
     assert _log(run_dir)[-1]["skipped"] == "1"
     state = load_checkpoint(run_dir / "ckpt-0000024.pt")
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
@@ -141,41 +152,56 @@ def test_scm_samplers_plug_into_the_sample_stage(tiny_train_config, toy_teacher,
     from speedpipe.models.autoencoder import save_tiny_autoencoder, tiny_autoencoder_config
     from speedpipe.stages import sample
 
-    run_dir = distill.run(_distill_cfg(tiny_train_config, toy_teacher, tmp_path / "d", "distill.steps=2"))
+    run_dir = distill.run(_distill_cfg(tiny_train_config, toy_teacher, tmp_path / "d", "distill.steps=2"))  # 4 warm + 2
     vae = tmp_path / "vae.safetensors"
     save_tiny_autoencoder(AutoencoderKL(**tiny_autoencoder_config([8, 8], 4)), 0.7, vae)
     for sampler, nfe in (("scm1", 1), ("scm2", 2)):
-        out = sample.run(load_config(tiny_train_config, [f"sampling.checkpoint={run_dir / 'ckpt-0000002.pt'}", f"sampling.sampler={sampler}",
+        out = sample.run(load_config(tiny_train_config, [f"sampling.checkpoint={run_dir / 'ckpt-0000006.pt'}", f"sampling.sampler={sampler}",
                                                          "autoencoder.name=tiny", f"autoencoder.path={vae}", "sampling.num_samples=6",
                                                          f"sampling.out={tmp_path / sampler}.npz", "sampling.progress=false"], phase="sample"))
         images = np.load(out)["arr_0"]
         assert images.shape == (6, 16, 16, 3) and json.loads(out.with_suffix(".json").read_text())["nfe_per_image"] == nfe
-    assert math.isclose(math.atan(80 / 0.5), 1.5645, abs_tol=1e-4)
 
 
-@pytest.mark.parametrize("t", [0.4, 1.1])
-def test_scd_step_makes_f_more_consistent_along_the_teacher_ode(t):
-    """One gradient step on the sCD loss shrinks |df/dt| along the teacher's probability-flow ODE (sign check of g)."""
-    teacher = _tiny_student()
-    teacher.latent_scale = teacher.sigma_d
-    teacher.net.requires_grad_(False)
-    student = make_student(teacher).requires_grad_(True)
+def test_consistency_sampler_steps_from_t_max_and_t_mid():
+    """scm1 = f(σ_d z, arctan(80/σ_d)); scm2 re-noises that to t_mid = 1.1 and applies f once more (÷ σ_d: latents)."""
+    student = _tiny_student()
+    y = torch.tensor([0, 3, 7])
+    one, two = ConsistencySampler(student, (4, 8, 8), 1), ConsistencySampler(student, (4, 8, 8), 2)
+    assert one.t_max == two.t_max == pytest.approx(1.5645464, abs=1e-6) and two.mid_t == 1.1
+    g = torch.Generator().manual_seed(5)
+    z, z2 = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    with torch.no_grad():
+        x0 = student.consistency(0.5 * z.double(), torch.full((3,), math.atan(80 / 0.5), dtype=torch.float64), y)
+        x_mid = math.cos(1.1) * x0 + math.sin(1.1) * 0.5 * z2.double()
+        x0_2 = student.consistency(x_mid, torch.full((3,), 1.1, dtype=torch.float64), y)
+    torch.testing.assert_close(one(y, torch.Generator().manual_seed(5)).double(), x0 / 0.5, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(two(y, torch.Generator().manual_seed(5)).double(), x0_2 / 0.5, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("t", [0.4, 1.1, 1.5])
+def test_scd_gradient_moves_f_toward_its_value_one_ode_step_earlier(t):
+    """sCD's gradient is, up to a positive factor, that of ‖f_θ(x_t, t) − sg[f_θ(x_{t−h}, t−h)]‖² along the teacher's
+    ODE: a small step against it shrinks that gap and a step along it grows it (a sign error in g fails)."""
+    teacher, student = _tiny_teacher(), _tiny_student().requires_grad_(True)
     g = torch.Generator().manual_seed(2)
-    x0, z = (0.5 * torch.randn(16, 4, 8, 8, generator=g, dtype=torch.float64) for _ in range(2))
-    y, t = torch.arange(16) % 10, torch.full((16,), t, dtype=torch.float64)
+    x0, z = (0.5 * torch.randn(1, 4, 8, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    y, t = torch.tensor([3]), torch.full((1,), t, dtype=torch.float64)
     x_t = torch.cos(t).view(-1, 1, 1, 1) * x0 + torch.sin(t).view(-1, 1, 1, 1) * z
+    h = 1e-4
     with torch.no_grad():
         dx_dt = 0.5 * teacher(x_t / 0.5, t, y)
+        earlier = student.consistency(x_t - h * dx_dt, t - h, y)
 
-    def consistency_rate():
-        h = 1e-5
+    def gap(eta):
+        params = [p for p in student.net.parameters() if p.grad is not None]
         with torch.no_grad():
-            return ((student.consistency(x_t, t, y) - student.consistency(x_t - h * dx_dt, t - h, y)) / h).norm()
+            for p in params:
+                p -= eta * p.grad
+            value = (student.consistency(x_t, t, y) - earlier).norm().item()
+            for p in params:
+                p += eta * p.grad
+        return value
 
-    before = consistency_rate()
-    scd_terms(student, teacher, LogvarHead().double(), x0, z, t, y, r=1.0)["loss"].backward()
-    with torch.no_grad():
-        for p in student.net.parameters():
-            if p.grad is not None:
-                p -= 0.2 * p.grad
-    assert consistency_rate() < 0.97 * before
+    SCDLoss(teacher, tangent_warmup=1)(student, LogvarHead().double(), x0, z, t, y, step=1)["loss"].backward()
+    assert gap(1e-6) < gap(0.0) < gap(-1e-6)

@@ -77,6 +77,7 @@ class DataConfig:
     source: str = "latents"  # what training reads: latents (the encode stage's store) | synthetic (tests)
     latents_dir: Optional[str] = None  # default: {output_dir}/{experiment}/latents
     random_flip: bool = True  # use the stored latent of the horizontally flipped image half the time
+    latent_norm: str = "none"  # none (DiT: the scaled latents as they are) | channel (per-channel zero mean, unit std)
     synthetic_size: int = 512  # number of synthetic examples (source: synthetic)
 
 
@@ -143,6 +144,7 @@ class EvalConfig:
     samples: Optional[str] = None  # the samples npz to evaluate
     out: Optional[str] = None  # default: the samples path with samples/ -> metrics/ and .npz -> .json
     metrics: List[str] = field(default_factory=lambda: ["fid", "kid", "isc", "prc"])
+    label_accuracy: bool = False  # fraction of samples the dataset's classifier (classifier_weights) assigns to their label
     batch_size: int = 100
     kid_subset_size: int = 1000
     classifier_steps: int = 500
@@ -157,19 +159,23 @@ class DistillConfig:
 
     teacher: Optional[str] = None  # ckpt-*.pt of a train run (its EMA weights are the teacher and the student's init)
     sigma_d: float = 0.5  # TrigFlow σ_d; the unit-variance latents are scaled by σ_d (data std σ_d, as in the paper)
+    time_scale: float = 1.0  # the student's time input c_noise(t) = time_scale·t (the paper: t)
+    warm_start_steps: int = 1_000  # TrigFlow diffusion fine-tune of the student before sCD (steps 1..W)
+    warm_start_target: str = "teacher"  # teacher: regress on the teacher's F | data: on the data's TrigFlow velocity
     p_mean: float = -1.0  # time proposal: tan t = e^τ/σ_d, τ ~ N(p_mean, p_std²)
     p_std: float = 1.4
     tangent_warmup: int = 10_000  # H: r = min(1, step/H)
     tangent_c: float = 0.1  # g ← g / (‖g‖ + c)
     cfg_scale: float = 1.0  # guidance of the teacher velocity
-    steps: int = 20_000
+    steps: int = 20_000  # sCD steps after the warm start
     global_batch_size: int = 256
     lr: float = 1.0e-4
     betas: List[float] = field(default_factory=lambda: [0.9, 0.99])
     ema_decay: float = 0.9999
     log_every: int = 100
     ckpt_every: int = 5_000
-    precision: str = "fp32"  # fp32 | bf16 (autocast of the graded forward pass)
+    ckpt_steps: List[int] = field(default_factory=list)  # checkpoints also at exactly these (global) steps
+    precision: str = "fp32"  # fp32 | bf16 (autocast of the network passes; tangent and loss in fp64)
     skip_nonfinite: bool = False  # skip (and count) steps with a non-finite tangent or loss instead of stopping
     run_dir: Optional[str] = None  # default: {output_dir}/{experiment}/distill/{teacher run}
     device: str = "auto"
@@ -183,6 +189,7 @@ class OptimConfig:
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     grad_clip: Optional[float] = None  # max global grad norm; null = no clipping
+    warmup_steps: int = 0  # linear learning-rate warm-up from 0 over this many steps (DiT: none)
     fused: bool = True  # fused AdamW on CUDA, foreach elsewhere
 
 
@@ -193,6 +200,7 @@ class TrainerConfig:
     ema_decay: float = 0.9999
     log_every: int = 100
     ckpt_every: int = 50_000
+    ckpt_steps: List[int] = field(default_factory=list)  # checkpoints also at exactly these steps (evaluated ones)
     precision: str = "fp32"  # fp32 | bf16 (autocast)
     compile: bool = False
     tf32: bool = True
@@ -223,6 +231,8 @@ CHOICES = {
     "data.name": ("mnist5k", "image_folder"),
     "data.mnist_fit": ("pad", "resize"),
     "data.source": ("latents", "synthetic"),
+    "data.latent_norm": ("none", "channel"),
+    "distill.warm_start_target": ("teacher", "data"),
     "autoencoder.name": ("tiny", "sd-vae-ft-ema", "sd-vae-ft-mse"),
     "encode.mode": ("flip", "posterior"),
     "encode.dtype": ("fp16", "fp32"),
@@ -244,7 +254,7 @@ POSITIVE = ("trainer.steps", "trainer.global_batch_size", "trainer.log_every", "
             "data.synthetic_size", "data.image_size", "optim.lr", "autoencoder.steps", "autoencoder.batch_size",
             "autoencoder.lr", "autoencoder.ckpt_every", "autoencoder.latent_channels", "encode.shard_size",
             "encode.batch_size", "sampling.num_samples", "sampling.batch_size", "sampling.cfg_scale", "eval.batch_size",
-            "eval.kid_subset_size", "eval.classifier_steps", "eval.classifier_batch_size", "distill.sigma_d", "distill.p_std",
+            "eval.kid_subset_size", "eval.classifier_steps", "eval.classifier_batch_size", "distill.sigma_d", "distill.time_scale", "distill.p_std",
             "distill.tangent_warmup", "distill.steps", "distill.global_batch_size", "distill.lr", "distill.log_every",
             "distill.ckpt_every")
 
@@ -316,6 +326,14 @@ def validate(cfg: DictConfig) -> DictConfig:
     unknown_metrics = sorted(set(cfg.eval.metrics) - {"fid", "kid", "isc", "prc"})
     if unknown_metrics:
         raise ConfigError(f"config key 'eval.metrics': unknown {unknown_metrics}; expected a subset of [fid, kid, isc, prc]")
+    for key, total in (("trainer.ckpt_steps", cfg.trainer.steps), ("distill.ckpt_steps", cfg.distill.warm_start_steps + cfg.distill.steps)):
+        outside = [s for s in OmegaConf.select(cfg, key) if not 0 < s <= total]
+        if outside:
+            raise ConfigError(f"config key '{key}': steps {outside} lie outside 1..{total}")
+    if cfg.optim.warmup_steps < 0:
+        raise ConfigError(f"config key 'optim.warmup_steps': expected 0 or more, got {cfg.optim.warmup_steps}")
+    if cfg.distill.warm_start_steps < 0:
+        raise ConfigError(f"config key 'distill.warm_start_steps': expected 0 or more, got {cfg.distill.warm_start_steps}")
     if not 0.0 <= cfg.trainer.ema_decay < 1.0:
         raise ConfigError(f"config key 'trainer.ema_decay': expected a value in [0, 1), got {cfg.trainer.ema_decay}")
     diffusion = create_diffusion(noise_schedule=cfg.diffusion.noise_schedule, diffusion_steps=cfg.diffusion.diffusion_steps)

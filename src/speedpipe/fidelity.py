@@ -119,13 +119,31 @@ def compute_metrics(sample_feats: dict, reference: dict, extractor: str, metrics
     return {k: float(v) for k, v in out.items()}
 
 
-def weights_for(cfg) -> Path:
-    if cfg.eval.extractor == "inception-v3-compat":
-        return inception_weights_path(cfg.eval.inception_weights)
+def label_accuracy(logits: torch.Tensor, labels: np.ndarray, num_classes: int) -> dict:
+    """Fraction of samples whose classifier prediction (argmax of the logits) is the label they were generated
+    for, overall and per label (None for a label with no samples)."""
+    labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    if len(labels) != len(logits):
+        raise EvaluationError(f"label accuracy: {len(logits)} samples but {len(labels)} labels")
+    correct = (logits.argmax(dim=1) == labels).double()
+    per_class = {}
+    for c in range(num_classes):
+        mine = labels == c
+        per_class[str(c)] = correct[mine].mean().item() if mine.any() else None
+    return {"accuracy": correct.mean().item(), "per_class": per_class}
+
+
+def classifier_weights_path(cfg) -> Path:
     path = Path(cfg.eval.classifier_weights or Path(cfg.output_dir) / cfg.experiment / "classifier" / "model.safetensors")
     if not path.is_file():
         raise EvaluationError(f"classifier weights not found: {path} (run the classifier stage: speedpipe classifier)")
     return path
+
+
+def weights_for(cfg) -> Path:
+    if cfg.eval.extractor == "inception-v3-compat":
+        return inception_weights_path(cfg.eval.inception_weights)
+    return classifier_weights_path(cfg)
 
 
 def use_cuda(device_name: str) -> bool:

@@ -1,14 +1,22 @@
-"""TrigFlow (Lu & Song, 2024) view of an ε-prediction DDPM DiT.
+"""TrigFlow (Lu & Song, 2024): the teacher's velocity from an ε-prediction DDPM DiT, and the native student.
 
-x_t = cos(t)·x0 + sin(t)·z, z ~ N(0, σ_d² I), t ∈ [0, π/2]; the consistency function is
-f(x_t, t) = cos(t)·x_t − sin(t)·σ_d·F(x_t/σ_d, t). The TrigFlow data are the teacher's latents times
-`latent_scale` (the pipeline uses latent_scale = σ_d: unit-variance latents become data of std σ_d, as in
-the paper, so σ_d = 0.5 keeps the paper's time proposal and t_max meaningful). With L = latent_scale, for a
-DDPM network trained on x_n = √ᾱ_n x0 + √(1−ᾱ_n) ε over the latents:
-σ = (σ_d/L)·tan t, ᾱ* = 1/(1+σ²), n* = the continuous index with ᾱ(n*) = ᾱ* (log-space interpolation of
-the ᾱ table, never rounded, so F stays differentiable in t), x_n = √ᾱ*·x_t/(L cos t), ε̂ = net(x_n, n*),
-x̂0 = (x_n − √(1−ᾱ*) ε̂)/√ᾱ*, and F = cos t·ε̂ − sin t·L·x̂0/σ_d (METHODS.md §4 is the case L = 1).
-With L = σ_d this is σ = tan t and x_n = x_t/σ_d: the student sees its TrigFlow input unchanged.
+x_t = cos(t)·x0 + sin(t)·z, z ~ N(0, σ_d² I), t ∈ [0, π/2]. A TrigFlow model F(x_t/σ_d, t) defines the
+velocity dx_t/dt = σ_d·F and the consistency function f(x_t, t) = cos(t)·x_t − sin(t)·σ_d·F(x_t/σ_d, t).
+
+The TrigFlow data are the teacher's (unit-variance) latents times `latent_scale` (the pipeline uses
+latent_scale = σ_d: data of std σ_d, as in the paper, so σ_d = 0.5 keeps the paper's time proposal and
+t_max meaningful).
+
+Teacher (`TrigFlowTeacher`): with L = latent_scale, for a DDPM network trained on x_n = √ᾱ_n x0 + √(1−ᾱ_n) ε
+over the latents: σ = (σ_d/L)·tan t, ᾱ* = 1/(1+σ²), n* = the continuous index with ᾱ(n*) = ᾱ* (log-space
+interpolation of the ᾱ table, never rounded, so F stays differentiable in t), x_n = √ᾱ*·x_t/(L cos t),
+ε̂ = net(x_n, n*), x̂0 = (x_n − √(1−ᾱ*) ε̂)/√ᾱ*, and F = cos t·ε̂ − sin t·L·x̂0/σ_d (METHODS.md §4 is L = 1).
+With L = σ_d this is F = ε̂/cos t − tan t·x_t/σ_d: a gain of 1/cos t (≈160 at t_max) on ε̂, harmless for the
+teacher's velocity (its errors enter the sCD tangent times cos²t) but ill-conditioned for a student.
+
+Student (`TrigFlowStudent`): the network's output is F itself (c_in = 1/σ_d, c_skip = cos t,
+c_out = −σ_d·sin t) and its time input is c_noise(t) = time_scale·t, a smooth function with the bounded
+derivative time_scale on all of [0, π/2] (the DDPM index n*(t) has derivative ~100·tan t there).
 """
 import math
 
@@ -42,14 +50,28 @@ def _bcast(v, x):
     return v.view(-1, *([1] * (x.ndim - 1)))
 
 
-class TrigFlowTeacher(nn.Module):
+class TrigFlowModel(nn.Module):
+    """A network seen as F(x_t/σ_d, t, y); subclasses say how F comes out of it."""
+
+    def __init__(self, net, sigma_d: float):
+        super().__init__()
+        self.net, self.sigma_d = net, sigma_d
+
+    def consistency(self, x_t, t, y):
+        """f(x_t, t) = cos t·x_t − sin t·σ_d·F(x_t/σ_d, t): the predicted clean sample."""
+        F = self(x_t / self.sigma_d, t, y)
+        return _bcast(torch.cos(t), x_t) * x_t - _bcast(torch.sin(t), x_t) * self.sigma_d * F
+
+    def _dtype(self):
+        return next(self.net.parameters()).dtype
+
+
+class TrigFlowTeacher(TrigFlowModel):
     """F(x_t/σ_d, t, y) of a DDPM DiT (learned-sigma outputs: the first C channels are ε̂), optional CFG."""
 
     def __init__(self, net, alphas_cumprod, sigma_d: float = 0.5, cfg_scale: float = 1.0, latent_scale: float = 1.0):
-        super().__init__()
-        self.net = net
+        super().__init__(net, sigma_d)
         self.index = ContinuousIndex(alphas_cumprod)
-        self.sigma_d = sigma_d
         self.cfg_scale = cfg_scale
         self.latent_scale = latent_scale  # TrigFlow data = latent_scale · the teacher's latents
 
@@ -70,10 +92,6 @@ class TrigFlowTeacher(nn.Module):
         """σ = (σ_d/L)·tan t: the noise-to-signal ratio of x_t in the teacher's latent units."""
         return self.sigma_d / self.latent_scale * torch.tan(t)
 
-    def c_noise(self, t):
-        """The DDPM continuous index n*(t) fed to the network's time embedding."""
-        return self.index.index(-torch.log1p(self.ddpm_sigma(t) ** 2))
-
     def forward(self, x_scaled, t, y):
         sigma_d, L = self.sigma_d, self.latent_scale
         x_t = sigma_d * x_scaled
@@ -84,13 +102,20 @@ class TrigFlowTeacher(nn.Module):
         x0 = (x_n - _bcast((1 - alpha_bar).sqrt(), x_t) * eps) / _bcast(alpha_bar.sqrt(), x_t)
         return _bcast(torch.cos(t), x_t) * eps - _bcast(torch.sin(t), x_t) * L * x0 / sigma_d
 
-    def consistency(self, x_t, t, y):
-        """f(x_t, t) = cos t·x_t − sin t·σ_d·F(x_t/σ_d, t): the predicted clean sample."""
-        F = self(x_t / self.sigma_d, t, y)
-        return _bcast(torch.cos(t), x_t) * x_t - _bcast(torch.sin(t), x_t) * self.sigma_d * F
 
-    def _dtype(self):
-        return next(self.net.parameters()).dtype
+class TrigFlowStudent(TrigFlowModel):
+    """F_θ(x_t/σ_d, c_noise(t), y): the first C output channels of `net` (a DiT, or any net(x, c_noise, y))."""
+
+    def __init__(self, net, sigma_d: float = 0.5, time_scale: float = 1.0):
+        super().__init__(net, sigma_d)
+        self.time_scale = time_scale
+
+    def c_noise(self, t):
+        return self.time_scale * t
+
+    def forward(self, x_scaled, t, y):
+        dtype = self._dtype()
+        return self.net(x_scaled.to(dtype), self.c_noise(t).to(dtype), y)[:, : x_scaled.shape[1]]
 
 
 def t_max(sigma_max: float, sigma_d: float) -> float:

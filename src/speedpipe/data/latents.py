@@ -4,7 +4,9 @@ Each shard holds `labels` [n] and, per example, the latents of the image and of 
 (index 0 / 1 on the second axis): `latents` [n, 2, C, H, W] in mode "flip" (one posterior sample,
 fixed for all epochs: cheapest), or `mean` and `std` [n, 2, C, H, W] in mode "posterior" (training
 samples a fresh z = mean + std·ε every epoch, as encoding on the fly would, at twice the storage).
-Latents are stored already multiplied by the autoencoder's scale factor.
+Latents are stored already multiplied by the autoencoder's scale factor. `LatentNormalization` maps them
+to per-channel zero mean and unit variance for training (data.latent_norm: channel), as latent-diffusion
+pipelines do; checkpoints carry it so that samplers map generated latents back before decoding.
 """
 import json
 import struct
@@ -90,3 +92,53 @@ class LatentStore:
         mean = torch.from_numpy(self._gather("mean", shard_ids, idx, flip.numpy()).astype(np.float32))
         std = torch.from_numpy(self._gather("std", shard_ids, idx, flip.numpy()).astype(np.float32))
         return mean + std * eps.to(mean.dtype), labels
+
+
+class LatentNormalization:
+    """x = (z − mean_c) / std_c per latent channel c; the identity for mean 0, std 1."""
+
+    def __init__(self, mean, std):
+        self.mean = torch.as_tensor(mean, dtype=torch.float32)
+        self.std = torch.as_tensor(std, dtype=torch.float32)
+        if self.mean.shape != self.std.shape or self.mean.ndim != 1 or not bool((self.std > 0).all()):
+            raise DataError(f"latent normalisation: expected per-channel mean and positive std of one length, got "
+                            f"mean {self.mean.tolist()} and std {self.std.tolist()}")
+
+    @classmethod
+    def identity(cls, channels: int) -> "LatentNormalization":
+        return cls([0.0] * channels, [1.0] * channels)
+
+    @classmethod
+    def from_state(cls, state: dict | None, channels: int) -> "LatentNormalization":
+        """From a checkpoint's `latent_norm` entry (None: checkpoints trained on the stored latents as they are)."""
+        return cls.identity(channels) if state is None else cls(state["mean"], state["std"])
+
+    def state_dict(self) -> dict:
+        return {"mean": self.mean.tolist(), "std": self.std.tolist()}
+
+    def _view(self, v, x):
+        return v.to(x.device, x.dtype).view(1, -1, *([1] * (x.ndim - 2)))
+
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        return (z - self._view(self.mean, z)) / self._view(self.std, z)
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self._view(self.std, x) + self._view(self.mean, x)
+
+
+class NormalizedLatents:
+    """A latent dataset (store or synthetic) whose batches come out normalised."""
+
+    def __init__(self, dataset, normalization: LatentNormalization):
+        if len(normalization.mean) != dataset.latent_shape[0]:
+            raise DataError(f"latent normalisation has {len(normalization.mean)} channels, the latents {dataset.latent_shape[0]}")
+        self.dataset, self.normalization = dataset, normalization
+        self.latent_shape, self.num_classes = dataset.latent_shape, dataset.num_classes
+        self.samples_posterior = getattr(dataset, "samples_posterior", False)
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def get_batch(self, indices, flip, eps=None):
+        x, y = self.dataset.get_batch(indices, flip, eps)
+        return self.normalization.normalize(x), y

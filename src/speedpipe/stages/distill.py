@@ -1,7 +1,13 @@
-"""Stage `distill`: sCD of a trained DiT teacher into a 1-2 step consistency model.
+"""Stage `distill`: sCD of a trained DiT teacher into a 1-2 step TrigFlow-native consistency model.
 
-Reads the teacher checkpoint (EMA weights) and the latent store; writes {run_dir}/ckpt-{step:07d}.pt
-(student, student EMA, logvar head, optimizer, RNG, data order, the teacher's config), log.csv and
+The student is the teacher's DiT (initialised from its EMA weights) read as a TrigFlow model: its first C
+output channels are F_θ and its time input is c_noise(t) = distill.time_scale·t. Steps 1..W
+(distill.warm_start_steps) warm-start it with the TrigFlow diffusion loss, so that sCD starts from a
+diffusion model in the student's own parameterisation; steps W+1..W+S (distill.steps) are sCD.
+Checkpoints are numbered by that global step: ckpt-{W} is the warm-started, not yet distilled student.
+
+Reads the teacher checkpoint and the latent store; writes {run_dir}/ckpt-{step:07d}.pt (student, student EMA,
+logvar head, optimizer, RNG, data order, the teacher's config and latent normalisation), log.csv and
 config.yaml. Resumable and bit-identical on CPU, DDP over the global batch like the train stage.
 """
 import copy
@@ -14,15 +20,15 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from speedpipe.checkpoint import latest_checkpoint, load_checkpoint, resume_from_latest, rng_state, save_checkpoint
 from speedpipe.config import ConfigError, save_config, to_plain
-from speedpipe.consistency.scd import LogvarHead, make_student, sample_time, scd_terms
-from speedpipe.consistency.trigflow import TrigFlowTeacher
+from speedpipe.consistency.scd import LogvarHead, SCDLoss, TrigFlowDiffusionLoss, sample_time
+from speedpipe.consistency.trigflow import TrigFlowStudent, TrigFlowTeacher
 from speedpipe.csvlog import CsvLog
 from speedpipe.data.order import EpochBatches, rank_slice
 from speedpipe.diffusion import create_diffusion
 from speedpipe.distributed import all_reduce_mean, barrier, setup_device, shutdown
 from speedpipe.stages.train import build_model, open_training_data, update_ema
 
-LOG_COLUMNS = ["step", "loss", "mse", "tangent_norm", "logvar", "skipped", "steps_per_s"]
+LOG_COLUMNS = ["step", "objective", "loss", "mse", "tangent_norm", "logvar", "skipped", "steps_per_s"]
 
 
 def run_dir_for(cfg) -> Path:
@@ -31,15 +37,27 @@ def run_dir_for(cfg) -> Path:
     return Path(cfg.output_dir) / cfg.experiment / "distill" / Path(cfg.distill.teacher).parent.name
 
 
+def total_steps(d) -> int:
+    return d.warm_start_steps + d.steps
+
+
+def student_from_checkpoint(state: dict, use_ema: bool = True) -> TrigFlowStudent:
+    """The distilled student of a distill checkpoint (its EMA weights by default)."""
+    net = build_model(OmegaConf.create(state["teacher_config"]))
+    net.load_state_dict(state["ema" if use_ema else "model"])
+    d = state["config"]["distill"]
+    return TrigFlowStudent(net.eval(), d["sigma_d"], d["time_scale"])
+
+
 class _StudentWithHead(torch.nn.Module):
-    """Everything that is trained, with the sCD terms as its forward, so DDP all-reduces every gradient."""
+    """Everything that is trained, with the objective as its forward, so DDP all-reduces every gradient."""
 
     def __init__(self, student, logvar_head):
         super().__init__()
         self.student, self.logvar_head = student, logvar_head
 
-    def forward(self, teacher, x0, z, t, y, r, c, precision):
-        return scd_terms(self.student, teacher, self.logvar_head, x0, z, t, y, r, c, precision)
+    def forward(self, objective, x0, z, t, y, step):
+        return objective(self.student, self.logvar_head, x0, z, t, y, step)
 
 
 def run(cfg):
@@ -56,17 +74,20 @@ def run(cfg):
     teacher_cfg = OmegaConf.create(teacher_state["config"])
     net = build_model(teacher_cfg)
     net.load_state_dict(teacher_state["ema"])
+    net = net.to(device).eval()
     diffusion = create_diffusion(noise_schedule=teacher_cfg.diffusion.noise_schedule,
                                  diffusion_steps=teacher_cfg.diffusion.diffusion_steps)
-    teacher = TrigFlowTeacher.over_latents(net.to(device).eval().requires_grad_(False), diffusion.alphas_cumprod, d.sigma_d,
+    teacher = TrigFlowTeacher.over_latents(copy.deepcopy(net).requires_grad_(False), diffusion.alphas_cumprod, d.sigma_d,
                                            d.cfg_scale)
-    student = make_student(teacher).requires_grad_(True)
+    student = TrigFlowStudent(net.requires_grad_(True), d.sigma_d, d.time_scale)
     student.net.pos_embed.requires_grad_(False)
     trained = _StudentWithHead(student, LogvarHead()).to(device)
     ema = copy.deepcopy(student.net).requires_grad_(False)
     opt = torch.optim.Adam([p for p in trained.parameters() if p.requires_grad], lr=d.lr, betas=tuple(d.betas))
+    warm_start = TrigFlowDiffusionLoss(teacher, d.warm_start_target, d.precision)
+    scd = SCDLoss(teacher, d.tangent_warmup, d.tangent_c, d.precision)
 
-    dataset = open_training_data(cfg, teacher_cfg.model)
+    dataset = open_training_data(cfg, teacher_cfg.model, teacher_state.get("latent_norm"))
     order = EpochBatches(len(dataset), d.global_batch_size, cfg.seed)
     batch_gen = torch.Generator().manual_seed(cfg.seed)
     generators = {"batch_gen": batch_gen}
@@ -81,12 +102,13 @@ def run(cfg):
         log = CsvLog(run_dir / "log.csv", LOG_COLUMNS, resume_step=step)
     net_ddp = DDP(trained, device_ids=[device.index] if device.type == "cuda" else None) if env.world_size > 1 else trained
     model_params, ema_params = list(student.net.parameters()), list(ema.parameters())
+    steps, ckpt_steps = total_steps(d), set(d.ckpt_steps)
 
     from tqdm.auto import tqdm
 
-    progress = tqdm(total=d.steps, initial=step, disable=not (d.progress and env.is_main), desc="distill", dynamic_ncols=True)
+    progress = tqdm(total=steps, initial=step, disable=not (d.progress and env.is_main), desc="distill", dynamic_ncols=True)
     sums, count, last_time = torch.zeros(4, dtype=torch.float64, device=device), 0, time.perf_counter()
-    while step < d.steps:
+    while step < steps:
         n = d.global_batch_size
         idx = order.next_global_batch()
         t = sample_time(n, d.sigma_d, d.p_mean, d.p_std, generator=batch_gen)
@@ -95,11 +117,13 @@ def run(cfg):
         eps = torch.randn((n, *dataset.latent_shape), generator=batch_gen) if getattr(dataset, "samples_posterior", False) else None
         mine = lambda v: None if v is None else rank_slice(v, env.rank, env.world_size)  # noqa: E731
         latents, y = dataset.get_batch(mine(idx), mine(flip), mine(eps))
-        x0 = teacher.latent_scale * latents
-        r = min(1.0, (step + 1) / d.tangent_warmup)
-        terms = net_ddp(teacher, x0.to(device), mine(z).to(device), mine(t).to(device), y.to(device), r, d.tangent_c, d.precision)
-        finite = all_reduce_mean(torch.stack([torch.isfinite(terms["g"]).all(), torch.isfinite(terms["loss"])]).double(), env)
+        x0 = d.sigma_d * latents  # TrigFlow data: unit-variance latents scaled to std σ_d
         step += 1
+        warming = step <= d.warm_start_steps
+        objective, k = (warm_start, step) if warming else (scd, step - d.warm_start_steps)
+        terms = net_ddp(objective, x0.to(device), mine(z).to(device), mine(t).to(device), y.to(device), k)
+        finite = all_reduce_mean(torch.stack([torch.isfinite(terms["g"]).all() if "g" in terms else torch.ones((), device=device),
+                                              torch.isfinite(terms["loss"])]).double(), env)
         if not bool((finite == 1).all()):
             quantity = "tangent g" if finite[0] < 1 else "loss"
             if not d.skip_nonfinite:
@@ -111,16 +135,17 @@ def run(cfg):
             terms["loss"].backward()
             opt.step()
             update_ema(ema_params, model_params, d.ema_decay)
-            sums += torch.stack([terms[k].detach().double() for k in ("loss", "mse", "tangent_norm", "logvar")])
+            sums += torch.stack([terms[key].detach().double() for key in ("loss", "mse", "tangent_norm", "logvar")])
             count += 1
         progress.update(1)
-        at_ckpt = step % d.ckpt_every == 0 or step == d.steps
-        if (step % d.log_every == 0 or at_ckpt) and count:
+        at_ckpt = step % d.ckpt_every == 0 or step in ckpt_steps or step == steps
+        phase_ends = step == d.warm_start_steps
+        if (step % d.log_every == 0 or at_ckpt or phase_ends) and count:
             mean = all_reduce_mean(sums / count, env).tolist()
             now = time.perf_counter()
             if env.is_main:
-                log.write(step=step, loss=mean[0], mse=mean[1], tangent_norm=mean[2], logvar=mean[3], skipped=skipped,
-                          steps_per_s=count / (now - last_time))
+                log.write(step=step, objective="warm_start" if warming else "scd", loss=mean[0], mse=mean[1],
+                          tangent_norm=mean[2], logvar=mean[3], skipped=skipped, steps_per_s=count / (now - last_time))
                 progress.set_postfix(loss=f"{mean[0]:.4f}")
             sums.zero_()
             count, last_time = 0, now
@@ -128,7 +153,8 @@ def run(cfg):
             save_checkpoint({"model": student.net.state_dict(), "logvar_head": trained.logvar_head.state_dict(),
                              "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step, "skipped": skipped,
                              "rng": rng_state(generators), "data_order": order.state_dict(), "config": to_plain(cfg),
-                             "teacher_config": teacher_state["config"]}, run_dir, step)
+                             "teacher_config": teacher_state["config"], "latent_norm": teacher_state.get("latent_norm")},
+                            run_dir, step)
         if at_ckpt:
             barrier(env)
     progress.close()

@@ -2,8 +2,9 @@
 
 Labels are class-balanced (or uniform random) and every batch b draws its noise from a generator seeded
 with (seed, b), so the same config gives the same images on any number of ranks: ranks take batches
-round-robin, write their part, and rank 0 assembles `{sampler}.npz`, an 8x8 grid PNG and a JSON sidecar
-with the NFE per image and the wall-clock seconds.
+round-robin, write their part, and rank 0 assembles `{sampler}.npz`, a grid PNG with one row per class
+(the first 10 classes, 10 samples each) and a JSON sidecar with the NFE per image and the wall-clock seconds.
+Generated latents are mapped back through the checkpoint's latent normalisation before decoding.
 """
 import json
 import re
@@ -13,11 +14,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import OmegaConf
-from torchvision.utils import save_image
+from PIL import Image
 
 from speedpipe.checkpoint import load_checkpoint
-from speedpipe.data.images import to_uint8
 from speedpipe.config import ConfigError, save_config
+from speedpipe.data.images import to_uint8
+from speedpipe.data.latents import LatentNormalization
 from speedpipe.diffusion import create_diffusion
 from speedpipe.diffusion.gaussian import cfg_model_fn
 from speedpipe.distributed import barrier, setup_device, shutdown
@@ -48,6 +50,21 @@ def make_labels(n: int, num_classes: int, mode: str, seed: int) -> torch.Tensor:
 def write_npz(path, images: np.ndarray, labels: np.ndarray):
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, arr_0=images, arr_1=labels)
+
+
+def class_grid(images: np.ndarray, labels: np.ndarray, rows: int = 10, cols: int = 10) -> np.ndarray:
+    """uint8 HWC grid: row r holds the first `cols` samples generated for class r (black where there are fewer)."""
+    h, w, c = images.shape[1:]
+    grid = np.zeros((rows * h, cols * w, c), dtype=np.uint8)
+    for r in range(rows):
+        for j, i in enumerate(np.flatnonzero(labels == r)[:cols]):
+            grid[r * h : (r + 1) * h, j * w : (j + 1) * w] = images[i]
+    return grid
+
+
+def write_png(path, array: np.ndarray):
+    with atomic_path(path) as tmp:
+        Image.fromarray(array).save(tmp, format="png")
 
 
 class DiffusionSampler:
@@ -84,8 +101,15 @@ def build_sampler_for(state, cfg, device):
     """The latent sampler for a checkpoint: diffusion samplers for train runs, consistency ones for sCD runs."""
     if cfg.sampling.sampler.startswith("scm"):
         from speedpipe.consistency.scd import ConsistencySampler
+        from speedpipe.stages.distill import student_from_checkpoint
 
-        return ConsistencySampler.from_checkpoint(state, cfg.sampling, device)
+        if "teacher_config" not in state:
+            raise ConfigError(f"config key 'sampling.sampler': {cfg.sampling.sampler} needs a distill checkpoint, "
+                              f"{cfg.sampling.checkpoint} is a train checkpoint")
+        m = state["teacher_config"]["model"]
+        student = student_from_checkpoint(state, cfg.sampling.use_ema).to(device)
+        return ConsistencySampler(student, (m["in_channels"], m["input_size"], m["input_size"]), int(cfg.sampling.sampler[-1]),
+                                  cfg.sampling.scm_mid_t)
     run_cfg = OmegaConf.create(state["config"])
     model = build_model(run_cfg)
     model.load_state_dict(state["ema" if cfg.sampling.use_ema else "model"])
@@ -101,6 +125,7 @@ def run(cfg):
     out = samples_path_for(cfg)
     state = load_checkpoint(s.checkpoint)
     sampler = build_sampler_for(state, cfg, device)
+    normalization = LatentNormalization.from_state(state.get("latent_norm"), sampler.latent_shape[0])
     vae, scale, _ = open_autoencoder(cfg)
     vae = vae.to(device)
     labels = make_labels(s.num_samples, sampler.model.num_classes, s.labels, s.seed)
@@ -113,7 +138,7 @@ def run(cfg):
     for b in tqdm(range(env.rank, len(batches), env.world_size), desc="sample", disable=not (s.progress and env.is_main)):
         generator = torch.Generator(device).manual_seed(s.seed * 1_000_003 + b)
         y = labels[batches[b].start : batches[b].stop].to(device)
-        z = sampler(y, generator)
+        z = normalization.denormalize(sampler(y, generator))
         parts.append((b, to_uint8(decode_latents(vae, z, scale)).numpy(), y.cpu().numpy()))
     seconds = time.perf_counter() - start
 
@@ -133,10 +158,9 @@ def run(cfg):
     if env.is_main:
         parts.sort(key=lambda p: p[0])
         images = np.concatenate([p[1] for p in parts])
-        write_npz(out, images, np.concatenate([p[2] for p in parts]))
-        with atomic_path(out.with_suffix(".png")) as tmp:
-            grid = torch.from_numpy(images[:64]).permute(0, 3, 1, 2).float() / 255.0
-            save_image(grid, tmp, nrow=8, format="png")
+        labels_out = np.concatenate([p[2] for p in parts])
+        write_npz(out, images, labels_out)
+        write_png(out.with_suffix(".png"), class_grid(images, labels_out, rows=min(10, sampler.model.num_classes)))
         info = {
             "checkpoint": str(s.checkpoint), "step": int(state["step"]), "sampler": s.sampler, "num_samples": s.num_samples,
             "nfe_per_image": sampler.nfe, "cfg_scale": s.cfg_scale, "seed": s.seed, "world_size": env.world_size,

@@ -16,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from speedpipe.checkpoint import latest_checkpoint, resume_from_latest, rng_state, save_checkpoint
 from speedpipe.config import ConfigError, named_params, save_config, to_plain
 from speedpipe.csvlog import CsvLog
+from speedpipe.data.latents import LatentNormalization, NormalizedLatents
 from speedpipe.data.order import EpochBatches, rank_slice
 from speedpipe.diffusion import create_diffusion
 from speedpipe.diffusion.timesteps import build_sampler, build_weighting
@@ -44,24 +45,34 @@ def build_model(cfg):
     return model
 
 
-def open_training_data(cfg, model_cfg=None):
-    """The latent dataset of cfg.data, checked against the model (cfg.model, or a teacher's model_cfg)."""
+def open_training_data(cfg, model_cfg=None, latent_norm: dict | None = None) -> NormalizedLatents:
+    """The latent dataset of cfg.data, checked against the model (cfg.model, or a teacher's model_cfg), normalised
+    per data.latent_norm, or with a teacher checkpoint's `latent_norm` when given (sCD sees the teacher's data)."""
     m = model_cfg or cfg.model
     latent_shape = (m.in_channels, m.input_size, m.input_size)
     if cfg.data.source == "synthetic":
         from speedpipe.data.synthetic import SyntheticLatents
 
-        return SyntheticLatents(cfg.data.synthetic_size, latent_shape, m.num_classes)
-    from speedpipe.data.latents import LatentStore
-    from speedpipe.stages.encode import latents_dir_for
+        dataset = SyntheticLatents(cfg.data.synthetic_size, latent_shape, m.num_classes)
+        stats = {"channel_mean": dataset.latents.mean(dim=(0, 2, 3)).tolist(), "channel_std": dataset.latents.std(dim=(0, 2, 3)).tolist()}
+    else:
+        from speedpipe.data.latents import LatentStore
+        from speedpipe.stages.encode import latents_dir_for
 
-    store = LatentStore(latents_dir_for(cfg))
-    if store.latent_shape != latent_shape or store.num_classes != m.num_classes:
-        raise ConfigError(
-            f"latent store {store.root} holds latents {store.latent_shape} with {store.num_classes} classes, but the model "
-            f"expects {latent_shape} with {m.num_classes} (model.in_channels, model.input_size, model.num_classes)"
-        )
-    return store
+        dataset = LatentStore(latents_dir_for(cfg))
+        if dataset.latent_shape != latent_shape or dataset.num_classes != m.num_classes:
+            raise ConfigError(
+                f"latent store {dataset.root} holds latents {dataset.latent_shape} with {dataset.num_classes} classes, but the "
+                f"model expects {latent_shape} with {m.num_classes} (model.in_channels, model.input_size, model.num_classes)"
+            )
+        stats = dataset.manifest
+    if latent_norm is not None:
+        normalization = LatentNormalization.from_state(latent_norm, m.in_channels)
+    elif cfg.data.latent_norm == "channel":
+        normalization = LatentNormalization(stats["channel_mean"], stats["channel_std"])
+    else:
+        normalization = LatentNormalization.identity(m.in_channels)
+    return NormalizedLatents(dataset, normalization)
 
 
 def make_optimizer(model, optim_cfg, device):
@@ -166,6 +177,7 @@ def run(cfg):
     model_params = [p for p in model.parameters()]
     ema_params = [p for p in ema.parameters()]
     progress = _progress_bar(tr.steps, step, enabled=tr.progress and env.is_main)
+    ckpt_steps = set(tr.ckpt_steps)
 
     sums = torch.zeros(3, device=device)  # loss, mse, vb summed since the last log line
     first_bad_step = torch.full((), float("inf"), device=device)  # first step whose loss was not finite
@@ -176,6 +188,8 @@ def run(cfg):
         mine = lambda v: None if v is None else rank_slice(v, env.rank, env.world_size)  # noqa: E731
         x, y = dataset.get_batch(mine(idx), mine(flip), mine(latent_eps))
         x, y, t = x.to(device, non_blocking=True), y.to(device, non_blocking=True), mine(t).to(device)
+        for group in opt.param_groups:
+            group["lr"] = cfg.optim.lr * min(1.0, (step + 1) / cfg.optim.warmup_steps) if cfg.optim.warmup_steps else cfg.optim.lr
         stats = train_step(net, diffusion, mse_weight, opt, x, y, t, mine(noise), mine(drop).to(device), tr.precision, cfg.optim.grad_clip)
         update_ema(ema_params, model_params, tr.ema_decay)
         first_bad_step = torch.where(torch.isfinite(stats[0]), first_bad_step, first_bad_step.clamp(max=step + 1))
@@ -183,7 +197,7 @@ def run(cfg):
         step += 1
         logged_steps += 1
 
-        at_ckpt = step % tr.ckpt_every == 0 or step == tr.steps
+        at_ckpt = step % tr.ckpt_every == 0 or step in ckpt_steps or step == tr.steps
         if step % tr.log_every == 0 or at_ckpt:
             _stop_if_nonfinite(all_reduce_min(first_bad_step, env), run_dir)
             mean = all_reduce_mean(sums / logged_steps, env).tolist()
@@ -205,6 +219,7 @@ def run(cfg):
                     "rng": rng_state(randomness.generators),
                     "data_order": order.state_dict(),
                     "config": to_plain(cfg),
+                    "latent_norm": dataset.normalization.state_dict(),
                 },
                 run_dir,
                 step,
