@@ -79,8 +79,9 @@ class GaussianDiffusion:
         self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod - 1)
         # Posterior q(x_{t-1} | x_t, x_0).
         self.posterior_variance = self.betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
-        # The posterior variance is 0 at t = 0; clip its log there.
-        self.posterior_log_variance_clipped = np.log(np.append(self.posterior_variance[1], self.posterior_variance[1:]))
+        # The posterior variance is 0 at t = 0; clip its log there (to β_0 for a single-step diffusion: a DDIM-1 sampler).
+        clip = self.posterior_variance[1] if self.num_timesteps > 1 else self.betas[0]
+        self.posterior_log_variance_clipped = np.log(np.append(clip, self.posterior_variance[1:]))
         self.posterior_mean_coef1 = self.betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
 
@@ -194,7 +195,15 @@ class GaussianDiffusion:
 
 
 def space_timesteps(num_timesteps: int, section_counts) -> set:
-    """ADM's respacing: "250" or [10, 15, 20] evenly strided per section, or "ddim50" for DDIM's fixed stride."""
+    """ADM's respacing: "250" or [10, 15, 20] evenly strided per section, or "ddim50" for DDIM's fixed stride; or
+    "trailing4": T−1 − round(i·T/N) for i < N (Lin et al. 2024), whose first step is always the pure-noise end T−1
+    (ADM's DDIM stride starts at T − T/N: from the sampler's pure noise that is far off for a few steps, and 1 step
+    cannot be made at all)."""
+    if isinstance(section_counts, str) and section_counts.startswith("trailing"):
+        desired = int(section_counts[len("trailing"):])
+        if not 0 < desired <= num_timesteps:
+            raise ValueError(f"timestep_respacing: cannot take {desired} of {num_timesteps} steps")
+        return {num_timesteps - 1 - round(i * num_timesteps / desired) for i in range(desired)}
     if isinstance(section_counts, str):
         if section_counts.startswith("ddim"):
             desired = int(section_counts[len("ddim"):])

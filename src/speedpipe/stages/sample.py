@@ -68,12 +68,13 @@ def write_png(path, array: np.ndarray):
 
 
 class DiffusionSampler:
-    """DDPM (ancestral) or DDIM over a respaced diffusion, with classifier-free guidance."""
+    """DDPM (ancestral, ADM's even respacing, as DiT) or DDIM (trailing respacing: every step count, 1 included,
+    starts at the pure-noise end) over a respaced diffusion, with classifier-free guidance."""
 
     def __init__(self, model, run_cfg, sampling_cfg):
         kind, steps = re.fullmatch(r"(ddpm|ddim)(\d+)", sampling_cfg.sampler).groups()
         self.model, self.kind, self.s = model, kind, sampling_cfg
-        self.diffusion = create_diffusion(steps if kind == "ddpm" else f"ddim{steps}", run_cfg.diffusion.noise_schedule,
+        self.diffusion = create_diffusion(steps if kind == "ddpm" else f"trailing{steps}", run_cfg.diffusion.noise_schedule,
                                           run_cfg.diffusion.learn_sigma, run_cfg.diffusion.diffusion_steps)
         self.latent_shape = (run_cfg.model.in_channels, run_cfg.model.input_size, run_cfg.model.input_size)
         if sampling_cfg.cfg_scale != 1.0 and model.y_embedder.dropout_prob == 0:
