@@ -11,14 +11,11 @@ PIPE = W.check_pipeline(config, base_dir=workflow.basedir)
 ROOT = str(W.root(PIPE))
 
 wildcard_constraints:
-    run=r"[A-Za-z0-9_.]+-s\d+|scm-[A-Za-z0-9_.]+-s\d+",
-    step=r"\d{7}",
-    sampler=r"ddpm\d+|ddim\d+|scm[12]",
+    run=r"[A-Za-z0-9_.]+-s\d+",
 
 include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/distill.smk"
-include: "workflow/rules/sample.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
 

@@ -80,11 +80,19 @@ def run_in_process(stage: str, config: dict):
     return importlib.import_module(STAGE_MODULES[stage]).run(OmegaConf.create(config))
 
 
-class StageJob:
-    """The callable submitit pickles: sets up the DDP environment of its task and runs the stage."""
+def batch_identity(jobs: list[tuple[str, dict]]) -> tuple[str, str]:
+    """(label, hash) of a batch of stage runs: the stage name and config_hash for a single run."""
+    if len(jobs) == 1:
+        return jobs[0][0], config_hash(*jobs[0])
+    label = "+".join(dict.fromkeys(stage for stage, _ in jobs))
+    return label, config_hash(label, [config for _, config in jobs])
 
-    def __init__(self, stage: str, config: dict):
-        self.stage, self.config = stage, config
+
+class StageJob:
+    """The callable submitit pickles: sets up the DDP environment of its task and runs the stages in order."""
+
+    def __init__(self, jobs: list[tuple[str, dict]]):
+        self.jobs = jobs
 
     def __call__(self):
         import os
@@ -93,24 +101,30 @@ class StageJob:
 
         if int(os.environ.get("SLURM_NTASKS", "1")) > 1:  # RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-        result = run_in_process(self.stage, self.config)
-        return str(result)
+        return [str(run_in_process(stage, config)) for stage, config in self.jobs]
 
     def checkpoint(self):
-        """On preemption or the pre-timeout signal: requeue; the stage resumes from its last checkpoint."""
+        """On preemption or the pre-timeout signal: requeue; the stages resume from their checkpoints (finished
+        outputs of a batch are written atomically and re-made identically)."""
         import submitit
 
-        return submitit.helpers.DelayedSubmission(StageJob(self.stage, self.config))
+        return submitit.helpers.DelayedSubmission(StageJob(self.jobs))
 
 
 def launch(stage: str, config: dict, settings: dict | None = None, log=print):
     """Run one stage with its resolved config where the launcher settings say."""
+    return launch_many([(stage, config)], settings, log)[0]
+
+
+def launch_many(jobs: list[tuple[str, dict]], settings: dict | None = None, log=print) -> list:
+    """Run several stages, in order, in one process (local) or one SLURM job: one interpreter start-up for all."""
     launcher = parse_launcher(settings or {})
-    if stage not in STAGE_MODULES:
-        raise ConfigError(f"unknown stage {stage!r}; expected one of {sorted(STAGE_MODULES)}")
+    for stage, _ in jobs:
+        if stage not in STAGE_MODULES:
+            raise ConfigError(f"unknown stage {stage!r}; expected one of {sorted(STAGE_MODULES)}")
     if launcher.executor == "local":
-        return run_in_process(stage, config)
-    return SlurmLauncher(launcher, log).run(stage, config)
+        return [run_in_process(stage, config) for stage, config in jobs]
+    return SlurmLauncher(launcher, log).run(jobs)
 
 
 class SlurmJobFailed(RuntimeError):
@@ -141,18 +155,18 @@ class SlurmLauncher:
         executor.update_parameters(**params)
         return executor
 
-    def run(self, stage: str, config: dict):
+    def run(self, jobs: list[tuple[str, dict]]) -> list:
         import submitit
 
-        digest = config_hash(stage, config)
-        name = f"speedpipe-{stage}-{digest}"
-        folder = self.folder(stage, config, digest)
+        label, digest = batch_identity(jobs)
+        name = f"speedpipe-{label}-{digest}"
+        folder = self.folder(label, jobs[0][1], digest)
         existing = queued_job_ids(name)
         if existing:
             job = submitit.SlurmJob(folder=folder, job_id=existing[0])
             self.log(f"speedpipe: re-attaching to SLURM job {job.job_id} ({name}), still in the queue")
         else:
-            job = self.executor(folder, name).submit(StageJob(stage, config))
+            job = self.executor(folder, name).submit(StageJob(jobs))
             self.log(f"speedpipe: submitted SLURM job {job.job_id} ({name}), logs in {folder}")
         return self.wait(job)
 

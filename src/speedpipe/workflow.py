@@ -6,15 +6,28 @@ from configs/pipeline/*.yaml: which stage config file, which overrides, which ch
 import difflib
 import functools
 import json
+import re
 from pathlib import Path
 
 from speedpipe.config import ConfigError, load_config, to_plain
 
 PIPELINE_KEYS = {
     "experiment", "output_dir", "base_config", "methods", "seeds", "train_steps", "eval_steps", "curve_sampler",
-    "curve_samples", "teacher", "teacher_sampler", "scm_samplers", "final_samples", "distill_steps", "extractor",
-    "overrides", "launcher",
+    "curve_samples", "teacher", "teacher_sampler", "teacher_ode_sampler", "teacher_baselines", "scm_samplers",
+    "final_samples", "distill_warm_start", "distill_steps", "distill_eval_steps", "extractor", "overrides", "launcher",
 }
+# A sampler label: ddpm<N> / ddim<N> with an optional guidance suffix -cfg<scale>, or scm1 / scm2.
+SAMPLER_LABEL = re.compile(r"(?P<sampler>(?:ddpm|ddim)\d+)(?:-cfg(?P<cfg>\d+(?:\.\d+)?))?|(?P<scm>scm[12])")
+
+
+def parse_sampler(label: str) -> tuple[str, float]:
+    """'ddpm250-cfg3' -> ('ddpm250', 3.0); 'ddim25' -> ('ddim25', 1.0); 'scm2' -> ('scm2', 1.0)."""
+    m = SAMPLER_LABEL.fullmatch(str(label))
+    if m is None:
+        raise ConfigError(f"pipeline config: sampler {label!r} is not ddpm<N>, ddim<N> (optionally -cfg<scale>), scm1 or scm2")
+    if m["scm"]:
+        return m["scm"], 1.0
+    return m["sampler"], float(m["cfg"] or 1.0)
 STAGES = ("autoencoder", "encode", "classifier", "reference", "train", "distill", "sample", "evaluate", "report")
 PHASES = {"train": "train", "distill": "train", "sample": "sample"}
 
@@ -36,6 +49,21 @@ def check_pipeline(pipe: dict, base_dir=None) -> dict:
         raise ConfigError(f"pipeline config: teacher {pipe['teacher']!r} is not one of the train runs {runs(pipe)}")
     if max(pipe["eval_steps"]) != pipe["train_steps"]:
         raise ConfigError("pipeline config: the last of eval_steps must equal train_steps (the teacher's checkpoint)")
+    for key in ("curve_sampler", "teacher_sampler", "teacher_ode_sampler"):
+        parse_sampler(pipe[key])
+    for label in [*pipe["teacher_baselines"], *pipe["scm_samplers"]]:
+        parse_sampler(label)
+    if any(parse_sampler(label)[0].startswith("scm") for label in [pipe["curve_sampler"], pipe["teacher_sampler"],
+                                                                   pipe["teacher_ode_sampler"], *pipe["teacher_baselines"]]):
+        raise ConfigError("pipeline config: scm samplers belong in scm_samplers (they need a distilled student)")
+    if not all(parse_sampler(label)[0].startswith("scm") for label in pipe["scm_samplers"]):
+        raise ConfigError(f"pipeline config: scm_samplers {pipe['scm_samplers']}: only scm1 and scm2 sample a distilled student")
+    total = pipe["distill_warm_start"] + pipe["distill_steps"]
+    outside = [s for s in pipe["distill_eval_steps"] if not pipe["distill_warm_start"] <= s <= total]
+    if outside or max(pipe["distill_eval_steps"]) != total:
+        raise ConfigError(f"pipeline config: distill_eval_steps {pipe['distill_eval_steps']} must lie in "
+                          f"[distill_warm_start, distill_warm_start + distill_steps] = [{pipe['distill_warm_start']}, {total}] "
+                          f"and end at {total}")
     if base_dir is not None:
         absolute = lambda p: str(Path(base_dir, p)) if not Path(p).is_absolute() else p  # noqa: E731
         pipe["base_config"] = absolute(pipe["base_config"])
@@ -79,21 +107,20 @@ def stage_config(pipe: dict, stage: str, run: str | None = None, step=None, samp
     base = root(pipe)
     job = {}
     if stage == "train":
-        ckpt_every = min(pipe["eval_steps"][0], *[b - a for a, b in zip(pipe["eval_steps"], pipe["eval_steps"][1:])])
         job = {"seed": int(run.rsplit("-s", 1)[1]), "method": method, "trainer.steps": int(pipe["train_steps"]),
-               "trainer.ckpt_every": int(ckpt_every)}
+               "trainer.ckpt_steps": [int(s) for s in pipe["eval_steps"]]}
     elif stage == "distill":
         job = {"distill.teacher": str(base / "train" / pipe["teacher"] / f"ckpt-{step_dir(pipe['train_steps'])}.pt"),
-               "distill.steps": int(pipe["distill_steps"]), "distill.run_dir": str(base / "distill" / pipe["teacher"])}
+               "distill.warm_start_steps": int(pipe["distill_warm_start"]), "distill.steps": int(pipe["distill_steps"]),
+               "distill.ckpt_steps": [int(s) for s in pipe["distill_eval_steps"]],
+               "distill.run_dir": str(base / "distill" / pipe["teacher"])}
     elif stage in ("sample", "evaluate"):
         samples = base / "samples" / run / step_dir(step) / f"{sampler}.npz"
-        if run.startswith("scm-"):
-            ckpt = base / "distill" / run[len("scm-"):] / f"ckpt-{step_dir(step)}.pt"
-        else:
-            ckpt = base / "train" / run / f"ckpt-{step_dir(step)}.pt"
+        name, cfg_scale = parse_sampler(sampler)
         count = pipe["curve_samples"] if sampler == pipe["curve_sampler"] else pipe["final_samples"]
-        job = {"sampling.checkpoint": str(ckpt), "sampling.sampler": sampler, "sampling.out": str(samples),
-               "sampling.num_samples": int(count), "eval.samples": str(samples)}
+        job = {"sampling.checkpoint": str(checkpoint_path(pipe, run, step)), "sampling.sampler": name,
+               "sampling.cfg_scale": cfg_scale, "sampling.out": str(samples), "sampling.num_samples": int(count),
+               "eval.samples": str(samples)}
     for dotted, value in job.items():
         *parents, leaf = dotted.split(".")
         node = cfg
@@ -125,12 +152,45 @@ def _validated(path: str, overrides: tuple, phase: str | None) -> str:
     return text
 
 
+def checkpoint_path(pipe, run: str, step) -> Path:
+    """The checkpoint a model label names: train/{run}/... or, for scm-{teacher}, distill/{teacher}/..."""
+    if run.startswith("scm-"):
+        return root(pipe) / "distill" / run[len("scm-"):] / f"ckpt-{step_dir(step)}.pt"
+    return root(pipe) / "train" / run / f"ckpt-{step_dir(step)}.pt"
+
+
+def student(pipe) -> str:
+    return f"scm-{pipe['teacher']}"
+
+
+def teacher_samplers(pipe) -> list[str]:
+    """The teacher's final evaluations: its reference sampler, its ODE ceiling, then the baselines."""
+    return list(dict.fromkeys([pipe["teacher_sampler"], pipe["teacher_ode_sampler"], *pipe["teacher_baselines"]]))
+
+
 def evaluations(pipe) -> list[tuple[str, int, str]]:
-    """(run, step, sampler) of every metrics file the report needs."""
+    """(run, step, sampler label) of every metrics file the report needs."""
     jobs = [(run, step, pipe["curve_sampler"]) for run in runs(pipe) for step in pipe["eval_steps"]]
-    jobs.append((pipe["teacher"], pipe["train_steps"], pipe["teacher_sampler"]))
-    jobs += [(f"scm-{pipe['teacher']}", pipe["distill_steps"], s) for s in pipe["scm_samplers"]]
+    jobs += [(pipe["teacher"], pipe["train_steps"], label) for label in teacher_samplers(pipe)]
+    jobs += [(student(pipe), step, label) for step in pipe["distill_eval_steps"] for label in pipe["scm_samplers"]]
     return sorted(set(jobs))
+
+
+def evaluation_jobs(pipe) -> dict[str, list[tuple[int, str]]]:
+    """run -> its (step, sampler) evaluations: each run's are sampled and evaluated in one job (one process start-up)."""
+    jobs = {}
+    for run, step, sampler in evaluations(pipe):
+        jobs.setdefault(run, []).append((step, sampler))
+    return jobs
+
+
+def sample_outputs(pipe, run, step, sampler) -> list[str]:
+    base = root(pipe) / "samples" / run / step_dir(step)
+    return [str(base / f"{sampler}.{ext}") for ext in ("npz", "json", "png")]
+
+
+def metrics_output(pipe, run, step, sampler) -> str:
+    return str(root(pipe) / "metrics" / run / step_dir(step) / f"{sampler}.json")
 
 
 def launcher_settings(pipe, stage) -> dict:
@@ -146,6 +206,8 @@ def report_config(pipe) -> dict:
         "root": str(root(pipe)),
         "runs": runs(pipe),
         "evaluations": [list(e) for e in evaluations(pipe)],
+        "teacher_samplers": teacher_samplers(pipe),
+        "student": student(pipe),
         "diffusion": {m: c["diffusion"] for m, c in method_cfgs.items()},
         "train_config": method_cfgs[next(iter(pipe["methods"]))],
         "distill_config": stage_config(pipe, "distill")["distill"],

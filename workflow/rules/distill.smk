@@ -3,7 +3,7 @@ rule distill:
         teacher=f"{ROOT}/train/{PIPE['teacher']}/ckpt-{W.step_dir(PIPE['train_steps'])}.pt",
         latents=f"{ROOT}/latents/manifest.json",
     output:
-        ckpt=f"{ROOT}/distill/{PIPE['teacher']}/ckpt-{W.step_dir(PIPE['distill_steps'])}.pt",
+        ckpts=[str(W.checkpoint_path(PIPE, W.student(PIPE), s)) for s in PIPE["distill_eval_steps"]],
         log=f"{ROOT}/distill/{PIPE['teacher']}/log.csv",
     params:
         **stage_params("distill"),

@@ -1,11 +1,31 @@
-rule evaluate:
-    input:
-        samples=f"{ROOT}/samples/{{run}}/{{step}}/{{sampler}}.npz",
-        reference=f"{ROOT}/reference/stats-{PIPE['extractor']}.pt",
-    output:
-        f"{ROOT}/metrics/{{run}}/{{step}}/{{sampler}}.json",
-    params:
-        **stage_params("evaluate", run=lambda wc: wc.run, step=lambda wc: int(wc.step), sampler=lambda wc: wc.sampler),
-    threads: 1
-    script:
-        "../scripts/stage.py"
+# One job per model (a train run, or the sCD student): every (step, sampler) evaluation of it, each one the
+# sample stage then the evaluate stage, in one process, so the interpreter and library start-up is paid once
+# per model rather than once per file. The job's params carry every stage config of the batch.
+import re
+
+EVAL_EXTRA = ([f"{ROOT}/autoencoder/model.safetensors"] if AE_TINY else []) + (
+    [f"{ROOT}/classifier/model.safetensors"] if CLASSIFIER or W.stage_config(PIPE, "evaluate", run=PIPE["teacher"],
+        step=PIPE["train_steps"], sampler=PIPE["teacher_sampler"])["eval"]["label_accuracy"] else [])
+
+for _run, _evals in W.evaluation_jobs(PIPE).items():
+
+    rule:
+        name:
+            "evaluate_" + re.sub(r"\W", "_", _run)
+        input:
+            checkpoints=sorted({str(W.checkpoint_path(PIPE, _run, s)) for s, _ in _evals}),
+            reference=f"{ROOT}/reference/stats-{PIPE['extractor']}.pt",
+            extra=EVAL_EXTRA,
+        output:
+            metrics=[W.metrics_output(PIPE, _run, s, k) for s, k in _evals],
+            samples=[f for s, k in _evals for f in W.sample_outputs(PIPE, _run, s, k)],
+        params:
+            jobs=lambda wc, run=_run, evals=_evals: [[stage, W.stage_config(PIPE, stage, run=run, step=s, sampler=k)]
+                                                     for s, k in evals for stage in ("sample", "evaluate")],
+            version=[STAGE_VERSIONS["sample"], STAGE_VERSIONS["evaluate"]],
+            launcher=W.launcher_settings(PIPE, "sample"),
+        resources:
+            gpus=W.launcher_settings(PIPE, "sample").get("gpus_per_node", 0),
+        threads: 1
+        script:
+            "../scripts/stage.py"

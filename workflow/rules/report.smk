@@ -1,6 +1,6 @@
 rule report:
     input:
-        metrics=[f"{ROOT}/metrics/{r}/{W.step_dir(s)}/{k}.json" for r, s, k in W.evaluations(PIPE)],
+        metrics=[W.metrics_output(PIPE, r, s, k) for r, s, k in W.evaluations(PIPE)],
         logs=[f"{ROOT}/train/{r}/log.csv" for r in W.runs(PIPE)],
         distill_log=f"{ROOT}/distill/{PIPE['teacher']}/log.csv",
     output:
@@ -13,6 +13,8 @@ rule report:
         timesteps=report(f"{ROOT}/figures/timestep_methods.png", caption="../report/timesteps.rst", category="Figures"),
         grids=report(f"{ROOT}/figures/samples_per_method.png", caption="../report/grids.rst", category="Figures"),
         scm_grids=report(f"{ROOT}/figures/teacher_vs_scm.png", caption="../report/scm_grids.rst", category="Figures"),
+        teacher_grid=report(f"{ROOT}/figures/teacher_grid.png", caption="../report/teacher_grid.rst", category="Figures"),
+        distillation=report(f"{ROOT}/figures/distillation.png", caption="../report/distillation.rst", category="Figures"),
     params:
         config=lambda wc: W.report_config(PIPE),
         version=STAGE_VERSIONS["report"],

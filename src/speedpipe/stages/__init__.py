@@ -8,9 +8,9 @@ STAGE_VERSIONS = {
     "encode": 1,
     "classifier": 1,
     "reference": 1,
-    "train": 1,
-    "distill": 2,  # 2: TrigFlow data = σ_d · latents
-    "sample": 2,  # 2: scm samplers return latents (÷ σ_d)
-    "evaluate": 1,
-    "report": 1,
+    "train": 2,  # 2: latent normalisation, checkpoints at exactly the evaluated steps, lr warm-up
+    "distill": 3,  # 2: TrigFlow data = σ_d · latents; 3: TrigFlow-native student, warm start
+    "sample": 3,  # 2: scm samplers return latents (÷ σ_d); 3: latent normalisation, class-row grids, trailing DDIM
+    "evaluate": 2,  # 2: label accuracy
+    "report": 2,  # 2: label accuracy, teacher samplers, distillation curve
 }

@@ -1,9 +1,10 @@
 """Stage `report`: the papers' tables and figures from the metrics files and training logs.
 
-Tables (CSV, Markdown, LaTeX): FID/KID/IS/precision/recall per method and iteration (mean ± std over
-seeds), SpeeD's iteration speed-up at the baseline's final FID, sCM versus its teacher. Figures (PNG and
-PDF): FID curves with seed bands, training losses, timestep distributions and weights per method, sample
-grids. A generated README.md says what was run, with versions, sample counts and the reference set.
+Tables (CSV, Markdown, LaTeX): FID, label accuracy, KID, IS, precision and recall per method and iteration
+(mean ± std over seeds); SpeeD's iteration speed-up at the baseline's final FID; the teacher's samplers; sCM
+versus its teacher (its reference sampler and its ODE ceiling) over the distillation checkpoints. Figures (PNG
+and PDF): FID curves with seed bands, training losses, timestep distributions and weights per method, sample
+grids with one row per class, the distillation curve. A generated README.md says what was run.
 """
 import json
 import platform
@@ -23,8 +24,9 @@ from speedpipe.diffusion import create_diffusion  # noqa: E402
 from speedpipe.diffusion.timesteps import build_sampler, build_weighting  # noqa: E402
 from speedpipe.io import atomic_path, atomic_write_text  # noqa: E402
 
-METRIC_KEYS = {"frechet_inception_distance": "FID", "kernel_inception_distance_mean": "KID", "inception_score_mean": "IS",
-               "precision": "precision", "recall": "recall"}
+METRIC_KEYS = {"frechet_inception_distance": "FID", "label_accuracy": "label acc.", "kernel_inception_distance_mean": "KID",
+               "inception_score_mean": "IS", "precision": "precision", "recall": "recall"}
+CURVE_METRICS = ["FID", "label acc.", "KID", "IS", "precision", "recall"]
 
 
 def load_metrics(root: Path, evaluations) -> pd.DataFrame:
@@ -64,22 +66,52 @@ def crossing_step(steps, fids, target):
 def save_figure(fig, root: Path, name: str):
     for ext in ("png", "pdf"):
         with atomic_path(root / "figures" / f"{name}.{ext}") as tmp:
-            fig.savefig(tmp, format=ext, dpi=120, bbox_inches="tight")
+            fig.savefig(tmp, format=ext, dpi=100, bbox_inches="tight")
     plt.close(fig)
+
+
+def show_grid(ax, path: Path, title: str):
+    """A sample stage's class-row grid, its rows labelled with the class they were generated for."""
+    image = plt.imread(path)
+    rows = 10
+    ax.imshow(image)
+    ax.set(title=title, xticks=[], yticks=[(r + 0.5) * image.shape[0] / rows for r in range(rows)], yticklabels=range(rows))
+    ax.tick_params(axis="y", length=0, labelsize=7)
+
+
+def scm_table(df, cfg) -> pd.DataFrame:
+    """Teacher samplers and the student's 1- and 2-step FID at each distill checkpoint, as ratios to the teacher's
+    reference sampler and to its ODE ceiling."""
+    pipe = cfg["pipeline"]
+    teacher = df[df.run == pipe["teacher"]].set_index("sampler")
+    ref, ode = teacher.loc[pipe["teacher_sampler"]], teacher.loc[pipe["teacher_ode_sampler"]]
+    rows = [{"model": f"teacher {pipe['teacher']}", "sampler": s, **_scm_row(teacher.loc[s], ref, ode)} for s in cfg["teacher_samplers"]]
+    warm = pipe["distill_warm_start"]
+    student = df[df.run == cfg["student"]].sort_values(["step", "sampler"])
+    for _, r in student.iterrows():
+        stage = "warm start only" if r.step == warm else f"sCD {r.step - warm} steps"
+        rows.append({"model": f"student ({stage})", "sampler": r.sampler, **_scm_row(r, ref, ode)})
+    return pd.DataFrame(rows)
+
+
+def _scm_row(r, ref, ode) -> dict:
+    return {"NFE": int(r.nfe), "FID": round(r.FID, 3), "label acc.": round(r["label acc."], 3),
+            "FID / teacher": round(r.FID / ref.FID, 3), "FID / ODE": round(r.FID / ode.FID, 3),
+            "s/image": round(r.seconds_per_image, 5), "sampling speed-up": round(ref.seconds_per_image / r.seconds_per_image, 1)}
 
 
 def run(cfg):
     cfg = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
     pipe, root = cfg["pipeline"], Path(cfg["root"])
     df = load_metrics(root, cfg["evaluations"])
-    curve = df[(df.sampler == pipe["curve_sampler"]) & (df.method != "sCM")]
+    curve = df[(df.sampler == pipe["curve_sampler"]) & (df.method != "sCM") & df.step.isin(pipe["eval_steps"])]
     methods = list(pipe["methods"])
 
     # --- FID per method and step (mean ± std over seeds)
     write_table(curve.sort_values(["method", "step", "seed"]), root, "metrics",
                 f"All metrics, {pipe['curve_sampler']}, {pipe['curve_samples']} samples, {pipe['extractor']} features.")
     grouped = curve.groupby(["method", "step"])
-    fid_table = grouped.agg(**{m: (m, mean_std) for m in ("FID", "KID", "IS", "precision", "recall")}).reset_index()
+    fid_table = grouped.agg(**{m: (m, mean_std) for m in CURVE_METRICS}).reset_index()
     write_table(fid_table, root, "fid", f"FID and other metrics (mean ± std over seeds {pipe['seeds']}); sampler "
                 f"{pipe['curve_sampler']}, {pipe['curve_samples']} samples vs the {pipe['extractor']} reference of the full dataset.")
 
@@ -95,22 +127,15 @@ def run(cfg):
             rows.append({"method": m, "baseline final FID": round(target, 3), "baseline iterations": int(means.index[-1]),
                          "iterations to reach it": None if reached is None else round(reached),
                          "speed-up": None if reached is None else round(means.index[-1] / reached, 2)})
-    write_table(pd.DataFrame(rows), root, "speedup", "Iterations needed to reach the baseline's final FID (linear "
-                "interpolation of the mean FID curves); speed-up = baseline iterations / those iterations.")
+    speedup = pd.DataFrame(rows)
+    write_table(speedup, root, "speedup", "Iterations needed to reach the baseline's final FID (linear interpolation of the "
+                "mean FID curves); speed-up = baseline iterations / those iterations.")
 
-    # --- sCM versus teacher
-    teacher = df[(df.run == pipe["teacher"]) & (df.sampler == pipe["teacher_sampler"])]
-    scm = df[df.method == "sCM"]
-    t_row = teacher.iloc[0]
-    scm_rows = [{"model": f"teacher {pipe['teacher']}", "sampler": t_row.sampler, "FID": t_row.FID, "NFE": t_row.nfe,
-                 "seconds/image": t_row.seconds_per_image, "FID / teacher": 1.0, "sampling speed-up": 1.0,
-                 "samples": t_row.num_samples}]
-    for _, r in scm.sort_values("sampler").iterrows():
-        scm_rows.append({"model": f"sCD of {pipe['teacher']} ({pipe['distill_steps']} steps)", "sampler": r.sampler, "FID": r.FID,
-                         "NFE": r.nfe, "seconds/image": r.seconds_per_image, "FID / teacher": r.FID / t_row.FID,
-                         "sampling speed-up": t_row.seconds_per_image / r.seconds_per_image, "samples": r.num_samples})
-    write_table(pd.DataFrame(scm_rows).round(4), root, "scm", f"sCM versus its teacher ({pipe['extractor']} features, "
-                f"same sample count and reference).")
+    # --- sCM versus its teacher
+    scm = scm_table(df, cfg)
+    write_table(scm, root, "scm", f"sCM versus its teacher ({pipe['extractor']} features, {pipe['final_samples']} samples each, "
+                f"same reference): FID / teacher against the teacher's {pipe['teacher_sampler']}, FID / ODE against its "
+                f"probability-flow ODE ({pipe['teacher_ode_sampler']}), the ceiling of a converged consistency model.")
 
     # --- figures
     fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -118,7 +143,8 @@ def run(cfg):
         per_step = curve[curve.method == m].groupby("step").FID
         ax.plot(per_step.mean().index, per_step.mean(), marker="o", label=m)
         ax.fill_between(per_step.mean().index, per_step.min(), per_step.max(), alpha=0.2)
-    ax.set(xlabel="training iterations", ylabel=f"FID ({pipe['extractor']}, {pipe['curve_samples']} samples)", title="FID vs iterations")
+    ax.set(xlabel="training iterations", ylabel=f"FID ({pipe['extractor']}, {pipe['curve_samples']} samples)",
+           title=f"FID vs iterations ({pipe['curve_sampler']}, seeds {pipe['seeds']})", yscale="log")
     ax.legend()
     save_figure(fig, root, "fid_vs_iterations")
 
@@ -146,22 +172,42 @@ def run(cfg):
     save_figure(fig, root, "timestep_methods")
 
     steps = pipe["eval_steps"]
-    fig, axes = plt.subplots(len(methods), len(steps), figsize=(2.2 * len(steps), 2.3 * len(methods)), squeeze=False)
+    fig, axes = plt.subplots(len(methods), len(steps), figsize=(2.2 * len(steps), 2.4 * len(methods)), squeeze=False)
     for i, m in enumerate(methods):
         for j, s in enumerate(steps):
-            axes[i][j].imshow(plt.imread(root / "samples" / f"{m}-s{pipe['seeds'][0]}" / f"{s:07d}" / f"{pipe['curve_sampler']}.png"))
-            axes[i][j].set(title=f"{m}, {s} it", xticks=[], yticks=[])
+            show_grid(axes[i][j], root / "samples" / f"{m}-s{pipe['seeds'][0]}" / f"{s:07d}" / f"{pipe['curve_sampler']}.png",
+                      f"{m}, {s} it")
     save_figure(fig, root, "samples_per_method")
 
-    panels = [(pipe["teacher"], pipe["train_steps"], pipe["teacher_sampler"])] + [
-        (f"scm-{pipe['teacher']}", pipe["distill_steps"], s) for s in pipe["scm_samplers"]]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3.2))
-    for ax, (run, step, sampler) in zip(np.atleast_1d(axes), panels):
-        ax.imshow(plt.imread(root / "samples" / run / f"{step:07d}" / f"{sampler}.png"))
-        ax.set(title=f"{'teacher' if not run.startswith('scm-') else 'sCM'} {sampler}", xticks=[], yticks=[])
-    save_figure(fig, root, "teacher_vs_scm")
+    final = pipe["train_steps"]
+    teacher_panels = [(pipe["teacher"], final, s) for s in (pipe["teacher_sampler"], pipe["curve_sampler"])]
+    last = max(pipe["distill_eval_steps"])
+    scm_panels = [(pipe["teacher"], final, pipe["teacher_sampler"]), (pipe["teacher"], final, pipe["teacher_ode_sampler"]),
+                  *[(pipe["teacher"], final, s) for s in pipe["teacher_baselines"] if s.startswith("ddim2")],
+                  *[(cfg["student"], last, s) for s in pipe["scm_samplers"]]]
+    for name, panels in (("teacher_grid", teacher_panels), ("teacher_vs_scm", scm_panels)):
+        fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 2.9))
+        for ax, (run_, step, sampler) in zip(np.atleast_1d(axes), panels):
+            label = "sCM" if run_.startswith("scm-") else "teacher"
+            acc = df[(df.run == run_) & (df.step == step) & (df.sampler == sampler)]["label acc."]
+            title = f"{label} {sampler}" + (f"\nlabel acc. {acc.iloc[0]:.2f}" if len(acc) and np.isfinite(acc.iloc[0]) else "")
+            show_grid(ax, root / "samples" / run_ / f"{step:07d}" / f"{sampler}.png", title)
+        save_figure(fig, root, name)
 
-    atomic_write_text(root / "README.md", experiment_readme(cfg, fid_table, pd.DataFrame(rows), pd.DataFrame(scm_rows), df))
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    student = df[df.run == cfg["student"]]
+    for sampler in pipe["scm_samplers"]:
+        s = student[student.sampler == sampler].sort_values("step")
+        ax.plot(s.step - pipe["distill_warm_start"], s.FID, marker="o", label=f"student {sampler}")
+    teacher = df[df.run == pipe["teacher"]].set_index("sampler")
+    for k, sampler in enumerate(cfg["teacher_samplers"]):
+        ax.axhline(teacher.loc[sampler].FID, ls="--", lw=1, color=f"C{k + 2}", label=f"teacher {sampler}")
+    ax.set(xlabel="sCD steps after the warm start", ylabel=f"FID ({pipe['final_samples']} samples)", yscale="log",
+           title="distillation")
+    ax.legend(fontsize=7)
+    save_figure(fig, root, "distillation")
+
+    atomic_write_text(root / "README.md", experiment_readme(cfg, fid_table, speedup, scm, df))
     return root
 
 
@@ -170,7 +216,7 @@ def experiment_readme(cfg, fid_table, speedup, scm, df) -> str:
     import snakemake
     import torch_fidelity
 
-    pipe = cfg["pipeline"]
+    pipe, d = cfg["pipeline"], cfg["distill_config"]
     ref = df.reference.iloc[0]
     return f"""# Experiment `{pipe['experiment']}`
 
@@ -179,12 +225,15 @@ Generated by `speedpipe report`. Everything below was measured by this pipeline 
 - Methods: {', '.join(f"`{m}` ({p})" for m, p in pipe['methods'].items())}; seeds {pipe['seeds']}; {pipe['train_steps']} training iterations.
 - Evaluation: {pipe['extractor']} features via torch-fidelity; reference `{ref}` (real images of the dataset);
   FID curves with `{pipe['curve_sampler']}` on {pipe['curve_samples']} samples per point; teacher vs sCM on {pipe['final_samples']} samples.
-- sCD: teacher `{pipe['teacher']}` at {pipe['train_steps']} iterations, {pipe['distill_steps']} distillation steps
-  (σ_d = {cfg['distill_config']['sigma_d']}, P_mean = {cfg['distill_config']['p_mean']}, P_std = {cfg['distill_config']['p_std']}).
+  Label accuracy: the fraction of samples the dataset's classifier assigns to the label they were generated for.
+- sCD: teacher `{pipe['teacher']}` at {pipe['train_steps']} iterations (guidance {d['cfg_scale']}), a {pipe['distill_warm_start']}-step
+  TrigFlow warm start then {pipe['distill_steps']} sCD steps (σ_d = {d['sigma_d']}, P_mean = {d['p_mean']}, P_std = {d['p_std']}, lr {d['lr']}).
 - Software: Python {platform.python_version()}, torch {torch.__version__}, diffusers {diffusers.__version__},
   torch-fidelity {torch_fidelity.__version__}, snakemake {snakemake.__version__}; machine {platform.machine()}, {torch.get_num_threads()} threads.
 
 ## FID per method and iteration
+
+![FID against iterations](figures/fid_vs_iterations.png)
 
 {fid_table.to_markdown(index=False)}
 
@@ -192,12 +241,21 @@ Generated by `speedpipe report`. Everything below was measured by this pipeline 
 
 {speedup.to_markdown(index=False) if len(speedup) else 'no baseline in this experiment'}
 
+## The teacher
+
+![teacher samples, one row per class](figures/teacher_grid.png)
+
 ## sCM versus teacher
 
-{scm.round(4).to_markdown(index=False)}
+![distillation curve](figures/distillation.png)
+
+![teacher and sCM samples, one row per class](figures/teacher_vs_scm.png)
+
+{scm.to_markdown(index=False)}
 
 Figures: `figures/fid_vs_iterations.png`, `figures/training_loss.png`, `figures/timestep_methods.png`,
-`figures/samples_per_method.png`, `figures/teacher_vs_scm.png`. Tables as CSV/Markdown/LaTeX in `tables/`.
+`figures/samples_per_method.png`, `figures/teacher_grid.png`, `figures/teacher_vs_scm.png`, `figures/distillation.png`.
+Tables as CSV/Markdown/LaTeX in `tables/`.
 
 ## Experiment file
 
