@@ -1,4 +1,6 @@
 import json
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -131,6 +133,9 @@ def test_encode_writes_verifiable_shards_resumes_and_refuses_tampering(tmp_path,
     (out / shard_name(2)).write_bytes(bytes(data))
     with pytest.raises(DataError, match=shard_name(2)):
         LatentStore(out)
+    with pytest.raises(DataError, match=f"{shard_name(2)} does not match the sha256 recorded in .*manifest.json"):
+        encode.run(load_config(path, overrides))  # a re-run refuses the altered shard instead of re-recording it
+    assert json.loads((out / "manifest.json").read_text())["shards"] == manifest["shards"]
 
 
 def test_encode_refuses_shards_of_another_encoder(tmp_path, image_tree):
@@ -192,3 +197,16 @@ def test_tiny_autoencoder_trains_and_resumes_bit_identical(tmp_path):
     out = autoencoder.run(resumed_cfg)
     resumed = torch.load(out / "ckpt-0000004.pt", weights_only=True)
     assert all(torch.equal(reference["model"][k], resumed["model"][k]) for k in reference["model"])
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_outputs_get_the_permissions_the_umask_gives(tmp_path, umask, mode):
+    from speedpipe.io import atomic_torch_save, atomic_write_text
+
+    old = os.umask(umask)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+        atomic_torch_save({"x": 1}, tmp_path / "b.pt")
+    finally:
+        os.umask(old)
+    assert [stat.S_IMODE((tmp_path / n).stat().st_mode) for n in ("a.txt", "b.pt")] == [mode, mode]

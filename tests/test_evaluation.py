@@ -5,10 +5,11 @@ import pytest
 import torch
 import torch_fidelity
 from diffusers import AutoencoderKL
+from PIL import Image
 
 from conftest import run_python
 from speedpipe.config import load_config
-from speedpipe.fidelity import EvaluationError, UInt8Images, extract_features, fidelity_kwargs
+from speedpipe.fidelity import EvaluationError, UInt8Images, extract_features, fidelity_kwargs, label_accuracy
 from speedpipe.models.autoencoder import save_tiny_autoencoder, tiny_autoencoder_config
 from speedpipe.models.classifier import ClassifierFeatureExtractor
 from speedpipe.stages import evaluate, reference, sample, train
@@ -92,6 +93,43 @@ def test_stage_metrics_equal_torch_fidelity(tmp_path, classifier_weights, digits
         assert ours[key] == pytest.approx(value, rel=1e-6), key
 
 
+def test_label_accuracy_by_hand():
+    """Six samples of three classes; the classifier's argmax disagrees with the generating label for two of them."""
+    logits = torch.tensor([[5.0, 1, 0], [0.2, 0.1, 0], [0, 3, 1], [2, 1, 0], [0, 0, 4], [0, 1, 7]])
+    labels = np.array([0, 0, 1, 1, 2, 2])  # predictions 0, 0, 1, 0, 2, 2: sample 3 (label 1) is wrong
+    result = label_accuracy(logits, labels, num_classes=4)
+    assert result["accuracy"] == pytest.approx(5 / 6)
+    assert result["per_class"] == {"0": 1.0, "1": 0.5, "2": 1.0, "3": None}
+    with pytest.raises(EvaluationError, match="6 samples but 5 labels"):
+        label_accuracy(logits, labels[:5], num_classes=4)
+
+
+def test_stage_label_accuracy_counts_mislabelled_samples(tmp_path, classifier_weights, digits):
+    """Real digits with their own labels score the classifier's accuracy; the same digits with shifted labels do not."""
+    from speedpipe.data.images import Mnist5k
+
+    path, overrides = _eval_config(tmp_path, classifier_weights)
+    reference.run(load_config(path, overrides))
+    labels = Mnist5k(32).labels[:500].numpy()
+    scores = {}
+    for name, given in (("true", labels), ("shifted", (labels + 1) % 10)):
+        samples = tmp_path / "ev" / "samples" / name / "0000001" / "ddpm250.npz"
+        write_npz(samples, digits, given)
+        out = evaluate.run(load_config(path, overrides + [f"eval.samples={samples}", "eval.label_accuracy=true"]))
+        scores[name] = json.loads(out.read_text())
+    features = extract_features(digits, "classifier", classifier_weights, ["isc"])["logits"]
+    expected = (features.argmax(1).numpy() == labels).mean()
+    assert scores["true"]["metrics"]["label_accuracy"] == pytest.approx(expected) and expected > 0.3
+    assert scores["shifted"]["metrics"]["label_accuracy"] < 0.2
+    per_class = scores["true"]["label_accuracy_per_class"]
+    assert set(per_class) == {str(c) for c in range(10)} and all(0 <= v <= 1 for v in per_class.values())
+    samples = tmp_path / "ev" / "samples" / "nolabels" / "0000001" / "ddpm250.npz"
+    samples.parent.mkdir(parents=True)
+    np.savez(samples, arr_0=digits[:10])
+    with pytest.raises(EvaluationError, match="needs the labels"):
+        evaluate.run(load_config(path, overrides + [f"eval.samples={samples}", "eval.label_accuracy=true"]))
+
+
 def test_bad_inputs_write_no_metrics(tmp_path, classifier_weights, digits):
     path, overrides = _eval_config(tmp_path, classifier_weights)
     reference.run(load_config(path, overrides))
@@ -153,3 +191,69 @@ def test_two_rank_sampling_matches_one_rank(sampling_setup, tmp_path):
     two = np.load(tmp_path / "two.npz", allow_pickle=False)
     assert np.array_equal(np.load(one)["arr_0"], two["arr_0"]) and np.array_equal(np.load(one)["arr_1"], two["arr_1"])
     assert not list(tmp_path.glob(".part-*"))
+
+
+def test_non_finite_samples_are_refused_and_nothing_is_written(sampling_setup, tmp_path):
+    from speedpipe.checkpoint import load_checkpoint
+    from speedpipe.io import atomic_torch_save
+
+    config, overrides = sampling_setup
+    ckpt = next(o.split("=", 1)[1] for o in overrides if o.startswith("sampling.checkpoint="))
+    state = load_checkpoint(ckpt)
+    state["ema"]["final_layer.linear.bias"][:] = float("nan")
+    atomic_torch_save(state, tmp_path / "ckpt-0000002.pt")
+    out = tmp_path / "nan.npz"
+    with pytest.raises(FloatingPointError, match=r"non-finite latents .*training step 2.* sampler ddpm10"):
+        sample.run(load_config(config, overrides + [f"sampling.checkpoint={tmp_path / 'ckpt-0000002.pt'}", f"sampling.out={out}"],
+                               phase="sample"))
+    assert not out.exists() and not out.with_suffix(".png").exists()
+
+
+def _adm_batch(path, **arrays):
+    np.savez(path, **arrays)
+    return path
+
+
+def test_adm_reference_batch_import_and_its_validation(tmp_path, classifier_weights, digits):
+    """An ADM-format reference batch (mu, sigma, arr_0) becomes the FID reference; malformed batches are refused."""
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(128, 128))
+    mu, sigma = rng.normal(size=128), a @ a.T / 128
+    good = _adm_batch(tmp_path / "ref.npz", mu=mu, sigma=sigma, arr_0=digits[:200])
+    path, overrides = _eval_config(tmp_path, classifier_weights, f"eval.reference_npz={good}")
+    stats = torch.load(reference.run(load_config(path, overrides)), weights_only=True)
+    assert np.array_equal(stats["mu"].numpy(), mu) and np.array_equal(stats["sigma"].numpy(), sigma)
+    assert stats["count"] == 200 and stats["identity"]["source"].startswith("adm:ref.npz:")
+    assert stats["features"]["features"].shape == (200, 128)
+    bad = {
+        "missing.npz": (None, "ADM reference batch not found: .*missing.npz"),
+        "nosigma.npz": ({"mu": mu}, r"arrays \['sigma'\] missing"),
+        "dim.npz": ({"mu": np.zeros(2048), "sigma": np.eye(2048)}, r"do not fit the classifier features of dimension 128"),
+        "nan.npz": ({"mu": np.full(128, np.nan), "sigma": sigma}, "non-finite"),
+    }
+    for name, (arrays, message) in bad.items():
+        npz = tmp_path / name if arrays is None else _adm_batch(tmp_path / name, **arrays)
+        with pytest.raises(EvaluationError, match=message):
+            reference.run(load_config(path, [*overrides[:-1], f"eval.reference_npz={npz}"]))
+
+
+def test_reference_memory_does_not_grow_with_the_image_count(tmp_path, classifier_weights):
+    """Peak memory of the reference stage on 1,000 and 10,000 images differs by about the features themselves."""
+    rng = np.random.default_rng(0)
+    tree = tmp_path / "imgs" / "c"
+    tree.mkdir(parents=True)
+    for i in range(10_000):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tree / f"{i:05d}.png")
+    script = ("import resource, sys; from speedpipe.config import load_config; from speedpipe.stages import reference; "
+              "reference.run(load_config(sys.argv[1], sys.argv[2:])); print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    (tmp_path / "r.yaml").write_text(f"experiment: mem\noutput_dir: {tmp_path}\n")
+    peaks = {}
+    for n in (1_000, 10_000):
+        result = run_python(["-c", script, str(tmp_path / "r.yaml"), "data.name=image_folder", f"data.root={tmp_path / 'imgs'}",
+                             "data.image_size=32", "eval.extractor=classifier", f"eval.classifier_weights={classifier_weights}",
+                             f"eval.reference_max_images={n}", f"eval.reference={tmp_path / f'stats-{n}.pt'}"], timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        peaks[n] = int(result.stdout.split()[-1]) * 1024
+    features = 9_000 * (128 + 10) * 4  # the extra images' features (float32), a few MB
+    # loading the images, as the stage once did, would add 9,000 x 3 x 32 x 32 floats (110 MB)
+    assert peaks[10_000] - peaks[1_000] < features + 30e6, peaks

@@ -146,6 +146,7 @@ class EvalConfig:
     metrics: List[str] = field(default_factory=lambda: ["fid", "kid", "isc", "prc"])
     label_accuracy: bool = False  # fraction of samples the dataset's classifier (classifier_weights) assigns to their label
     batch_size: int = 100
+    num_workers: int = 0  # processes decoding real images for the reference stage
     kid_subset_size: int = 1000
     classifier_steps: int = 500
     classifier_batch_size: int = 64

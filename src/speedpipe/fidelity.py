@@ -16,7 +16,7 @@ from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics
 from torch_fidelity.metric_isc import isc_features_to_metric
 from torch_fidelity.metric_kid import kid_features_to_metric
 from torch_fidelity.metric_prc import prc_features_to_metric
-from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
+from torch_fidelity.utils import create_feature_extractor
 
 from speedpipe.models.classifier import ClassifierFeatureExtractor
 
@@ -86,13 +86,49 @@ def extractor_kwargs(extractor: str, weights: Path, cuda: bool) -> dict:
 
 def extract_features(images: np.ndarray, extractor: str, weights: Path, metrics, batch_size=100, cuda=False) -> dict:
     """{layer: features [N, D]} (as torch-fidelity extracts them) for the layers the metrics need."""
+    return stream_features(UInt8Images(images), extractor, weights, metrics, batch_size, cuda)[0]
+
+
+def _readable(items):
+    """Collate (index, uint8 CHW tensor or None) items: the readable images stacked, and the unreadable indices."""
+    kept = [image for _, image in items if image is not None]
+    return (torch.stack(kept) if kept else None), [i for i, image in items if image is None]
+
+
+def stream_features(dataset, extractor: str, weights: Path, metrics, batch_size=100, cuda=False, num_workers=0):
+    """({layer: features [N, D]}, skipped indices) of a dataset of (index, uint8 CHW image or None) items, or of
+    uint8 CHW images, batch by batch: memory holds the features, never the images (torch-fidelity's own loop,
+    get_featuresdict_from_dataset, with decoding in worker processes and unreadable items skipped and counted)."""
     layers = sorted({LAYERS[extractor][m] for m in metrics})
     kwargs = extractor_kwargs(extractor, weights, cuda)
     fe = create_feature_extractor(kwargs["feature_extractor"], layers, **kwargs)
+    indexed = dataset if not isinstance(dataset, UInt8Images) else _Indexed(dataset)
+    loader = torch.utils.data.DataLoader(indexed, batch_size=batch_size, num_workers=num_workers, collate_fn=_readable,
+                                         pin_memory=cuda)
+    parts, skipped = {layer: [] for layer in layers}, []
     torch.manual_seed(0)
-    with no_tf32():
-        feats = get_featuresdict_from_dataset(UInt8Images(images), fe, batch_size, cuda, save_cpu_ram=True, verbose=False)
-    return feats
+    with no_tf32(), torch.no_grad():
+        for batch, unreadable in loader:
+            skipped += unreadable
+            if batch is None:
+                continue
+            features = fe.convert_features_tuple_to_dict(fe(batch.cuda(non_blocking=True) if cuda else batch))
+            for layer, value in features.items():
+                parts[layer].append(value.cpu())
+    if not parts[layers[0]]:
+        raise EvaluationError(f"no readable images among {len(skipped)}")
+    return {layer: torch.cat(v) for layer, v in parts.items()}, skipped
+
+
+class _Indexed(torch.utils.data.Dataset):
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        return i, self.dataset[i]
 
 
 def compute_metrics(sample_feats: dict, reference: dict, extractor: str, metrics, kid_subset_size=1000) -> dict:

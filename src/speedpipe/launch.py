@@ -23,7 +23,9 @@ from speedpipe.config import ConfigError
 
 STAGE_MODULES = {s: f"speedpipe.stages.{s}" for s in
                  ("autoencoder", "encode", "classifier", "reference", "train", "distill", "sample", "evaluate", "report")}
-QUEUED_STATES = ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED")
+# Every state from which a job still runs or comes back (squeue's long names); any other state has ended it.
+QUEUED_STATES = ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING",
+                 "SUSPENDED", "PREEMPTED", "SIGNALING", "STOPPED", "RESV_DEL_HOLD", "STAGE_OUT")
 SAFE_VALUE = re.compile(r"[A-Za-z0-9_.,:=@%+/-]*")  # no whitespace, quotes or shell metacharacters
 
 

@@ -47,6 +47,13 @@ def check_pipeline(pipe: dict, base_dir=None) -> dict:
             raise ConfigError(f"pipeline config: overrides.{stage}: unknown stage; expected one of {list(STAGES)}")
     if pipe["teacher"] not in runs(pipe):
         raise ConfigError(f"pipeline config: teacher {pipe['teacher']!r} is not one of the train runs {runs(pipe)}")
+    for key in ("eval_steps", "distill_eval_steps"):
+        steps = pipe[key]
+        if not steps or any(not isinstance(s, int) or s < 0 for s in steps) or list(steps) != sorted(set(steps)):
+            raise ConfigError(f"pipeline config: {key} {steps}: expected increasing non-negative integers (a checkpoint "
+                              f"is written at exactly each of them)")
+    if min(pipe["eval_steps"]) < 1:
+        raise ConfigError(f"pipeline config: eval_steps {pipe['eval_steps']}: the first checkpoint is at step 1 or later")
     if max(pipe["eval_steps"]) != pipe["train_steps"]:
         raise ConfigError("pipeline config: the last of eval_steps must equal train_steps (the teacher's checkpoint)")
     for key in ("curve_sampler", "teacher_sampler", "teacher_ode_sampler"):
@@ -176,11 +183,21 @@ def evaluations(pipe) -> list[tuple[str, int, str]]:
     return sorted(set(jobs))
 
 
-def evaluation_jobs(pipe) -> dict[str, list[tuple[int, str]]]:
-    """run -> its (step, sampler) evaluations: each run's are sampled and evaluated in one job (one process start-up)."""
+def evaluation_jobs(pipe) -> dict[str, tuple[str, list[tuple[int, str]]]]:
+    """job name -> (run, its (step, sampler) evaluations), each job sampled and evaluated in one process (one start-up).
+
+    A train run's curve points make one job, with the teacher's few-step samplers; each of the teacher's samplers
+    with more steps than the curve sampler makes its own (they are the long ones, and run side by side); the
+    student's checkpoints make one.
+    """
+    def steps(label):
+        return int(parse_sampler(label)[0][4:])
+
     jobs = {}
     for run, step, sampler in evaluations(pipe):
-        jobs.setdefault(run, []).append((step, sampler))
+        final = run == pipe["teacher"] and step == pipe["train_steps"] and sampler in teacher_samplers(pipe)
+        name = f"{run}-{sampler}" if final and steps(sampler) > steps(pipe["curve_sampler"]) else run
+        jobs.setdefault(name, (run, []))[1].append((step, sampler))
     return jobs
 
 

@@ -7,6 +7,7 @@ rule distill:
         log=f"{ROOT}/distill/{PIPE['teacher']}/log.csv",
     params:
         **stage_params("distill"),
-    threads: 2
+    threads: 1
+    priority: 10
     script:
         "../scripts/stage.py"

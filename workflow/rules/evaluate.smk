@@ -1,17 +1,18 @@
-# One job per model (a train run, or the sCD student): every (step, sampler) evaluation of it, each one the
-# sample stage then the evaluate stage, in one process, so the interpreter and library start-up is paid once
-# per model rather than once per file. The job's params carry every stage config of the batch.
+# Evaluation jobs (workflow.evaluation_jobs): a train run's curve points, each teacher sampler, the student's
+# checkpoints. Each evaluation is the sample stage then the evaluate stage, all of a job's in one process, so the
+# interpreter and library start-up is paid once per job rather than once per file. The job's params carry every
+# stage config of the batch. The teacher's and student's jobs go first: they are on the demo's critical path.
 import re
 
 EVAL_EXTRA = ([f"{ROOT}/autoencoder/model.safetensors"] if AE_TINY else []) + (
     [f"{ROOT}/classifier/model.safetensors"] if CLASSIFIER or W.stage_config(PIPE, "evaluate", run=PIPE["teacher"],
         step=PIPE["train_steps"], sampler=PIPE["teacher_sampler"])["eval"]["label_accuracy"] else [])
 
-for _run, _evals in W.evaluation_jobs(PIPE).items():
+for _name, (_run, _evals) in W.evaluation_jobs(PIPE).items():
 
     rule:
         name:
-            "evaluate_" + re.sub(r"\W", "_", _run)
+            "evaluate_" + re.sub(r"\W", "_", _name)
         input:
             checkpoints=sorted({str(W.checkpoint_path(PIPE, _run, s)) for s, _ in _evals}),
             reference=f"{ROOT}/reference/stats-{PIPE['extractor']}.pt",
@@ -27,5 +28,6 @@ for _run, _evals in W.evaluation_jobs(PIPE).items():
         resources:
             gpus=W.launcher_settings(PIPE, "sample").get("gpus_per_node", 0),
         threads: 1
+        priority: 10 if _name != _run or _run == W.student(PIPE) else 0
         script:
             "../scripts/stage.py"

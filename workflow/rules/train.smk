@@ -9,5 +9,6 @@ rule train:
     resources:
         gpus=lambda wc: W.launcher_settings(PIPE, "train").get("gpus_per_node", 0),
     threads: 1
+    priority: lambda wc: 20 if wc.run == PIPE["teacher"] else 0  # the teacher first: sCD and its evaluations wait on it
     script:
         "../scripts/stage.py"

@@ -3,7 +3,8 @@
 Shard i holds dataset items [i·S, (i+1)·S); rank r of W writes the shards with i mod W = r, so no two
 ranks ever write the same file. Shards are written atomically and an existing shard is kept (after
 checking it was made from the same dataset and encoder), so an interrupted run resumes at the first
-missing shard. Rank 0 writes the manifest last: counts, shapes, checksums, latent statistics, skips.
+missing shard; when a manifest exists, every kept shard must still match the checksum recorded there. Rank 0
+writes the manifest last: counts, shapes, checksums, latent statistics, skips.
 """
 import json
 import math
@@ -87,6 +88,8 @@ def run(cfg):
     if env.is_main:
         save_config(cfg, out / "config.yaml")
 
+    manifest = out / "manifest.json"
+    recorded = {sh["file"]: sh["sha256"] for sh in json.loads(manifest.read_text())["shards"]} if manifest.is_file() else {}
     size = cfg.encode.shard_size
     num_shards = math.ceil(len(dataset) / size)
     mine = [i for i in range(num_shards) if i % env.world_size == env.rank]
@@ -97,6 +100,7 @@ def run(cfg):
         path = out / shard_name(i)
         if path.exists():
             _check_provenance(path, provenance)
+            _check_recorded_checksum(path, recorded)
             continue
         indices = range(i * size, min((i + 1) * size, len(dataset)))
         generator = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + i)  # per shard: rank-independent
@@ -123,6 +127,13 @@ def _check_provenance(path, provenance):
     stale = [k for k, v in provenance.items() if meta.get(k) != v]
     if stale:
         raise DataError(f"{path} was written with a different {', '.join(stale)}; delete {path.parent} to re-encode")
+
+
+def _check_recorded_checksum(path, recorded: dict):
+    """A shard the existing manifest lists must still have the checksum recorded there (else it was altered)."""
+    if path.name in recorded and sha256_file(path) != recorded[path.name]:
+        raise DataError(f"{path} does not match the sha256 recorded in {path.parent / 'manifest.json'} (modified or corrupt "
+                        f"since it was written); delete it to re-encode it")
 
 
 def _shard_info(path) -> dict:

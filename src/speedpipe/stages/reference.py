@@ -1,55 +1,112 @@
 """Stage `reference`: features and FID statistics of the real images, once per (dataset, extractor).
 
-Writes {output_dir}/{experiment}/reference/stats-{extractor}.pt: {mu, sigma, features: {layer: [N, D]},
-count, identity}. With eval.reference_npz an ADM reference batch (e.g. VIRTUAL_imagenet256_labeled.npz)
-is imported instead: its mu/sigma are the FID reference, and its images (arr_0) give KID/PR/IS features.
+Writes {output_dir}/{experiment}/reference/stats-{extractor}.pt: {mu, sigma, features: {layer: [N, D]}, count,
+skipped, identity}. Images are decoded in batches by worker processes (eval.num_workers) and only their features
+are kept, so memory does not grow with the dataset beyond the features themselves; under several ranks (torchrun
+or a multi-task SLURM job) each rank extracts a contiguous slice and rank 0 gathers them in order. Unreadable
+images are skipped and counted (or stop the run with data.strict).
+
+With eval.reference_npz an ADM reference batch (e.g. VIRTUAL_imagenet256_labeled.npz, the published FIDs'
+reference) is imported instead: its mu/sigma are the FID reference, checked against the extractor's feature
+dimension, and its images (arr_0, if present) give KID/PR/IS features.
 """
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+
+from torch_fidelity.metric_fid import fid_features_to_statistics
 
 from speedpipe.data.images import open_image_dataset, to_uint8
-from speedpipe.fidelity import LAYERS, extract_features, use_cuda, weights_for
+from speedpipe.distributed import setup_device, shutdown
+from speedpipe.fidelity import LAYERS, EvaluationError, UInt8Images, stream_features, use_cuda, weights_for
 from speedpipe.io import atomic_torch_save, sha256_tree
+from speedpipe.models.classifier import DigitClassifier
+
+FID_DIMS = {"inception-v3-compat": 2048, "classifier": DigitClassifier.feature_dim}
 
 
 def reference_path_for(cfg) -> Path:
     return Path(cfg.eval.reference or Path(cfg.output_dir) / cfg.experiment / "reference" / f"stats-{cfg.eval.extractor}.pt")
 
 
-def real_images(cfg) -> tuple[np.ndarray, str]:
-    """uint8 NHWC real images (every readable one, or the first reference_max_images) and the dataset identity."""
-    dataset = open_image_dataset(cfg.data)
-    n = min(len(dataset), cfg.eval.reference_max_images or len(dataset))
-    items = [dataset[i] for i in range(n)]
-    images = torch.stack([item[0] for item in items if item is not None])
-    return to_uint8(images).numpy(), dataset.fingerprint()
+class RealImages(torch.utils.data.Dataset):
+    """(index, uint8 CHW image or None if unreadable) for dataset items [start, stop)."""
+
+    def __init__(self, dataset, start: int, stop: int):
+        self.dataset, self.start, self.stop = dataset, start, stop
+
+    def __len__(self):
+        return self.stop - self.start
+
+    def __getitem__(self, k):
+        item = self.dataset[self.start + k]
+        return self.start + k, None if item is None else to_uint8(item[0][None])[0].permute(2, 0, 1)
+
+
+def load_adm_batch(path, extractor: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(mu, sigma, images or None) of an ADM reference batch, validated; errors name the file and what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise EvaluationError(f"ADM reference batch not found: {path}. Download it from the guided-diffusion evaluation "
+                              f"suite (e.g. VIRTUAL_imagenet256_labeled.npz) on a machine with network and put it there "
+                              f"(config key eval.reference_npz)")
+    try:
+        with np.load(path, allow_pickle=False) as adm:
+            missing = [k for k in ("mu", "sigma") if k not in adm]
+            if missing:
+                raise EvaluationError(f"{path}: not an ADM reference batch: arrays {missing} missing (it has {sorted(adm.files)})")
+            mu, sigma = adm["mu"], adm["sigma"]
+            images = adm["arr_0"] if "arr_0" in adm else None
+    except (ValueError, OSError) as err:
+        raise EvaluationError(f"{path}: not a readable npz ({err})") from None
+    dim = FID_DIMS[extractor]
+    if mu.shape != (dim,) or sigma.shape != (dim, dim):
+        raise EvaluationError(f"{path}: mu {mu.shape} and sigma {sigma.shape} do not fit the {extractor} features of "
+                              f"dimension {dim} (expected ({dim},) and ({dim}, {dim}))")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise EvaluationError(f"{path}: mu or sigma holds non-finite values")
+    if images is not None:
+        UInt8Images(images)  # uint8 [N, H, W, 3]
+    return mu, sigma, images
 
 
 def run(cfg):
+    device, env = setup_device(cfg.eval.device, "eval.device")
     weights = weights_for(cfg)
+    cuda = device.type == "cuda" or use_cuda(cfg.eval.device)
+    skipped = []
     if cfg.eval.reference_npz:
-        with np.load(cfg.eval.reference_npz, allow_pickle=False) as adm:
-            images = adm["arr_0"] if "arr_0" in adm else None
-            mu, sigma = adm["mu"], adm["sigma"]
+        mu, sigma, images = load_adm_batch(cfg.eval.reference_npz, cfg.eval.extractor)
         source = f"adm:{Path(cfg.eval.reference_npz).name}:{sha256_tree(cfg.eval.reference_npz)[:16]}"
-        metrics = [m for m in ("kid", "isc", "prc") if images is not None]
+        metrics = ["kid", "isc", "prc"] if images is not None else []
+        features = stream_features(UInt8Images(images), cfg.eval.extractor, weights, metrics, cfg.eval.batch_size, cuda)[0] if metrics else {}
+        count = 0 if images is None else len(images)
     else:
-        images, source = real_images(cfg)
-        metrics = ["fid", "kid", "isc", "prc"]
-    cuda = use_cuda(cfg.eval.device)
-    features = extract_features(images, cfg.eval.extractor, weights, metrics, cfg.eval.batch_size, cuda) if metrics else {}
-    if not cfg.eval.reference_npz:
-        fid_feats = features[LAYERS[cfg.eval.extractor]["fid"]].numpy()
-        mu, sigma = np.mean(fid_feats, axis=0), np.cov(fid_feats, rowvar=False)
-    reference = {
-        "mu": torch.from_numpy(np.asarray(mu)),
-        "sigma": torch.from_numpy(np.asarray(sigma)),
-        "features": features,
-        "count": 0 if images is None else len(images),
-        "identity": {"source": source, "extractor": cfg.eval.extractor, "extractor_sha256": sha256_tree(weights)},
-    }
-    out = reference_path_for(cfg)
-    atomic_torch_save(reference, out)
-    return out
+        dataset = open_image_dataset(cfg.data)
+        n = min(len(dataset), cfg.eval.reference_max_images or len(dataset))
+        bounds = [n * r // env.world_size for r in range(env.world_size + 1)]
+        mine = RealImages(dataset, bounds[env.rank], bounds[env.rank + 1])
+        features, skipped = stream_features(mine, cfg.eval.extractor, weights, ["fid", "kid", "isc", "prc"], cfg.eval.batch_size,
+                                            cuda, cfg.eval.num_workers)
+        if env.world_size > 1:  # rank order = dataset order
+            gathered = [None] * env.world_size
+            dist.all_gather_object(gathered, (features, skipped))
+            features = {k: torch.cat([g[0][k] for g in gathered]) for k in features}
+            skipped = [i for g in gathered for i in g[1]]
+        source = dataset.fingerprint()
+        stats = fid_features_to_statistics(features[LAYERS[cfg.eval.extractor]["fid"]])
+        mu, sigma = stats["mu"], stats["sigma"]
+        count = len(features[LAYERS[cfg.eval.extractor]["fid"]])
+    if env.is_main:
+        atomic_torch_save({
+            "mu": torch.from_numpy(np.asarray(mu)),
+            "sigma": torch.from_numpy(np.asarray(sigma)),
+            "features": features,
+            "count": count,
+            "skipped": len(skipped),
+            "identity": {"source": source, "extractor": cfg.eval.extractor, "extractor_sha256": sha256_tree(weights)},
+        }, reference_path_for(cfg))
+    shutdown(env)
+    return reference_path_for(cfg)

@@ -140,6 +140,9 @@ def run(cfg):
         generator = torch.Generator(device).manual_seed(s.seed * 1_000_003 + b)
         y = labels[batches[b].start : batches[b].stop].to(device)
         z = normalization.denormalize(sampler(y, generator))
+        if not bool(torch.isfinite(z).all()):
+            raise FloatingPointError(f"sample: non-finite latents from {s.checkpoint} (training step {state['step']}) with "
+                                     f"sampler {s.sampler} (cfg {s.cfg_scale}) in batch {b}; nothing was written")
         parts.append((b, to_uint8(decode_latents(vae, z, scale)).numpy(), y.cpu().numpy()))
     seconds = time.perf_counter() - start
 
