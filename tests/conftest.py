@@ -48,3 +48,34 @@ def poison_third_batch(monkeypatch):
 def run_python(args, env_extra=None, **kwargs):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env_extra or {})}
     return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, **kwargs)
+
+
+def events(run_dir) -> list[dict]:
+    """The rows of a long stage's events.csv (speedpipe.loop): start, resume, preempted, finished."""
+    import csv
+
+    with open(Path(run_dir) / "events.csv") as f:
+        return [{**row, "step": int(row["step"])} for row in csv.DictReader(f)]
+
+
+def _slurm_cluster_up() -> bool:
+    import shutil
+
+    if shutil.which("sinfo") is None:
+        return False
+    out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True)
+    return out.returncode == 0 and any(s in out.stdout for s in ("idle", "mixed", "alloc"))
+
+
+def slurm(test):
+    """Mark a test that needs the local SLURM cluster: skipped without it, unless SPEEDPIPE_REQUIRE_SLURM=1 (as in
+    .ci/run), where a missing cluster fails the test instead."""
+    if _slurm_cluster_up():
+        return test
+    if os.environ.get("SPEEDPIPE_REQUIRE_SLURM") == "1":
+        def missing(*args, **kwargs):
+            pytest.fail("SPEEDPIPE_REQUIRE_SLURM=1 but no local SLURM cluster answers sinfo (slurm/local-cluster/start.sh)")
+
+        missing.__name__ = test.__name__
+        return missing
+    return pytest.mark.skip(reason="no local SLURM cluster: start it with slurm/local-cluster/start.sh (.ci/run does)")(test)

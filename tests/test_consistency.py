@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import events
 from speedpipe.checkpoint import load_checkpoint
 from speedpipe.config import load_config
 from speedpipe.consistency.scd import ConsistencySampler, LogvarHead, SCDLoss, jvp_dF_dt
@@ -125,13 +126,15 @@ def test_distill_reduces_loss_and_resumes_bit_identical(tiny_train_config, toy_t
     assert float(rows[-1]["loss"]) < float(rows[0]["loss"])
     distill.run(_distill_cfg(tiny_train_config, toy_teacher, tmp_path / "b", "distill.steps=8"))
     resumed = distill.run(_distill_cfg(tiny_train_config, toy_teacher, tmp_path / "b"))
+    assert [(e["event"], e["step"], e["source"], e["steps_performed"]) for e in events(resumed)] == [
+        ("start", 0, "", ""), ("finished", 12, "", "12"), ("resume", 12, "ckpt-0000012.pt", ""), ("finished", 24, "", "12")]
     a, b = load_checkpoint(straight / "ckpt-0000024.pt"), load_checkpoint(resumed / "ckpt-0000024.pt")
     for key in ("model", "ema", "logvar_head"):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
     assert [r["loss"] for r in _log(straight)] == [r["loss"] for r in _log(resumed)]
 
 
-@pytest.mark.parametrize("warm_start,quantity", [(0, "tangent g"), (4, "loss")])
+@pytest.mark.parametrize("warm_start,quantity", [(0, "tangent g"), (4, "distill loss")])
 def test_nonfinite_tangent_is_caught(tiny_train_config, toy_teacher, tmp_path, poison_third_batch, warm_start, quantity):
     """A NaN batch in sCD (the tangent) or in the warm start (the loss) stops the run, or is skipped and counted."""
     no_warm_start = f"distill.warm_start_steps={warm_start}", f"distill.steps={24 - warm_start}"

@@ -8,7 +8,7 @@ import torch
 from diffusers import AutoencoderKL
 from PIL import Image
 
-from conftest import run_python
+from conftest import events, run_python
 from speedpipe.config import load_config
 from speedpipe.data.images import DataError, ImageFolder, Mnist5k, center_crop_arr
 from speedpipe.data.latents import LatentStore, shard_name
@@ -195,6 +195,7 @@ def test_tiny_autoencoder_trains_and_resumes_bit_identical(tmp_path):
     resumed_cfg = load_config(path, [f"output_dir={resumed_dir}"])
     autoencoder.run(load_config(path, [f"output_dir={resumed_dir}", "autoencoder.steps=2"]))
     out = autoencoder.run(resumed_cfg)
+    assert [(e["event"], e["step"], e["steps_performed"]) for e in events(out)][-2:] == [("resume", 2, ""), ("finished", 4, "2")]
     resumed = torch.load(out / "ckpt-0000004.pt", weights_only=True)
     assert all(torch.equal(reference["model"][k], resumed["model"][k]) for k in reference["model"])
 

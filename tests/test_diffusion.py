@@ -80,3 +80,105 @@ def test_cfg_scale_one_is_the_conditional_model():
     # null class 0 makes the unconditional ε zero: guided = 4 ε_c on 3 channels, ε_c on the 4th.
     assert torch.allclose(guided[:, :3], 4 * (x * y.view(-1, 1, 1, 1))[:, :3])
     assert torch.allclose(guided[:, 3], (x * y.view(-1, 1, 1, 1))[:, 3])
+
+
+def _table():
+    """A small hand-made ᾱ table (T = 4), independent of the library's schedule code."""
+    betas = np.array([0.1, 0.2, 0.3, 0.4])
+    alphas = 1 - betas
+    ab = np.cumprod(alphas)
+    ab_prev = np.append(1.0, ab[:-1])
+    return betas, alphas, ab, ab_prev
+
+
+def test_posterior_and_learned_range_variance_against_closed_forms():
+    from speedpipe.diffusion.gaussian import GaussianDiffusion
+
+    betas, alphas, ab, ab_prev = _table()
+    d = GaussianDiffusion(betas, learn_sigma=True)
+    x0, x_t = torch.randn(4, 1, 2, 2, dtype=torch.float64), torch.randn(4, 1, 2, 2, dtype=torch.float64)
+    t = torch.arange(4)
+    mean, log_var = d.q_posterior_mean_variance(x0, x_t, t)
+    post_var = betas * (1 - ab_prev) / (1 - ab)  # β̃_t
+    coef1, coef2 = betas * np.sqrt(ab_prev) / (1 - ab), (1 - ab_prev) * np.sqrt(alphas) / (1 - ab)
+    v = lambda a: torch.tensor(a, dtype=torch.float32).view(-1, 1, 1, 1)  # noqa: E731
+    assert torch.allclose(mean, v(coef1) * x0 + v(coef2) * x_t, atol=1e-6)
+    assert torch.allclose(log_var[:, 0, 0, 0], torch.tensor(np.log(np.append(post_var[1], post_var[1:])), dtype=torch.float32))
+    # learned range: log σ² = f·log β_t + (1-f)·log β̃_t (β̃ clipped at t = 0) with f = (v+1)/2
+    eps, raw_v = torch.randn(4, 1, 2, 2, dtype=torch.float64), torch.tensor([-1.0, -0.2, 0.5, 1.0]).view(-1, 1, 1, 1)
+    out = torch.cat([eps, raw_v.expand_as(eps).double()], dim=1)
+    m, lv, x0_hat, _ = d.p_mean_variance_from_output(out, x_t, t)
+    f = (raw_v[:, 0, 0, 0].numpy() + 1) / 2
+    expected = f * np.log(betas) + (1 - f) * np.log(np.append(post_var[1], post_var[1:]))
+    assert np.allclose(lv[:, 0, 0, 0].numpy(), expected, atol=1e-6)
+    x0_expected = (x_t - v(np.sqrt(1 - ab)) * eps) / v(np.sqrt(ab))
+    assert torch.allclose(x0_hat, x0_expected, atol=1e-5)
+    assert torch.allclose(m, v(coef1) * x0_expected + v(coef2) * x_t, atol=1e-5)
+
+
+class _RecordedNoise:
+    """A fixed ε̂ network and the noise a sampler draws, so one step can be recomputed by hand."""
+
+    def __init__(self, eps):
+        self.eps = eps
+
+    def __call__(self, x, t):
+        return torch.cat([self.eps, torch.zeros_like(self.eps)], dim=1)  # v = 0: the geometric mean of β and β̃
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_one_ddim_step_against_its_formula(eta):
+    from speedpipe.diffusion.gaussian import GaussianDiffusion
+
+    betas, alphas, ab, ab_prev = _table()
+    d = GaussianDiffusion(betas[:2], learn_sigma=True)  # two steps: t = 1 (from the noise) then t = 0
+    ab, ab_prev = ab[:2], ab_prev[:2]
+    eps, x_T = torch.randn(3, 1, 2, 2), torch.randn(3, 1, 2, 2)
+    g = torch.Generator().manual_seed(3)
+    z_gen = torch.Generator().manual_seed(3)
+    out = d.ddim_sample_loop(_RecordedNoise(eps), x_T.shape, eta=eta, noise=x_T, generator=g)
+    x = x_T
+    for t in (1, 0):
+        x0 = (x - np.sqrt(1 - ab[t]) * eps) / np.sqrt(ab[t])
+        eps_t = (x - np.sqrt(ab[t]) * x0) / np.sqrt(1 - ab[t])
+        sigma = eta * np.sqrt((1 - ab_prev[t]) / (1 - ab[t])) * np.sqrt(1 - ab[t] / ab_prev[t])
+        z = torch.randn(x.shape, generator=z_gen) if t > 0 else torch.zeros_like(x)
+        x = np.sqrt(ab_prev[t]) * x0 + np.sqrt(1 - ab_prev[t] - sigma**2) * eps_t + sigma * z
+    assert torch.allclose(out, x.float(), atol=1e-5)
+
+
+def test_one_ddpm_step_against_its_formula():
+    from speedpipe.diffusion.gaussian import GaussianDiffusion
+
+    betas, alphas, ab, ab_prev = _table()
+    d = GaussianDiffusion(betas[:2], learn_sigma=True)
+    ab, ab_prev = ab[:2], ab_prev[:2]
+    post_var = betas[:2] * (1 - ab_prev) / (1 - ab)
+    eps, x_T = torch.randn(3, 1, 2, 2), torch.randn(3, 1, 2, 2)
+    out = d.p_sample_loop(_RecordedNoise(eps), x_T.shape, noise=x_T, generator=torch.Generator().manual_seed(4))
+    z_gen, x = torch.Generator().manual_seed(4), x_T
+    for t in (1, 0):
+        x0 = (x - np.sqrt(1 - ab[t]) * eps) / np.sqrt(ab[t])
+        mean = betas[t] * np.sqrt(ab_prev[t]) / (1 - ab[t]) * x0 + (1 - ab_prev[t]) * np.sqrt(alphas[t]) / (1 - ab[t]) * x
+        log_var = 0.5 * np.log(betas[t]) + 0.5 * np.log(post_var[1])  # v = 0; β̃ clipped at t = 0 to β̃_1
+        z = torch.randn(x.shape, generator=z_gen) if t > 0 else torch.zeros_like(x)
+        x = mean + np.exp(0.5 * log_var) * z
+    assert torch.allclose(out, x.float(), atol=1e-5)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm50", "ddim50", "trailing10"])
+def test_gaussian_data_through_the_exact_denoiser_keeps_its_mean_and_variance(sampler):
+    """Data x0 ~ N(μ, s²): the exact ε̂ = √(1-ᾱ)(x_t - √ᾱ μ)/(ᾱ s² + 1 - ᾱ) must give samples with mean μ and std s
+    (a point mass would hide wrong variances and coefficients; here every step's noise and scale matter)."""
+    mu, s = 0.7, 0.4
+    respacing = sampler.replace("ddpm", "")
+    d = create_diffusion(respacing, learn_sigma=False)
+    ab = torch.from_numpy(create_diffusion("").alphas_cumprod)
+
+    def eps_fn(x, t):
+        a = ab[t].view(-1, 1, 1, 1).float()
+        return (1 - a).sqrt() * (x - a.sqrt() * mu) / (a * s**2 + 1 - a)
+
+    shape, g = (4000, 1, 2, 2), torch.Generator().manual_seed(0)
+    out = d.p_sample_loop(eps_fn, shape, generator=g) if sampler.startswith("ddpm") else d.ddim_sample_loop(eps_fn, shape, generator=g)
+    assert out.mean().item() == pytest.approx(mu, abs=0.02) and out.std().item() == pytest.approx(s, rel=0.05)

@@ -18,14 +18,7 @@ from speedpipe.config import ConfigError, load_config, to_plain
 from speedpipe.launch import SlurmJobFailed, job_state, launch, parse_launcher, queued_job_ids
 
 
-def _cluster_up() -> bool:
-    if shutil.which("sinfo") is None:
-        return False
-    out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True)
-    return out.returncode == 0 and any(s in out.stdout for s in ("idle", "mixed", "alloc"))
-
-
-slurm = pytest.mark.skipif(not _cluster_up(), reason="no local SLURM cluster: start it with slurm/local-cluster/start.sh (.ci/run does)")
+from conftest import slurm
 SLURM = {"executor": "slurm", "cpus_per_task": 1, "mem_gb": 1, "time_min": 10, "poll_seconds": 0.5}
 
 
@@ -64,32 +57,49 @@ def test_failing_job_reports_state_and_stderr_tail(tmp_path):
         launch("classifier", cfg, SLURM)
 
 
+def _last_logged_step(run_dir) -> int:
+    lines = (run_dir / "log.csv").read_text().splitlines() if (run_dir / "log.csv").exists() else []
+    return int(lines[-1].split(",")[0]) if len(lines) > 1 else 0
+
+
 @slurm
-def test_job_result_and_requeue_resume_bit_identical(tiny_train_config, tmp_path):
+@pytest.mark.parametrize("interrupt", ["scontrol requeue", "pre-timeout signal"])
+def test_interrupted_job_is_requeued_and_resumes_bit_identical(tiny_train_config, tmp_path, interrupt):
+    """A training job interrupted between evaluation checkpoints (only the last step is one) by `scontrol requeue` or
+    by SLURM's pre-timeout signal (USR2) redoes at most the resume interval (25 steps) and ends bit-identical."""
+    from conftest import events
     from speedpipe.checkpoint import load_checkpoint
     from speedpipe.stages import train
 
-    steps = ["trainer.steps=600", "trainer.ckpt_every=50", "trainer.log_every=50"]
+    steps = ["trainer.steps=1500", "trainer.ckpt_every=1500", "trainer.log_every=5", "trainer.resume_every_steps=25",
+             "trainer.resume_every_minutes=0"]
     reference = train.run(load_config(tiny_train_config, [f"trainer.run_dir={tmp_path / 'ref'}", *steps], phase="train"))
+    run_dir = tmp_path / "slurm"
     cfg = _train_cfg(tiny_train_config, tmp_path, "slurm", *steps)
-    result, requeued = {}, {}
+    interrupted = {}
 
-    def watch_and_requeue():
+    def watch_and_interrupt():
         deadline = time.time() + 120
-        while time.time() < deadline and not (tmp_path / "slurm" / "ckpt-0000100.pt").exists():
-            time.sleep(0.05)
+        while time.time() < deadline and _last_logged_step(run_dir) < 300:
+            time.sleep(0.02)
         ids = queued_job_ids(_job_name("train", cfg))
-        if ids and not (tmp_path / "slurm" / "ckpt-0000600.pt").exists():
-            subprocess.run(["scontrol", "requeue", ids[0]], check=True)
-            requeued["id"] = ids[0]
+        if ids and not (run_dir / "ckpt-0001500.pt").exists():
+            interrupted["step"] = _last_logged_step(run_dir)
+            command = ["scontrol", "requeue", ids[0]] if interrupt == "scontrol requeue" else ["scancel", "--signal=USR2", ids[0]]
+            subprocess.run(command, check=True)
 
-    watcher = threading.Thread(target=watch_and_requeue)
+    watcher = threading.Thread(target=watch_and_interrupt)
     watcher.start()
-    result["dir"] = launch("train", cfg, SLURM)
+    launch("train", cfg, SLURM)
     watcher.join()
-    assert requeued, "the job finished before it could be requeued"
-    assert "ckpt-0000600.pt" in str(sorted((tmp_path / "slurm").iterdir()))
-    a, b = load_checkpoint(reference / "ckpt-0000600.pt"), load_checkpoint(tmp_path / "slurm" / "ckpt-0000600.pt")
+    assert interrupted, "the job finished before it could be interrupted"
+    resume = [e for e in events(run_dir) if e["event"] == "resume"]
+    assert len(resume) == 1, events(run_dir)
+    assert interrupted["step"] - 25 <= resume[0]["step"] and resume[0]["step"] >= 300, (interrupted, resume)
+    if interrupt == "pre-timeout signal":  # saved at the step boundary after the signal: nothing is redone
+        preempted = next(e for e in events(run_dir) if e["event"] == "preempted")
+        assert preempted["step"] == resume[0]["step"] >= interrupted["step"] and preempted["source"] == "latest.pt"
+    a, b = load_checkpoint(reference / "ckpt-0001500.pt"), load_checkpoint(run_dir / "ckpt-0001500.pt")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
 

@@ -96,3 +96,18 @@ def test_builders_refuse_unknown_names_and_params(diffusion):
         build_sampler("speed", diffusion, k=5, tau=700, lam=0.6)
     with pytest.raises(ValueError, match="missing required"):
         build_weighting("speed", diffusion, lam=0.6)
+
+
+@pytest.mark.parametrize("p_mean,p_std", [(-1.2, 1.2), (0.4, 0.8)])
+def test_lognormal_sampler_follows_the_formula(diffusion, p_mean, p_std):
+    """METHODS.md §3, drawn directly: log σ ~ N(P_mean, P_std), t = the discrete step whose σ_t = √((1-ᾱ)/ᾱ) is nearest
+    in log σ. The sampler's draws must have the same distribution (binned over 20 groups of 50 steps)."""
+    rng = np.random.default_rng(0)
+    log_sigma = rng.normal(p_mean, p_std, 400_000)
+    table = 0.5 * np.log((1 - diffusion.alphas_cumprod) / diffusion.alphas_cumprod)
+    idx = np.clip(np.searchsorted(table, log_sigma), 1, len(table) - 1)
+    nearest = np.where(np.abs(log_sigma - table[idx - 1]) <= np.abs(table[idx] - log_sigma), idx - 1, idx)
+    direct = np.bincount(nearest, minlength=1000).reshape(20, 50).sum(1) / len(nearest)
+    draws = build_sampler("lognormal", diffusion, p_mean=p_mean, p_std=p_std).sample(400_000, torch.Generator().manual_seed(1))
+    ours = np.bincount(draws.numpy(), minlength=1000).reshape(20, 50).sum(1) / len(draws)
+    assert np.abs(ours - direct).max() < 0.005, (ours, direct)

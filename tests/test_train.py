@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, run_python
+from conftest import REPO, events, run_python
 from speedpipe.checkpoint import latest_checkpoint, load_checkpoint
 from speedpipe.config import load_config
 from speedpipe.stages import train
@@ -59,6 +59,9 @@ def test_killed_run_resumes_bit_identical(tiny_train_config, tmp_path):
 
     result = run_python(args)
     assert result.returncode == 0, result.stderr
+    resumed, finished = events(killed_dir)[-2:]  # the second run started at the checkpoint and ran only the rest
+    assert (resumed["event"], resumed["step"], resumed["source"]) == ("resume", interrupted_at, f"ckpt-{interrupted_at:07d}.pt")
+    assert (finished["event"], finished["step"], int(finished["steps_performed"])) == ("finished", 400, 400 - interrupted_at)
     _assert_same_state(load_checkpoint(reference / "ckpt-0000400.pt"), load_checkpoint(killed_dir / "ckpt-0000400.pt"))
     assert _losses(reference) == _losses(killed_dir)
     assert not list(killed_dir.glob(".tmp-*")) or latest_checkpoint(killed_dir).name == "ckpt-0000400.pt"
@@ -87,3 +90,54 @@ def test_two_process_gloo_ddp_matches_one_process(tiny_train_config, tmp_path):
     w1 = load_checkpoint(single / "ckpt-0000008.pt")["model"]
     w2 = load_checkpoint(tmp_path / "two" / "ckpt-0000008.pt")["model"]
     assert all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1)
+
+
+def test_resume_checkpoint_between_evaluation_checkpoints(tiny_train_config, tmp_path):
+    """latest.pt (every resume_every_steps) carries a run across a gap between evaluation checkpoints."""
+    import shutil
+
+    overrides = ["trainer.steps=8", "trainer.ckpt_every=1000", "trainer.resume_every_steps=3"]
+    full = train.run(load_config(tiny_train_config, overrides + [f"trainer.run_dir={tmp_path / 'full'}"], phase="train"))
+    assert [p.name for p in sorted(full.glob("*.pt"))] == ["ckpt-0000008.pt", "latest.pt"]
+    assert load_checkpoint(full / "latest.pt")["step"] == 6
+    (tmp_path / "cut").mkdir()
+    shutil.copy(full / "latest.pt", tmp_path / "cut" / "latest.pt")  # a run that stopped after step 6
+    cut = train.run(load_config(tiny_train_config, overrides + [f"trainer.run_dir={tmp_path / 'cut'}"], phase="train"))
+    assert [(e["event"], e["step"], e["source"], e["steps_performed"]) for e in events(cut)] == [
+        ("resume", 6, "latest.pt", ""), ("finished", 8, "", "2")]
+    _assert_same_state(load_checkpoint(full / "ckpt-0000008.pt"), load_checkpoint(cut / "ckpt-0000008.pt"))
+
+
+@pytest.mark.parametrize("method", [
+    [],  # the fixture's SpeeD: speed sampler (k 5, tau 700, dual draws), speed weighting (lam 0.6, tau 700)
+    ["diffusion.timestep_sampler={name: uniform}", "diffusion.loss_weighting={name: none}"],
+    ["diffusion.timestep_sampler={name: lognormal, p_mean: -1.2, p_std: 1.2}", "diffusion.loss_weighting={name: min_snr, gamma: 5}"],
+])
+def test_training_uses_the_configured_timestep_sampler_and_weighting(tiny_train_config, monkeypatch, method):
+    """The timesteps a step trains on follow the configured sampler's distribution, and the MSE weights it applies are
+    the configured weighting (recorded from the diffusion's own loss)."""
+    import numpy as np
+
+    from speedpipe.config import named_params
+    from speedpipe.diffusion import create_diffusion
+    from speedpipe.diffusion.gaussian import GaussianDiffusion
+    from speedpipe.diffusion.timesteps import build_sampler, build_weighting
+
+    seen = []
+    original = GaussianDiffusion.training_losses
+
+    def recording(self, model_output, x_start, x_t, t, noise, mse_weight=None):
+        seen.append((t.clone(), mse_weight.clone()))
+        return original(self, model_output, x_start, x_t, t, noise, mse_weight)
+
+    monkeypatch.setattr(GaussianDiffusion, "training_losses", recording)
+    cfg = load_config(tiny_train_config, ["trainer.steps=150", "trainer.global_batch_size=64", "data.synthetic_size=128",
+                                          "trainer.ckpt_every=150", "trainer.log_every=150", *method], phase="train")
+    train.run(cfg)
+    diffusion = create_diffusion("")
+    sampler, weighting = cfg.diffusion.timestep_sampler, cfg.diffusion.loss_weighting
+    assert all(torch.equal(w, build_weighting(weighting.name, diffusion, **named_params(weighting))) for _, w in seen)
+    expected = build_sampler(sampler.name, diffusion, **named_params(sampler)).distribution(64).numpy()
+    observed = np.bincount(torch.cat([t for t, _ in seen]).numpy(), minlength=1000) / (150 * 64)
+    bins = lambda p: p.reshape(20, 50).sum(1)  # noqa: E731
+    assert np.abs(bins(observed) - bins(expected)).max() < 0.015, (bins(observed), bins(expected))

@@ -6,9 +6,10 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, slurm
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile")]
 
@@ -67,11 +68,42 @@ def test_micro_run_writes_tables_and_figures(micro_run):
     root = micro_run / "results" / "micro"
     for name in ("tables/fid.md", "tables/fid.csv", "tables/fid.tex", "tables/speedup.md", "tables/scm.md",
                  "figures/fid_vs_iterations.png", "figures/fid_vs_iterations.pdf", "figures/training_loss.png",
-                 "figures/timestep_methods.png", "figures/samples_per_method.png", "figures/teacher_vs_scm.png", "README.md"):
+                 "figures/timestep_methods.png", "figures/samples_per_method.png", "figures/teacher_vs_scm.png",
+                 "figures/teacher_grid.png", "figures/distillation.png", "README.md"):
         assert (root / name).stat().st_size > 0, name
     scm = (root / "tables/scm.md").read_text()
-    assert "scm1" in scm and "scm2" in scm and "ddpm10" in scm
-    assert "torch-fidelity" in (root / "README.md").read_text()
+    assert "scm1" in scm and "scm2" in scm and "ddpm10-cfg2" in scm and "label acc." in scm
+    assert "label acc." in (root / "tables/fid.md").read_text() and "torch-fidelity" in (root / "README.md").read_text()
+
+
+def test_micro_run_metrics_are_finite_and_the_tables_hold_them(micro_run):
+    import json
+
+    import pandas as pd
+
+    root = micro_run / "results" / "micro"
+    files = sorted((root / "metrics").rglob("*.json"))
+    assert len(files) == 4 + 4 + 4  # 2 runs x 2 steps, 4 teacher samplers, 2 student checkpoints x 2 samplers
+    metrics = {}
+    for f in files:
+        m = json.loads(f.read_text())["metrics"]
+        assert all(np.isfinite(v) for v in m.values()), (f, m)
+        assert m["frechet_inception_distance"] >= 0 and 0 <= m["label_accuracy"] <= 1, (f, m)
+        assert 0 <= m["precision"] <= 1 and 0 <= m["recall"] <= 1, (f, m)
+        run, step = f.relative_to(root / "metrics").parts[:2]
+        metrics[(run, int(step), f.stem)] = m
+    fid = pd.read_csv(root / "tables/fid.csv")
+    for _, row in fid.iterrows():
+        seeds = [m["frechet_inception_distance"] for (r, s, k), m in metrics.items()
+                 if r.rsplit("-s", 1)[0] == row.method and s == row.step and k == "ddim5"]
+        assert float(row.FID.split(" ")[0]) == pytest.approx(np.mean(seeds), abs=0.005), row
+    scm = pd.read_csv(root / "tables/scm.csv")
+    assert len(scm) == 4 + 4
+    for _, row in scm.iterrows():
+        run = "speed-s0" if row.model.startswith("teacher") else "scm-speed-s0"
+        m = metrics[(run, int(row.step), row.sampler)]
+        assert row.FID == pytest.approx(m["frechet_inception_distance"], abs=5e-4)
+        assert row["label acc."] == pytest.approx(m["label_accuracy"], abs=5e-4)
 
 
 def test_nothing_to_do_after_a_complete_run(micro_run):
@@ -105,14 +137,7 @@ def test_snakemake_report_builds_html(micro_run):
     assert (micro_run / "report.html").stat().st_size > 10_000
 
 
-def _slurm_up() -> bool:
-    if shutil.which("sinfo") is None:
-        return False
-    out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True)
-    return out.returncode == 0 and any(s in out.stdout for s in ("idle", "mixed", "alloc"))
-
-
-@pytest.mark.skipif(not _slurm_up(), reason="no local SLURM cluster: start it with slurm/local-cluster/start.sh (.ci/run does)")
+@slurm
 def test_micro_run_on_slurm_survives_a_killed_snakemake(tmp_path):
     """Every stage as a SLURM job; Snakemake is killed while a training job runs, and the re-run re-attaches to it."""
 

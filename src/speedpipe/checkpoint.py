@@ -1,4 +1,5 @@
-"""Checkpoint files of long stages: `ckpt-{step:07d}.pt`, written atomically, read with weights_only=True."""
+"""Checkpoint files of long stages: `ckpt-{step:07d}.pt`, written atomically, read with weights_only=True
+(speedpipe.loop writes and resumes them)."""
 import re
 from pathlib import Path
 
@@ -51,18 +52,3 @@ def restore_rng(state: dict, generators: dict[str, torch.Generator]):
         torch.cuda.set_rng_state(state["cuda"])
     for name, g in generators.items():
         g.set_state(state[name])
-
-
-def resume_from_latest(run_dir, stateful: dict, generators: dict[str, torch.Generator]) -> dict | None:
-    """Load run_dir's newest checkpoint into `stateful` (key -> module or optimizer) and `generators`.
-
-    Returns the checkpoint's state for the caller's own counters (step, data order), or None for a fresh run.
-    """
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
-        return None
-    state = load_checkpoint(ckpt)
-    for key, obj in stateful.items():
-        obj.load_state_dict(state[key])
-    restore_rng(state["rng"], generators)
-    return state

@@ -94,7 +94,10 @@ class AutoencoderConfig:
     batch_size: int = 64
     lr: float = 1.0e-3
     kl_weight: float = 1.0e-6
+    log_every: int = 50
     ckpt_every: int = 500
+    resume_every_steps: int = 0  # resume checkpoint latest.pt every N steps (0: off) ...
+    resume_every_minutes: float = 30.0  # ... and every N minutes (0: off); also saved on SLURM's pre-timeout signal
     progress: bool = True
 
 
@@ -176,6 +179,8 @@ class DistillConfig:
     log_every: int = 100
     ckpt_every: int = 5_000
     ckpt_steps: List[int] = field(default_factory=list)  # checkpoints also at exactly these (global) steps
+    resume_every_steps: int = 0  # resume checkpoint latest.pt every N steps (0: off) ...
+    resume_every_minutes: float = 30.0  # ... and every N minutes (0: off); also saved on SLURM's pre-timeout signal
     precision: str = "fp32"  # fp32 | bf16 (autocast of the network passes; tangent and loss in fp64)
     skip_nonfinite: bool = False  # skip (and count) steps with a non-finite tangent or loss instead of stopping
     run_dir: Optional[str] = None  # default: {output_dir}/{experiment}/distill/{teacher run}
@@ -202,6 +207,8 @@ class TrainerConfig:
     log_every: int = 100
     ckpt_every: int = 50_000
     ckpt_steps: List[int] = field(default_factory=list)  # checkpoints also at exactly these steps (evaluated ones)
+    resume_every_steps: int = 0  # resume checkpoint latest.pt every N steps (0: off) ...
+    resume_every_minutes: float = 30.0  # ... and every N minutes (0: off); also saved on SLURM's pre-timeout signal
     precision: str = "fp32"  # fp32 | bf16 (autocast)
     compile: bool = False
     tf32: bool = True
@@ -253,7 +260,7 @@ CHOICES = {
 POSITIVE = ("trainer.steps", "trainer.global_batch_size", "trainer.log_every", "trainer.ckpt_every",
             "diffusion.diffusion_steps", "model.input_size", "model.in_channels", "model.num_classes",
             "data.synthetic_size", "data.image_size", "optim.lr", "autoencoder.steps", "autoencoder.batch_size",
-            "autoencoder.lr", "autoencoder.ckpt_every", "autoencoder.latent_channels", "encode.shard_size",
+            "autoencoder.lr", "autoencoder.ckpt_every", "autoencoder.log_every", "autoencoder.latent_channels", "encode.shard_size",
             "encode.batch_size", "sampling.num_samples", "sampling.batch_size", "sampling.cfg_scale", "eval.batch_size",
             "eval.kid_subset_size", "eval.classifier_steps", "eval.classifier_batch_size", "distill.sigma_d", "distill.time_scale", "distill.p_std",
             "distill.tangent_warmup", "distill.steps", "distill.global_batch_size", "distill.lr", "distill.log_every",
@@ -331,6 +338,10 @@ def validate(cfg: DictConfig) -> DictConfig:
         outside = [s for s in OmegaConf.select(cfg, key) if not 0 < s <= total]
         if outside:
             raise ConfigError(f"config key '{key}': steps {outside} lie outside 1..{total}")
+    for section in ("trainer", "distill", "autoencoder"):
+        for key in ("resume_every_steps", "resume_every_minutes"):
+            if OmegaConf.select(cfg, f"{section}.{key}") < 0:
+                raise ConfigError(f"config key '{section}.{key}': expected 0 (off) or more, got {OmegaConf.select(cfg, f'{section}.{key}')}")
     if cfg.optim.warmup_steps < 0:
         raise ConfigError(f"config key 'optim.warmup_steps': expected 0 or more, got {cfg.optim.warmup_steps}")
     if cfg.distill.warm_start_steps < 0:

@@ -6,7 +6,8 @@ derived from the same hash: a re-run after Snakemake itself died finds the job s
 job left the queue, scontrol (clusters without accounting have no sacct, where submitit alone would wait
 forever on a cancelled job); a failed, cancelled or timed-out job raises with its id, state and stderr tail.
 Multi-task jobs get their DDP environment from submitit's TorchDistributedEnvironment; preempted or
-timed-out jobs are requeued by submitit and resume from the stage's own checkpoints.
+timed-out jobs save their state at the end of the current step (speedpipe.loop), are requeued by submitit and resume
+from it.
 """
 import hashlib
 import importlib
@@ -101,13 +102,16 @@ class StageJob:
 
         import submitit
 
+        from speedpipe.loop import defer_signals_to_step_boundaries
+
         if int(os.environ.get("SLURM_NTASKS", "1")) > 1:  # RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        defer_signals_to_step_boundaries()  # a long stage saves its state at the end of the step, then submitit requeues
         return [str(run_in_process(stage, config)) for stage, config in self.jobs]
 
     def checkpoint(self):
-        """On preemption or the pre-timeout signal: requeue; the stages resume from their checkpoints (finished
-        outputs of a batch are written atomically and re-made identically)."""
+        """On preemption or the pre-timeout signal (called by submitit once the running loop has saved latest.pt at
+        a step boundary): requeue; the stages resume from it (a batch's finished outputs are re-made identically)."""
         import submitit
 
         return submitit.helpers.DelayedSubmission(StageJob(self.jobs))

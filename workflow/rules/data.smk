@@ -37,6 +37,7 @@ rule classifier:
     params:
         **stage_params("classifier"),
     threads: 1
+    priority: 15  # every evaluation needs it (through the reference): before the training runs that nothing waits on
     script:
         "../scripts/stage.py"
 
@@ -49,5 +50,6 @@ rule reference:
     params:
         **stage_params("reference"),
     threads: 1
+    priority: 15
     script:
         "../scripts/stage.py"

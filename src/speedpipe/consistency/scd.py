@@ -100,8 +100,7 @@ class TrigFlowDiffusionLoss:
         logvar = logvar_head(student.c_noise(t64.float())).double()
         sq = ((F_theta - target) ** 2).flatten(1).sum(dim=1)
         D = x0[0].numel()
-        return {"loss": adaptive_loss(sq, logvar, D), "mse": (sq / D).mean(), "logvar": logvar.mean(),
-                "tangent_norm": torch.full((), float("nan"), dtype=torch.float64, device=x0.device)}
+        return {"loss": adaptive_loss(sq, logvar, D), "mse": (sq / D).mean().detach(), "logvar": logvar.mean().detach()}
 
 
 class SCDLoss:
@@ -131,8 +130,8 @@ class SCDLoss:
         logvar = logvar_head(student.c_noise(t64.float())).double()
         sq = ((F_theta - F_minus - g) ** 2).flatten(1).sum(dim=1)
         D = x0[0].numel()
-        return {"loss": adaptive_loss(sq, logvar, D), "g": g, "tangent_norm": g_norm.mean(), "logvar": logvar.mean(),
-                "mse": (sq / D).mean()}
+        return {"loss": adaptive_loss(sq, logvar, D), "g": g, "tangent_norm": g_norm.mean(), "logvar": logvar.mean().detach(),
+                "mse": (sq / D).mean().detach()}
 
 
 class ConsistencySampler:

@@ -34,6 +34,10 @@ class EpochBatches:
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position}
 
+    def load_state_dict(self, state: dict):
+        self.epoch, self.position = state["epoch"], state["position"]
+        self._perm = self._permutation(self.epoch)
+
 
 def rank_slice(global_batch: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
     """This rank's contiguous share of a global batch (or of any per-example tensor drawn for it)."""

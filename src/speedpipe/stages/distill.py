@@ -11,21 +11,20 @@ logvar head, optimizer, RNG, data order, the teacher's config and latent normali
 config.yaml. Resumable and bit-identical on CPU, DDP over the global batch like the train stage.
 """
 import copy
-import time
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from speedpipe.checkpoint import latest_checkpoint, load_checkpoint, resume_from_latest, rng_state, save_checkpoint
+from speedpipe.checkpoint import load_checkpoint
 from speedpipe.config import ConfigError, save_config, to_plain
 from speedpipe.consistency.scd import LogvarHead, SCDLoss, TrigFlowDiffusionLoss, sample_time
 from speedpipe.consistency.trigflow import TrigFlowStudent, TrigFlowTeacher
-from speedpipe.csvlog import CsvLog
 from speedpipe.data.order import EpochBatches, rank_slice
 from speedpipe.diffusion import create_diffusion
-from speedpipe.distributed import all_reduce_mean, barrier, setup_device, shutdown
+from speedpipe.distributed import setup_device, shutdown
+from speedpipe.loop import Cadence, ResumableLoop
 from speedpipe.stages.train import build_model, open_training_data, update_ema
 
 LOG_COLUMNS = ["step", "objective", "loss", "mse", "tangent_norm", "logvar", "skipped", "steps_per_s"]
@@ -90,73 +89,43 @@ def run(cfg):
     dataset = open_training_data(cfg, teacher_cfg.model, teacher_state.get("latent_norm"))
     order = EpochBatches(len(dataset), d.global_batch_size, cfg.seed)
     batch_gen = torch.Generator().manual_seed(cfg.seed)
-    generators = {"batch_gen": batch_gen}
-    step, skipped = 0, 0
-    state = resume_from_latest(run_dir, {"model": student.net, "logvar_head": trained.logvar_head, "ema": ema, "opt": opt},
-                               generators)
-    if state is not None:
-        order = EpochBatches(len(dataset), d.global_batch_size, cfg.seed, **state["data_order"])
-        step, skipped = state["step"], state["skipped"]
+    loop = ResumableLoop(run_dir, Cadence(total_steps(d), d.log_every, d.ckpt_every, (d.warm_start_steps, *d.ckpt_steps),
+                                          d.resume_every_steps, d.resume_every_minutes),
+                         {"model": student.net, "logvar_head": trained.logvar_head, "ema": ema, "opt": opt, "data_order": order},
+                         {"batch_gen": batch_gen}, env, LOG_COLUMNS, what="distill", progress=d.progress,
+                         nonfinite="skip" if d.skip_nonfinite else "stop",
+                         checkpoint_extra=lambda: {"config": to_plain(cfg), "teacher_config": teacher_state["config"],
+                                                   "latent_norm": teacher_state.get("latent_norm")},
+                         log_fields=lambda step, mean, steps_per_s: {
+                             "objective": "warm_start" if step <= d.warm_start_steps else "scd"})
+    loop.resume()
     if env.is_main:
         save_config(cfg, run_dir / "config.yaml")
-        log = CsvLog(run_dir / "log.csv", LOG_COLUMNS, resume_step=step)
     net_ddp = DDP(trained, device_ids=[device.index] if device.type == "cuda" else None) if env.world_size > 1 else trained
     model_params, ema_params = list(student.net.parameters()), list(ema.parameters())
-    steps, ckpt_steps = total_steps(d), set(d.ckpt_steps)
+    mine = lambda v: None if v is None else rank_slice(v, env.rank, env.world_size)  # noqa: E731
 
-    from tqdm.auto import tqdm
-
-    progress = tqdm(total=steps, initial=step, disable=not (d.progress and env.is_main), desc="distill", dynamic_ncols=True)
-    sums, count, last_time = torch.zeros(4, dtype=torch.float64, device=device), 0, time.perf_counter()
-    while step < steps:
+    def forward(step):
         n = d.global_batch_size
         idx = order.next_global_batch()
         t = sample_time(n, d.sigma_d, d.p_mean, d.p_std, generator=batch_gen)
         flip = torch.rand(n, generator=batch_gen) < 0.5 if cfg.data.random_flip else torch.zeros(n, dtype=torch.bool)
         z = d.sigma_d * torch.randn((n, *dataset.latent_shape), generator=batch_gen)
-        eps = torch.randn((n, *dataset.latent_shape), generator=batch_gen) if getattr(dataset, "samples_posterior", False) else None
-        mine = lambda v: None if v is None else rank_slice(v, env.rank, env.world_size)  # noqa: E731
+        eps = torch.randn((n, *dataset.latent_shape), generator=batch_gen) if dataset.samples_posterior else None
         latents, y = dataset.get_batch(mine(idx), mine(flip), mine(eps))
         x0 = d.sigma_d * latents  # TrigFlow data: unit-variance latents scaled to std σ_d
-        step += 1
-        warming = step <= d.warm_start_steps
-        objective, k = (warm_start, step) if warming else (scd, step - d.warm_start_steps)
+        objective, k = (warm_start, step) if step <= d.warm_start_steps else (scd, step - d.warm_start_steps)
         terms = net_ddp(objective, x0.to(device), mine(z).to(device), mine(t).to(device), y.to(device), k)
-        finite = all_reduce_mean(torch.stack([torch.isfinite(terms["g"]).all() if "g" in terms else torch.ones((), device=device),
-                                              torch.isfinite(terms["loss"])]).double(), env)
-        if not bool((finite == 1).all()):
-            quantity = "tangent g" if finite[0] < 1 else "loss"
-            if not d.skip_nonfinite:
-                raise FloatingPointError(f"distill: non-finite {quantity} at step {step}; stopped without saving "
-                                         f"(last good checkpoint: {latest_checkpoint(run_dir) or 'none'})")
-            skipped += 1
-        else:
-            opt.zero_grad(set_to_none=True)
-            terms["loss"].backward()
-            opt.step()
-            update_ema(ema_params, model_params, d.ema_decay)
-            sums += torch.stack([terms[key].detach().double() for key in ("loss", "mse", "tangent_norm", "logvar")])
-            count += 1
-        progress.update(1)
-        at_ckpt = step % d.ckpt_every == 0 or step in ckpt_steps or step == steps
-        phase_ends = step == d.warm_start_steps
-        if (step % d.log_every == 0 or at_ckpt or phase_ends) and count:
-            mean = all_reduce_mean(sums / count, env).tolist()
-            now = time.perf_counter()
-            if env.is_main:
-                log.write(step=step, objective="warm_start" if warming else "scd", loss=mean[0], mse=mean[1],
-                          tangent_norm=mean[2], logvar=mean[3], skipped=skipped, steps_per_s=count / (now - last_time))
-                progress.set_postfix(loss=f"{mean[0]:.4f}")
-            sums.zero_()
-            count, last_time = 0, now
-        if at_ckpt and env.is_main:
-            save_checkpoint({"model": student.net.state_dict(), "logvar_head": trained.logvar_head.state_dict(),
-                             "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step, "skipped": skipped,
-                             "rng": rng_state(generators), "data_order": order.state_dict(), "config": to_plain(cfg),
-                             "teacher_config": teacher_state["config"], "latent_norm": teacher_state.get("latent_norm")},
-                            run_dir, step)
-        if at_ckpt:
-            barrier(env)
-    progress.close()
+        if "g" in terms:
+            terms["tangent g"] = terms.pop("g")
+        return terms
+
+    def update(terms):
+        opt.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        opt.step()
+        update_ema(ema_params, model_params, d.ema_decay)
+
+    loop.run(forward, update)
     shutdown(env)
     return run_dir

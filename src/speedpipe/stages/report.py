@@ -83,14 +83,15 @@ def scm_table(df, cfg) -> pd.DataFrame:
     """Teacher samplers and the student's 1- and 2-step FID at each distill checkpoint, as ratios to the teacher's
     reference sampler and to its ODE ceiling."""
     pipe = cfg["pipeline"]
-    teacher = df[df.run == pipe["teacher"]].set_index("sampler")
+    teacher = df[(df.run == pipe["teacher"]) & (df.step == pipe["train_steps"])].set_index("sampler")
     ref, ode = teacher.loc[pipe["teacher_sampler"]], teacher.loc[pipe["teacher_ode_sampler"]]
-    rows = [{"model": f"teacher {pipe['teacher']}", "sampler": s, **_scm_row(teacher.loc[s], ref, ode)} for s in cfg["teacher_samplers"]]
+    rows = [{"model": f"teacher {pipe['teacher']}", "sampler": s, "step": pipe["train_steps"], **_scm_row(teacher.loc[s], ref, ode)}
+            for s in cfg["teacher_samplers"]]
     warm = pipe["distill_warm_start"]
     student = df[df.run == cfg["student"]].sort_values(["step", "sampler"])
     for _, r in student.iterrows():
         stage = "warm start only" if r.step == warm else f"sCD {r.step - warm} steps"
-        rows.append({"model": f"student ({stage})", "sampler": r.sampler, **_scm_row(r, ref, ode)})
+        rows.append({"model": f"student ({stage})", "sampler": r.sampler, "step": r.step, **_scm_row(r, ref, ode)})
     return pd.DataFrame(rows)
 
 
@@ -199,7 +200,7 @@ def run(cfg):
     for sampler in pipe["scm_samplers"]:
         s = student[student.sampler == sampler].sort_values("step")
         ax.plot(s.step - pipe["distill_warm_start"], s.FID, marker="o", label=f"student {sampler}")
-    teacher = df[df.run == pipe["teacher"]].set_index("sampler")
+    teacher = df[(df.run == pipe["teacher"]) & (df.step == pipe["train_steps"])].set_index("sampler")
     for k, sampler in enumerate(cfg["teacher_samplers"]):
         ax.axhline(teacher.loc[sampler].FID, ls="--", lw=1, color=f"C{k + 2}", label=f"teacher {sampler}")
     ax.set(xlabel="sCD steps after the warm start", ylabel=f"FID ({pipe['final_samples']} samples)", yscale="log",

@@ -7,20 +7,18 @@ run is bit-identical after a resume on CPU, and the same global batch gives the 
 number of ranks.
 """
 import copy
-import time
 from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from speedpipe.checkpoint import latest_checkpoint, resume_from_latest, rng_state, save_checkpoint
 from speedpipe.config import ConfigError, named_params, save_config, to_plain
-from speedpipe.csvlog import CsvLog
 from speedpipe.data.latents import LatentNormalization, NormalizedLatents
 from speedpipe.data.order import EpochBatches, rank_slice
 from speedpipe.diffusion import create_diffusion
 from speedpipe.diffusion.timesteps import build_sampler, build_weighting
-from speedpipe.distributed import all_reduce_mean, all_reduce_min, barrier, setup_device, shutdown
+from speedpipe.distributed import setup_device, shutdown
+from speedpipe.loop import Cadence, ResumableLoop
 from speedpipe.models.dit import DiT_models, load_dit_state_dict
 
 LOG_COLUMNS = ["step", "loss", "mse", "vlb", "steps_per_s", "images_per_s"]
@@ -112,19 +110,29 @@ class StepRandomness:
         return t, drop, flip, latent_eps, noise
 
 
-def train_step(model, diffusion, mse_weight, opt, x, y, t, noise, drop, precision="fp32", grad_clip=None):
-    """One optimisation step of the hybrid loss; returns detached (loss, mse, vb) batch means."""
+def hybrid_loss(model, diffusion, mse_weight, x, y, t, noise, drop, precision="fp32") -> dict:
+    """The hybrid loss of one batch: its mean "loss" (to differentiate) and the detached mse and vlb means."""
     x_t = diffusion.q_sample(x, t, noise)
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         out = model(x_t, t, y, force_drop_ids=drop.long())
     terms = diffusion.training_losses(out, x, x_t, t, noise, mse_weight)
     loss = terms["loss"].mean()
+    return {"loss": loss, "mse": terms["mse"].mean().detach(), "vlb": terms["vb"].mean().detach()}
+
+
+def optimizer_step(opt, loss, model, grad_clip=None):
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if grad_clip:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     opt.step()
-    return torch.stack([loss.detach(), terms["mse"].mean().detach(), terms["vb"].mean().detach()])
+
+
+def train_step(model, diffusion, mse_weight, opt, x, y, t, noise, drop, precision="fp32", grad_clip=None):
+    """One optimisation step of the hybrid loss; returns detached (loss, mse, vb) batch means."""
+    terms = hybrid_loss(model, diffusion, mse_weight, x, y, t, noise, drop, precision)
+    optimizer_step(opt, terms["loss"], model, grad_clip)
+    return torch.stack([terms["loss"].detach(), terms["mse"], terms["vlb"]])
 
 
 @torch.no_grad()
@@ -158,91 +166,34 @@ def run(cfg):
         getattr(dataset, "samples_posterior", False), device,
     )
 
-    step = 0
-    state = resume_from_latest(run_dir, {"model": model, "ema": ema, "opt": opt}, randomness.generators)
-    if state is not None:
-        order = EpochBatches(len(dataset), tr.global_batch_size, cfg.seed, **state["data_order"])
-        step = state["step"]
-    if env.is_main:
-        save_config(cfg, run_dir / "config.yaml")
-        log = CsvLog(run_dir / "log.csv", LOG_COLUMNS, resume_step=step)
-    if step >= tr.steps:
-        shutdown(env)
-        return run_dir
-
     model.train()
     net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if env.world_size > 1 else model
     if tr.compile:
         net = torch.compile(net)
-    model_params = [p for p in model.parameters()]
-    ema_params = [p for p in ema.parameters()]
-    progress = _progress_bar(tr.steps, step, enabled=tr.progress and env.is_main)
-    ckpt_steps = set(tr.ckpt_steps)
+    model_params, ema_params = list(model.parameters()), list(ema.parameters())
+    loop = ResumableLoop(run_dir, Cadence(tr.steps, tr.log_every, tr.ckpt_every, tuple(tr.ckpt_steps), tr.resume_every_steps,
+                                          tr.resume_every_minutes),
+                         {"model": model, "ema": ema, "opt": opt, "data_order": order}, randomness.generators, env, LOG_COLUMNS,
+                         progress=tr.progress, checkpoint_extra=lambda: {"config": to_plain(cfg),
+                                                                         "latent_norm": dataset.normalization.state_dict()},
+                         log_fields=lambda step, mean, steps_per_s: {"images_per_s": steps_per_s * tr.global_batch_size})
+    loop.resume()
+    if env.is_main:
+        save_config(cfg, run_dir / "config.yaml")
+    mine = lambda v: None if v is None else rank_slice(v, env.rank, env.world_size)  # noqa: E731
 
-    sums = torch.zeros(3, device=device)  # loss, mse, vb summed since the last log line
-    first_bad_step = torch.full((), float("inf"), device=device)  # first step whose loss was not finite
-    logged_steps, last_time = 0, time.perf_counter()
-    while step < tr.steps:
+    def forward(step):
         t, drop, flip, latent_eps, noise = randomness.draw(tr.global_batch_size)
-        idx = order.next_global_batch()
-        mine = lambda v: None if v is None else rank_slice(v, env.rank, env.world_size)  # noqa: E731
-        x, y = dataset.get_batch(mine(idx), mine(flip), mine(latent_eps))
+        x, y = dataset.get_batch(mine(order.next_global_batch()), mine(flip), mine(latent_eps))
         x, y, t = x.to(device, non_blocking=True), y.to(device, non_blocking=True), mine(t).to(device)
         for group in opt.param_groups:
-            group["lr"] = cfg.optim.lr * min(1.0, (step + 1) / cfg.optim.warmup_steps) if cfg.optim.warmup_steps else cfg.optim.lr
-        stats = train_step(net, diffusion, mse_weight, opt, x, y, t, mine(noise), mine(drop).to(device), tr.precision, cfg.optim.grad_clip)
-        update_ema(ema_params, model_params, tr.ema_decay)
-        first_bad_step = torch.where(torch.isfinite(stats[0]), first_bad_step, first_bad_step.clamp(max=step + 1))
-        sums += stats
-        step += 1
-        logged_steps += 1
+            group["lr"] = cfg.optim.lr * min(1.0, step / cfg.optim.warmup_steps) if cfg.optim.warmup_steps else cfg.optim.lr
+        return hybrid_loss(net, diffusion, mse_weight, x, y, t, mine(noise), mine(drop).to(device), tr.precision)
 
-        at_ckpt = step % tr.ckpt_every == 0 or step in ckpt_steps or step == tr.steps
-        if step % tr.log_every == 0 or at_ckpt:
-            _stop_if_nonfinite(all_reduce_min(first_bad_step, env), run_dir)
-            mean = all_reduce_mean(sums / logged_steps, env).tolist()
-            now = time.perf_counter()
-            steps_per_s = logged_steps / (now - last_time)
-            if env.is_main:
-                log.write(step=step, loss=mean[0], mse=mean[1], vlb=mean[2], steps_per_s=steps_per_s,
-                          images_per_s=steps_per_s * tr.global_batch_size)
-                progress.set_postfix(loss=f"{mean[0]:.4f}", it_s=f"{steps_per_s:.2f}")
-            sums.zero_()
-            logged_steps, last_time = 0, now
-        if at_ckpt and env.is_main:
-            save_checkpoint(
-                {
-                    "model": model.state_dict(),
-                    "ema": ema.state_dict(),
-                    "opt": opt.state_dict(),
-                    "step": step,
-                    "rng": rng_state(randomness.generators),
-                    "data_order": order.state_dict(),
-                    "config": to_plain(cfg),
-                    "latent_norm": dataset.normalization.state_dict(),
-                },
-                run_dir,
-                step,
-            )
-        if at_ckpt:
-            barrier(env)
-        progress.update(1)
-    progress.close()
+    def update(terms):
+        optimizer_step(opt, terms["loss"], model, cfg.optim.grad_clip)
+        update_ema(ema_params, model_params, tr.ema_decay)
+
+    loop.run(forward, update)
     shutdown(env)
     return run_dir
-
-
-def _stop_if_nonfinite(first_bad_step, run_dir):
-    if torch.isfinite(first_bad_step):
-        bad = int(first_bad_step)
-        last = latest_checkpoint(run_dir)
-        raise FloatingPointError(
-            f"non-finite training loss at step {bad}; stopped without saving. Last good checkpoint: "
-            f"{last or 'none'}. Lower optim.lr, set optim.grad_clip, or check the data."
-        )
-
-
-def _progress_bar(total, initial, enabled):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", dynamic_ncols=True)

@@ -1,0 +1,228 @@
+"""One resumable loop for the long stages (train, distill, autoencoder).
+
+A stage supplies its step as two callables, as EDM's training loop separates the loss from the update:
+`forward(step) -> terms` (0-dim statistics such as "loss", plus any tensor that must stay finite, such as sCD's
+tangent "g") and `update(terms)` (backward, optimizer, EMA), together with its stateful objects (modules,
+optimizers, the data order: anything with state_dict/load_state_dict) and its random generators. The loop owns:
+
+- resume: from the newest of the evaluation checkpoints ckpt-{step:07d}.pt and the resume checkpoint latest.pt,
+  restoring every stateful object and generator, so a resumed run ends bit-identical to an uninterrupted one (CPU);
+- cadence: log rows every log_every steps, evaluation checkpoints at ckpt_every, at every step of ckpt_steps and at
+  the end, and latest.pt (rewritten atomically) every resume_every_steps steps or resume_every_minutes minutes;
+- preemption: under SLURM (launch.StageJob), the pre-timeout or preemption signal is held until the current step
+  ends; latest.pt is saved at that step boundary and then submitit requeues the job, so a requeue loses no step;
+- the non-finite policy: "stop" raises, naming the step and the quantity, at the next log or checkpoint step and
+  before anything is saved after the bad step (no synchronisation per step); "skip" checks every step on all
+  ranks, leaves the weights untouched for a non-finite step and counts it;
+- events.csv: one row per start, resume (with the step and file), preemption save and finish.
+"""
+import csv
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from speedpipe.checkpoint import list_checkpoints, rng_state, restore_rng, save_checkpoint
+from speedpipe.csvlog import CsvLog
+from speedpipe.distributed import DistEnv, all_reduce_mean, all_reduce_min, barrier
+from speedpipe.io import atomic_torch_save, safe_torch_load
+
+RESUME_FILE = "latest.pt"
+_ACTIVE: "ResumableLoop | None" = None  # the loop running in this process (the signal handlers' target)
+
+
+@dataclass
+class Cadence:
+    steps: int
+    log_every: int
+    ckpt_every: int
+    ckpt_steps: tuple = ()
+    resume_every_steps: int = 0  # 0: no step-based resume checkpoints
+    resume_every_minutes: float = 0.0  # 0: no time-based resume checkpoints
+
+    @classmethod
+    def of(cls, section, steps: int | None = None, log_every: int | None = None) -> "Cadence":
+        """From a config section with steps, log_every, ckpt_every, ckpt_steps, resume_every_steps/_minutes."""
+        return cls(steps if steps is not None else section.steps, log_every or section.log_every, section.ckpt_every,
+                   tuple(section.ckpt_steps), section.resume_every_steps, section.resume_every_minutes)
+
+
+@dataclass
+class ResumableLoop:
+    run_dir: Path
+    cadence: Cadence
+    stateful: dict  # name -> object with state_dict() / load_state_dict()
+    generators: dict  # name -> torch.Generator
+    env: DistEnv
+    columns: list  # log.csv columns; step, steps_per_s and skipped are filled by the loop
+    what: str = "training"  # names the loss in errors: "non-finite {what} loss at step N"
+    nonfinite: str = "stop"  # stop | skip
+    progress: bool = False
+    checkpoint_extra: Callable[[], dict] = dict  # config and whatever else a checkpoint must carry
+    log_fields: Callable[[int, dict, float], dict] = lambda step, mean, steps_per_s: {}  # noqa: E731
+    step: int = field(default=0, init=False)
+    skipped: int = field(default=0, init=False)
+
+    def __post_init__(self):
+        self.run_dir = Path(self.run_dir)
+        if self.nonfinite not in ("stop", "skip"):
+            raise ValueError(f"non-finite policy {self.nonfinite!r}: expected 'stop' or 'skip'")
+        self._preempt = None
+
+    # ----- resume and checkpoints -----
+    def _newest(self) -> tuple[Path | None, dict | None]:
+        """(path, state) of the newest of latest.pt and the last ckpt-*.pt (each file loaded at most once)."""
+        ckpts = list_checkpoints(self.run_dir)
+        latest = self.run_dir / RESUME_FILE
+        if latest.is_file():
+            state = safe_torch_load(latest)
+            if not ckpts or state["step"] >= ckpts[-1][0]:
+                return latest, state
+        return (ckpts[-1][1], safe_torch_load(ckpts[-1][1])) if ckpts else (None, None)
+
+    def resume(self) -> dict | None:
+        """Load the newest state into the stateful objects and generators; returns it (None for a fresh run)."""
+        path, state = self._newest()
+        if state is not None:
+            for name, obj in self.stateful.items():
+                obj.load_state_dict(state[name])
+            restore_rng(state["rng"], self.generators)
+            self.step, self.skipped = int(state["step"]), int(state.get("skipped", 0))
+        self._event("resume" if path else "start", path.name if path else "")
+        return state
+
+    def last_checkpoint(self) -> str:
+        ckpts = list_checkpoints(self.run_dir)
+        candidates = [p for p in (self.run_dir / RESUME_FILE, ckpts[-1][1] if ckpts else None) if p and p.is_file()]
+        return ", ".join(str(p) for p in candidates) or "none"
+
+    def state(self) -> dict:
+        return {**{name: obj.state_dict() for name, obj in self.stateful.items()}, "step": self.step, "skipped": self.skipped,
+                "rng": rng_state(self.generators), **self.checkpoint_extra()}
+
+    def save_resume_checkpoint(self):
+        if self.env.is_main:
+            atomic_torch_save(self.state(), self.run_dir / RESUME_FILE)
+        self._last_resume_save = time.monotonic()
+
+    def _event(self, event: str, source: str = "", steps_performed: int | str = ""):
+        """Append to events.csv: start | resume (from `source`) | preempted (state saved in `source`) | finished, with
+        the step and, for the last two, how many steps this process performed."""
+        if not self.env.is_main:
+            return
+        path = self.run_dir / "events.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        new = not path.exists()
+        with open(path, "a", newline="") as f:
+            writer = csv.writer(f)
+            if new:
+                writer.writerow(["time", "event", "step", "source", "steps_performed"])
+            writer.writerow([time.strftime("%Y-%m-%dT%H:%M:%S"), event, self.step, source, steps_performed])
+
+    # ----- the loop -----
+    def run(self, forward: Callable[[int], dict], update: Callable[[dict], None]) -> int:
+        """Steps self.step+1 .. cadence.steps; returns the number of steps this call performed."""
+        global _ACTIVE
+        c, env = self.cadence, self.env
+        log = CsvLog(self.run_dir / "log.csv", self.columns, resume_step=self.step) if env.is_main else None
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=c.steps, initial=self.step, disable=not (self.progress and env.is_main), desc=self.what, dynamic_ncols=True)
+        sums, checked, first_bad = None, None, None
+        count, performed, last_time = 0, 0, time.perf_counter()
+        self._last_resume_save = time.monotonic()
+        _ACTIVE = self
+        try:
+            while self.step < c.steps:
+                step = self.step + 1
+                terms = forward(step)
+                stats = {k: v.detach() for k, v in terms.items() if v.ndim == 0}
+                if checked is None:
+                    checked = [k for k, v in terms.items() if torch.is_floating_point(v)]
+                    first_bad = torch.full((len(checked),), float("inf"), dtype=torch.float64, device=terms["loss"].device)
+                finite = torch.stack([torch.isfinite(terms[k]).all() for k in checked])
+                if self.nonfinite == "skip":
+                    if not bool((all_reduce_mean(finite.double(), env) == 1).all()):
+                        self.skipped += 1
+                    else:
+                        update(terms)
+                        sums, count = _accumulate(sums, stats), count + 1
+                else:
+                    update(terms)
+                    first_bad = torch.where(finite, first_bad, first_bad.clamp(max=step))
+                    sums, count = _accumulate(sums, stats), count + 1
+                self.step, performed = step, performed + 1
+                bar.update(1)
+
+                at_ckpt = step % c.ckpt_every == 0 or step in c.ckpt_steps or step == c.steps
+                resume_due = not at_ckpt and ((c.resume_every_steps and step % c.resume_every_steps == 0) or self._preempt is not None
+                                              or (c.resume_every_minutes and time.monotonic() - self._last_resume_save
+                                                  >= 60 * c.resume_every_minutes))
+                if self.nonfinite == "stop" and (step % c.log_every == 0 or at_ckpt or resume_due):
+                    self._stop_if_nonfinite(all_reduce_min(first_bad, env), checked)  # before anything is saved
+                if (step % c.log_every == 0 or at_ckpt) and count:
+                    mean = dict(zip(sums, all_reduce_mean(torch.stack([v / count for v in sums.values()]), env).tolist()))
+                    now = time.perf_counter()
+                    steps_per_s = count / (now - last_time)
+                    if log is not None:
+                        log.write(step=step, steps_per_s=steps_per_s, skipped=self.skipped, **mean,
+                                  **self.log_fields(step, mean, steps_per_s))
+                        bar.set_postfix(loss=f"{mean['loss']:.4f}")
+                    sums, count, last_time = None, 0, now
+                if at_ckpt:
+                    if env.is_main:
+                        save_checkpoint(self.state(), self.run_dir, step)
+                    barrier(env)
+                    self._last_resume_save = time.monotonic()
+                elif resume_due:
+                    self.save_resume_checkpoint()
+                if self._preempt is not None:
+                    self._yield_to_the_scheduler(f"ckpt-{step:07d}.pt" if at_ckpt else RESUME_FILE, performed)
+        finally:
+            _ACTIVE = None
+            bar.close()
+        self._event("finished", "", performed)
+        return performed
+
+    def _stop_if_nonfinite(self, first_bad, checked):
+        if torch.isfinite(first_bad).any():
+            k = int(torch.argmin(first_bad))
+            quantity = f"{self.what} loss" if checked[k] == "loss" else checked[k]
+            raise FloatingPointError(f"non-finite {quantity} at step {int(first_bad[k])}; stopped without saving. Last good "
+                                     f"checkpoint: {self.last_checkpoint()}. Lower the learning rate, clip gradients, or check "
+                                     f"the data.")
+
+    def _yield_to_the_scheduler(self, saved: str, performed: int):
+        """After the state of this step boundary is saved (in `saved`): submitit's handler requeues the job and exits."""
+        handler, signum, frame = self._preempt
+        self._preempt = None
+        self._event("preempted", saved, performed)
+        handler(signum, frame)
+
+
+def _accumulate(sums, stats):
+    if sums is None:
+        return {k: v.double().clone() for k, v in stats.items()}
+    for k, v in stats.items():
+        sums[k] += v.double()
+    return sums
+
+
+def defer_signals_to_step_boundaries(signums=(signal.SIGUSR2, signal.SIGTERM)):
+    """Wrap the installed handlers (submitit's requeue handlers inside a SLURM job) so that, while a loop runs, they
+    fire at the end of the current step, after the loop saved its resume checkpoint; with no loop running, at once."""
+    for signum in signums:
+        original = signal.getsignal(signum)
+        if not callable(original):
+            continue
+
+        def deferred(sig, frame, original=original):
+            if _ACTIVE is None:
+                original(sig, frame)
+            else:
+                _ACTIVE._preempt = (original, sig, frame)
+
+        signal.signal(signum, deferred)

@@ -1,0 +1,108 @@
+"""The resumable loop shared by the long stages: signal-time saving at step boundaries, cadence, resume source."""
+import os
+import signal
+
+import pytest
+import torch
+
+from conftest import events
+from speedpipe.distributed import DistEnv
+from speedpipe.io import safe_torch_load
+from speedpipe.loop import Cadence, ResumableLoop, defer_signals_to_step_boundaries
+
+
+class Requeued(Exception):
+    """What submitit's handler does after requeueing (it exits the process); here, an exception to catch."""
+
+
+def _loop(run_dir, steps=10, **cadence):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(0)
+    loop = ResumableLoop(run_dir, Cadence(steps, log_every=2, ckpt_every=1000, **cadence), {"model": model, "opt": opt},
+                         {"gen": gen}, DistEnv(), ["step", "loss", "steps_per_s"])
+    return loop, model, opt, gen
+
+
+def _step_fns(model, opt, gen, signal_at=None):
+    def forward(step):
+        x = torch.randn(8, 3, generator=gen)
+        if step == signal_at:
+            os.kill(os.getpid(), signal.SIGUSR2)  # arrives in the middle of the step
+        return {"loss": model(x).square().mean()}
+
+    def update(terms):
+        opt.zero_grad()
+        terms["loss"].backward()
+        opt.step()
+
+    return forward, update
+
+
+@pytest.fixture
+def submitit_like_handler():
+    """A SIGUSR2 handler standing in for submitit's (which requeues and exits), wrapped as StageJob wraps it."""
+    calls = []
+
+    def handler(signum, frame):
+        calls.append(signum)
+        raise Requeued()
+
+    previous = signal.signal(signal.SIGUSR2, handler)
+    defer_signals_to_step_boundaries((signal.SIGUSR2,))
+    yield calls
+    signal.signal(signal.SIGUSR2, previous)
+
+
+def test_the_signal_waits_for_the_step_boundary_and_its_state_is_saved(tmp_path, submitit_like_handler):
+    loop, model, opt, gen = _loop(tmp_path / "a")
+    loop.resume()
+    with pytest.raises(Requeued):
+        loop.run(*_step_fns(model, opt, gen, signal_at=5))
+    assert submitit_like_handler == [signal.SIGUSR2] and loop.step == 5  # step 5 finished before the handler ran
+    saved = safe_torch_load(tmp_path / "a" / "latest.pt")
+    assert saved["step"] == 5 and torch.equal(saved["model"]["weight"], model.weight.detach())
+    assert [(e["event"], e["step"], e["source"], e["steps_performed"]) for e in events(tmp_path / "a")] == [
+        ("start", 0, "", ""), ("preempted", 5, "latest.pt", "5")]
+
+    # the requeued job: resumes at step 5 and ends where an uninterrupted run ends
+    again, model2, opt2, gen2 = _loop(tmp_path / "a")
+    again.resume()
+    assert again.run(*_step_fns(model2, opt2, gen2)) == 5
+    straight, model3, opt3, gen3 = _loop(tmp_path / "b")
+    straight.resume()
+    straight.run(*_step_fns(model3, opt3, gen3))
+    assert torch.equal(model2.weight, model3.weight) and torch.equal(model2.bias, model3.bias)
+
+
+def test_without_a_running_loop_the_handler_runs_at_once(submitit_like_handler):
+    with pytest.raises(Requeued):
+        os.kill(os.getpid(), signal.SIGUSR2)
+    assert submitit_like_handler == [signal.SIGUSR2]
+
+
+def test_resume_prefers_the_newest_state(tmp_path):
+    loop, model, opt, gen = _loop(tmp_path, steps=9, resume_every_steps=4)
+    loop.resume()
+    loop.run(*_step_fns(model, opt, gen))
+    assert safe_torch_load(tmp_path / "latest.pt")["step"] == 8  # step 9 is the final evaluation checkpoint
+    fresh, *_ = _loop(tmp_path, steps=12)
+    assert fresh.resume()["step"] == 9 and events(tmp_path)[-1]["source"] == "ckpt-0000009.pt"
+    (tmp_path / "ckpt-0000009.pt").unlink()
+    fresh, *_ = _loop(tmp_path, steps=12)
+    assert fresh.resume()["step"] == 8 and events(tmp_path)[-1]["source"] == "latest.pt"
+
+
+def test_nonfinite_stop_names_the_step_before_any_save(tmp_path):
+    loop, model, opt, gen = _loop(tmp_path, resume_every_steps=1)
+    loop.resume()
+    forward, update = _step_fns(model, opt, gen)
+
+    def poisoned(step):
+        terms = forward(step)
+        return {"loss": terms["loss"] * (float("nan") if step == 3 else 1.0)}
+
+    with pytest.raises(FloatingPointError, match=r"non-finite training loss at step 3.*latest\.pt"):
+        loop.run(poisoned, update)
+    assert safe_torch_load(tmp_path / "latest.pt")["step"] == 2  # nothing saved from step 3 on
