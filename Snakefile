@@ -5,7 +5,8 @@
 #   snakemake --profile slurm/profile --configfile ...      # many jobs at once on a cluster
 from speedpipe import workflow as W
 
-configfile: "configs/pipeline/demo.yaml"
+if not config:  # the demo only when no experiment file is given: a --configfile is not merged over it
+    configfile: "configs/pipeline/demo.yaml"
 
 PIPE = W.check_pipeline(config, base_dir=workflow.basedir)
 ROOT = str(W.root(PIPE))

@@ -1,7 +1,7 @@
 """Sampling throughput: DDPM-250 of a DiT teacher versus its sCM student in 1 and 2 steps, side by side.
 
-    python benchmarks/sampling.py --teacher results/demo/train/speed-s0/ckpt-0000600.pt \
-                                  --student results/demo/distill/speed-s0/ckpt-0000300.pt
+    python benchmarks/sampling.py --teacher results/demo/train/speed-s0/ckpt-0000800.pt \
+                                  --student results/demo/distill/speed-s0/ckpt-0000400.pt
     python benchmarks/sampling.py --model DiT-XL/2 --cfg-scale 4 --precision bf16 --batch 125   # GPU, random weights
 
 Times latent generation (the network evaluations), not decoding.
@@ -17,8 +17,7 @@ from omegaconf import OmegaConf
 
 from speedpipe.checkpoint import load_checkpoint
 from speedpipe.consistency.scd import ConsistencySampler
-from speedpipe.consistency.trigflow import TrigFlowTeacher
-from speedpipe.diffusion import create_diffusion
+from speedpipe.consistency.trigflow import TrigFlowStudent
 from speedpipe.stages.sample import DiffusionSampler
 from speedpipe.stages.train import build_model
 
@@ -29,23 +28,23 @@ def sampling_cfg(sampler, cfg_scale, precision):
 
 
 def models(args, device):
-    """(teacher DiT, its train config, student DiT, sigma_d)."""
+    """(teacher DiT, its train config, student DiT, sigma_d, time_scale)."""
     if args.teacher:
         t_state = load_checkpoint(args.teacher)
         run_cfg = OmegaConf.create(t_state["config"])
         teacher = build_model(run_cfg)
         teacher.load_state_dict(t_state["ema"])
-        student, sigma_d = copy.deepcopy(teacher), 0.5
+        student, sigma_d, time_scale = copy.deepcopy(teacher), 0.5, 1.0
         if args.student:
             s_state = load_checkpoint(args.student)
             student.load_state_dict(s_state["ema"])
-            sigma_d = s_state["config"]["distill"]["sigma_d"]
-        return teacher.to(device).eval(), run_cfg, student.to(device).eval(), sigma_d
+            sigma_d, time_scale = s_state["config"]["distill"]["sigma_d"], s_state["config"]["distill"]["time_scale"]
+        return teacher.to(device).eval(), run_cfg, student.to(device).eval(), sigma_d, time_scale
     run_cfg = OmegaConf.create({"model": {"name": args.model, "input_size": args.input_size, "in_channels": 4, "num_classes": 1000,
                                           "class_dropout_prob": 0.1, "fused_attn": True, "init_from": None},
                                 "diffusion": {"noise_schedule": "linear", "diffusion_steps": 1000, "learn_sigma": True}})
     teacher = build_model(run_cfg).to(device).eval()
-    return teacher, run_cfg, copy.deepcopy(teacher), 0.5
+    return teacher, run_cfg, copy.deepcopy(teacher), 0.5, 1.0
 
 
 def main():
@@ -62,11 +61,10 @@ def main():
     args = ap.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    teacher, run_cfg, student_net, sigma_d = models(args, device)
+    teacher, run_cfg, student_net, sigma_d, time_scale = models(args, device)
     labels = torch.arange(args.batch, device=device) % teacher.num_classes
     ddpm = DiffusionSampler(teacher, run_cfg, sampling_cfg(args.teacher_sampler, args.cfg_scale, args.precision))
-    diffusion = create_diffusion(noise_schedule=run_cfg.diffusion.noise_schedule, diffusion_steps=run_cfg.diffusion.diffusion_steps)
-    student = TrigFlowTeacher.over_latents(student_net, diffusion.alphas_cumprod, sigma_d)
+    student = TrigFlowStudent(student_net, sigma_d, time_scale)
     latent_shape = (run_cfg.model.in_channels, run_cfg.model.input_size, run_cfg.model.input_size)
     rows = [(args.teacher_sampler, ddpm, 1)] + [(f"scm{k}", ConsistencySampler(student, latent_shape, k), args.scm_repeats) for k in (1, 2)]
 

@@ -38,6 +38,14 @@ def test_inheritance_phase_and_override_order(tmp_path):
     assert load_config(leaf, ["seed=7", "trainer.steps=40"], phase="train").trainer.steps == 40
 
 
+def test_a_mapping_override_replaces_the_section(tmp_path):
+    """Switching SpeeD's sampler to uniform on the command line must not carry SpeeD's k and tau along."""
+    leaf = _write(tmp_path / "configs/x.yaml", "diffusion: {timestep_sampler: {name: speed, k: 5, tau: 700}}\n")
+    cfg = load_config(leaf, ["diffusion.timestep_sampler={name: uniform}"])
+    assert (cfg.diffusion.timestep_sampler.name, cfg.diffusion.timestep_sampler.k) == ("uniform", None)
+    assert load_config(leaf, ["diffusion.timestep_sampler.k=3"]).diffusion.timestep_sampler.tau == 700
+
+
 def test_unknown_key_names_path_and_closest(tmp_path):
     path = _write(tmp_path / "c.yaml", "diffusion:\n  timestep_sampler: {name: speed, k: 5, tau: 700, duall: true}\n")
     with pytest.raises(ConfigError, match=r"'diffusion\.timestep_sampler\.duall'.*did you mean 'diffusion\.timestep_sampler\.dual'"):

@@ -9,7 +9,7 @@ from conftest import events
 from speedpipe.checkpoint import load_checkpoint
 from speedpipe.config import load_config
 from speedpipe.consistency.scd import ConsistencySampler, LogvarHead, SCDLoss, jvp_dF_dt
-from speedpipe.consistency.trigflow import ContinuousIndex, TrigFlowStudent, TrigFlowTeacher, t_max
+from speedpipe.consistency.trigflow import ContinuousIndex, TrigFlowStudent, TrigFlowTeacher
 from speedpipe.diffusion import create_diffusion
 from speedpipe.models.dit import DiT_models
 from speedpipe.stages import distill, train

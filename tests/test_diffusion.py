@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -166,19 +168,38 @@ def test_one_ddpm_step_against_its_formula():
     assert torch.allclose(out, x.float(), atol=1e-5)
 
 
-@pytest.mark.parametrize("sampler", ["ddpm50", "ddim50", "trailing10"])
-def test_gaussian_data_through_the_exact_denoiser_keeps_its_mean_and_variance(sampler):
-    """Data x0 ~ N(μ, s²): the exact ε̂ = √(1-ᾱ)(x_t - √ᾱ μ)/(ᾱ s² + 1 - ᾱ) must give samples with mean μ and std s
-    (a point mass would hide wrong variances and coefficients; here every step's noise and scale matter)."""
-    mu, s = 0.7, 0.4
-    respacing = sampler.replace("ddpm", "")
-    d = create_diffusion(respacing, learn_sigma=False)
+def _gaussian_data_denoiser(mu, s):
+    """Exact ε̂ for data x0 ~ N(μ, s²): ε̂ = √(1-ᾱ)(x_t - √ᾱ μ)/(ᾱ s² + 1 - ᾱ), on the full 1000-step schedule."""
     ab = torch.from_numpy(create_diffusion("").alphas_cumprod)
 
     def eps_fn(x, t):
         a = ab[t].view(-1, 1, 1, 1).float()
         return (1 - a).sqrt() * (x - a.sqrt() * mu) / (a * s**2 + 1 - a)
+    return eps_fn, ab.double()
 
-    shape, g = (4000, 1, 2, 2), torch.Generator().manual_seed(0)
-    out = d.p_sample_loop(eps_fn, shape, generator=g) if sampler.startswith("ddpm") else d.ddim_sample_loop(eps_fn, shape, generator=g)
+
+def test_gaussian_data_through_ancestral_sampling_keeps_its_mean_and_variance():
+    """Ancestral DDPM with the exact denoiser draws N(μ, s²) (a point mass would hide wrong variances: here every
+    step's noise and scale matter)."""
+    mu, s = 0.7, 0.4
+    eps_fn, _ = _gaussian_data_denoiser(mu, s)
+    out = create_diffusion("50", learn_sigma=False).p_sample_loop(eps_fn, (4000, 1, 2, 2), generator=torch.Generator().manual_seed(0))
     assert out.mean().item() == pytest.approx(mu, abs=0.02) and out.std().item() == pytest.approx(s, rel=0.05)
+
+
+@pytest.mark.parametrize("respacing", ["ddim50", "trailing10", "ddim250"])
+def test_ddim_on_gaussian_data_is_the_euler_step_in_sigma(respacing):
+    """DDIM is Euler on dx̄/dσ = ε̂ with x̄ = x/√ᾱ, σ = √((1-ᾱ)/ᾱ). For Gaussian data ε̂ = σ(x̄-μ)/(s²+σ²), so each step
+    maps x̄-μ to r(x̄-μ) with r = (s² + σσ')/(s² + σ²): the output is μ + Πr (x_T/√ᾱ_T - μ) element by element.
+    With many steps Πr reaches the exact flow's s/√(s²+σ_T²) and the samples have std s; with few it falls short."""
+    mu, s = 0.7, 0.4
+    eps_fn, ab = _gaussian_data_denoiser(mu, s)
+    d = create_diffusion(respacing, learn_sigma=False)
+    noise = torch.randn((2000, 1, 2, 2), generator=torch.Generator().manual_seed(0))
+    out = d.ddim_sample_loop(eps_fn, noise.shape, noise=noise)
+    sigma = [((1 - ab[t]) / ab[t]).sqrt() for t in d.timestep_map][::-1] + [0.0]
+    contraction = math.prod((s**2 + a * b) / (s**2 + a**2) for a, b in zip(sigma[:-1], sigma[1:]))
+    expected = mu + contraction * (noise.double() * math.sqrt(1 + sigma[0] ** 2) - mu)
+    assert torch.allclose(out.double(), expected, atol=1e-4)
+    if respacing == "ddim250":
+        assert out.std().item() == pytest.approx(s, rel=0.05)

@@ -7,7 +7,6 @@ steps and agree with the exact ODE endpoint; the warm-started student before sCD
 student given the same budget, must not.
 """
 import copy
-import math
 
 import torch
 import torch.nn as nn

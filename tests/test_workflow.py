@@ -96,7 +96,7 @@ def test_micro_run_metrics_are_finite_and_the_tables_hold_them(micro_run):
     for _, row in fid.iterrows():
         seeds = [m["frechet_inception_distance"] for (r, s, k), m in metrics.items()
                  if r.rsplit("-s", 1)[0] == row.method and s == row.step and k == "ddim5"]
-        assert float(row.FID.split(" ")[0]) == pytest.approx(np.mean(seeds), abs=0.005), row
+        assert float(str(row.FID).split(" ")[0]) == pytest.approx(np.mean(seeds), abs=0.005), row
     scm = pd.read_csv(root / "tables/scm.csv")
     assert len(scm) == 4 + 4
     for _, row in scm.iterrows():
@@ -145,7 +145,7 @@ def test_micro_run_on_slurm_survives_a_killed_snakemake(tmp_path):
         "  default: {executor: local}",
         f"  default: {{executor: slurm, cpus_per_task: 1, mem_gb: 1, time_min: 10, poll_seconds: 0.5, folder: {tmp_path / 'slurm'}}}\n"
         "  report: {executor: local}")
-    pipeline = pipeline.replace("train_steps: 4", "train_steps: 1000").replace("eval_steps: [2, 4]", "eval_steps: [500, 1000]")
+    pipeline = pipeline.replace("train_steps: 4", "train_steps: 1000").replace("\neval_steps: [2, 4]", "\neval_steps: [500, 1000]")
     (tmp_path / "micro.yaml").write_text(pipeline)
     cmd = [*SNAKEMAKE, "--directory", str(tmp_path), "--cores", "2", "--configfile", str(tmp_path / "micro.yaml")]
     first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -168,3 +168,15 @@ def test_micro_run_on_slurm_survives_a_killed_snakemake(tmp_path):
     submitted_trains = {p.name for p in (tmp_path / "slurm").glob("train-*")}
     assert len(submitted_trains) == 2  # one job folder per training run: nothing was submitted twice
     assert len(list((tmp_path / "slurm").glob("train-*/*_submitted.pkl"))) == 2
+
+
+def test_an_experiment_file_plans_only_its_own_methods(tmp_path):
+    """The demo's experiment file is the default only when none is given: it is not merged into the user's."""
+    own = (REPO / "tests/data/micro.yaml").read_text().replace("  baseline: configs/mnist5k/baseline.yaml\n", "")
+    own = own.replace("  speed: configs/mnist5k/speed.yaml", f"  plain: {REPO}/configs/mnist5k/baseline.yaml\n"
+                      f"  speed: {REPO}/configs/mnist5k/speed.yaml").replace("configs/mnist5k/base.yaml", f"{REPO}/configs/mnist5k/base.yaml")
+    (tmp_path / "own.yaml").write_text(own)
+    result = snakemake(tmp_path, "-n", "--configfile", str(tmp_path / "own.yaml"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    trains = sorted(j for j in planned_jobs(result.stdout) if j.startswith("train["))
+    assert trains == ["train[run=plain-s0]", "train[run=speed-s0]"], trains

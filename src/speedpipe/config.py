@@ -2,7 +2,9 @@
 
 load_config("configs/image/imagenet_256/speed.yaml", ["optim.lr=2e-4"], phase="train") merges, lowest
 priority first: every base.yaml from configs/ down to the file's folder, the file, the phase sub-dict
-(`train:`, `inference:` or `sample:`) over the top level, then the command-line overrides. Unknown keys,
+(`train:`, `inference:` or `sample:`) over the top level, then the command-line overrides. An override whose
+value is a mapping (`diffusion.timestep_sampler={name: uniform}`) replaces that section instead of merging
+into it, so switching a method never inherits the old method's parameters. Unknown keys,
 wrong types and impossible values are refused with the dotted key named, before anything runs.
 """
 import dataclasses
@@ -378,7 +380,9 @@ def load_config(path, overrides: list[str] | tuple[str, ...] = (), phase: str | 
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected the form key.path=value")
-    merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        key = item.split("=", 1)[0]
+        value = OmegaConf.select(OmegaConf.from_dotlist([item]), key)
+        OmegaConf.update(merged, key, value, merge=not isinstance(value, DictConfig))
     _check_keys(merged, schema)
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(schema), merged)

@@ -141,6 +141,7 @@ class ResumableLoop:
                 terms = forward(step)
                 stats = {k: v.detach() for k, v in terms.items() if v.ndim == 0}
                 if checked is None:
+                    # in the forward's order: when several terms of one step go non-finite the error names the first
                     checked = [k for k, v in terms.items() if torch.is_floating_point(v)]
                     first_bad = torch.full((len(checked),), float("inf"), dtype=torch.float64, device=terms["loss"].device)
                 finite = torch.stack([torch.isfinite(terms[k]).all() for k in checked])
