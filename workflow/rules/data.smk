@@ -14,6 +14,7 @@ rule autoencoder:
     resources:
         gpus=lambda wc: W.launcher_settings(PIPE, "autoencoder").get("gpus_per_node", 0),
     threads: 2
+    priority: 30  # everything waits on the latents: first, before the classifier takes a core
     script:
         "../scripts/stage.py"
 
@@ -26,6 +27,7 @@ rule encode:
     params:
         **stage_params("encode"),
     threads: 2
+    priority: 30
     script:
         "../scripts/stage.py"
 
@@ -37,7 +39,7 @@ rule classifier:
     params:
         **stage_params("classifier"),
     threads: 1
-    priority: 15  # every evaluation needs it (through the reference): before the training runs that nothing waits on
+    priority: 15  # every evaluation needs it (through the reference): beside the teacher, before the other runs
     script:
         "../scripts/stage.py"
 

@@ -8,6 +8,6 @@ rule distill:
     params:
         **stage_params("distill"),
     threads: 1
-    priority: 10
+    priority: 15  # on the critical path: as soon as the teacher is trained
     script:
         "../scripts/stage.py"

@@ -9,6 +9,8 @@ rule train:
     resources:
         gpus=lambda wc: W.launcher_settings(PIPE, "train").get("gpus_per_node", 0),
     threads: 1
-    priority: lambda wc: 20 if wc.run == PIPE["teacher"] else 0  # the teacher first: sCD and its evaluations wait on it
+    # the teacher first (sCD and its evaluations wait on it), then every run before the curve evaluations: those
+    # are short and fill the last minutes on both cores, where a late training run would leave one idle
+    priority: lambda wc: 20 if wc.run == PIPE["teacher"] else 12
     script:
         "../scripts/stage.py"
