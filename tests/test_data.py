@@ -200,6 +200,20 @@ def test_tiny_autoencoder_trains_and_resumes_bit_identical(tmp_path):
     assert all(torch.equal(reference["model"][k], resumed["model"][k]) for k in reference["model"])
 
 
+@pytest.mark.parametrize("stage", ["classifier", "autoencoder"])
+def test_image_stages_read_batches_and_count_unreadable_files(tmp_path, image_tree, stage):
+    """The classifier and autoencoder stages read an image folder batch by batch and count its corrupt file."""
+    import importlib
+
+    path = tmp_path / "c.yaml"
+    path.write_text(f"experiment: x\noutput_dir: {tmp_path}\ndata: {{name: image_folder, root: {image_tree}, image_size: 32}}\n"
+                    "eval: {classifier_steps: 3, classifier_batch_size: 4}\n"
+                    "autoencoder: {name: tiny, block_out_channels: [8, 8], steps: 3, batch_size: 4, progress: false}\n")
+    out = importlib.import_module(f"speedpipe.stages.{stage}").run(load_config(path))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["skipped_images"], metrics["heldout_images"]) == (1, 1), metrics
+
+
 @pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
 def test_outputs_get_the_permissions_the_umask_gives(tmp_path, umask, mode):
     from speedpipe.io import atomic_torch_save, atomic_write_text

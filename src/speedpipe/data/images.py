@@ -138,6 +138,27 @@ def open_image_dataset(data_cfg):
     return ImageFolder(data_cfg.root, data_cfg.image_size, data_cfg.strict)
 
 
+class BatchReader:
+    """Reads a dataset's images batch by batch, so a stage's memory does not grow with the dataset; unreadable files
+    (None from a non-strict ImageFolder) are left out of their batch and counted in `skipped`."""
+
+    def __init__(self, dataset):
+        self.dataset, self.skipped = dataset, set()
+
+    def __call__(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images [B, C, H, W] in [-1, 1], labels [B]) of the readable items among `indices`."""
+        items = [(int(i), self.dataset[int(i)]) for i in indices]
+        self.skipped.update(i for i, item in items if item is None)
+        readable = [item for _, item in items if item is not None]
+        if not readable:
+            raise DataError(f"every image of a batch is unreadable (dataset items {[i for i, _ in items][:8]}); check the data")
+        return torch.stack([image for image, _ in readable]), torch.tensor([label for _, label in readable])
+
+    def batches(self, indices, batch_size: int):
+        for start in range(0, len(indices), batch_size):
+            yield self(indices[start : start + batch_size])
+
+
 def held_out(n: int, every: int = 10) -> tuple[list[int], list[int]]:
     """Deterministic split: every `every`-th example is held out (autoencoder PSNR, classifier accuracy)."""
     test = list(range(0, n, every))

@@ -1,6 +1,7 @@
 """Stage `classifier`: the demo's digit classifier (feature extractor for FID/KID/PR and IS logits).
 
-Trains on the dataset minus every 10th image and reports accuracy on those held-out images.
+Trains on the dataset minus every 10th image and reports accuracy on those held-out images. Images are read batch
+by batch (memory independent of the dataset size); unreadable files are skipped and counted in metrics.json.
 Writes {output_dir}/{experiment}/classifier/model.safetensors and metrics.json.
 """
 import json
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from speedpipe.data.images import held_out, open_image_dataset
+from speedpipe.data.images import BatchReader, held_out, open_image_dataset
 from speedpipe.data.order import EpochBatches
 from speedpipe.io import atomic_path, atomic_write_text
 from speedpipe.models.classifier import DigitClassifier
@@ -21,11 +22,8 @@ def run(cfg):
     out = Path(cfg.output_dir) / cfg.experiment / "classifier"
     torch.manual_seed(cfg.seed)
     dataset = open_image_dataset(cfg.data)
-    items = [dataset[i] for i in range(len(dataset))]
-    keep = [i for i, item in enumerate(items) if item is not None]
-    images = torch.stack([items[i][0] for i in keep])
-    labels = torch.tensor([items[i][1] for i in keep])
-    train_idx, test_idx = (torch.tensor(ix) for ix in held_out(len(keep)))
+    read = BatchReader(dataset)
+    train_idx, test_idx = (torch.tensor(ix) for ix in held_out(len(dataset)))
 
     net = DigitClassifier(num_classes=dataset.num_classes).train()
     opt = torch.optim.AdamW(net.parameters(), lr=e.classifier_lr, weight_decay=1e-4)
@@ -33,22 +31,23 @@ def run(cfg):
     order = EpochBatches(len(train_idx), e.classifier_batch_size, cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     for _ in range(e.classifier_steps):
-        idx = train_idx[order.next_global_batch()]
-        x = images[idx]
+        x, y = read(train_idx[order.next_global_batch()])
         shift = torch.randint(-2, 3, (2,), generator=gen).tolist()  # small translations
         x = torch.roll(x, shifts=shift, dims=(2, 3))
-        loss = F.cross_entropy(net(x)[1], labels[idx])
+        loss = F.cross_entropy(net(x)[1], y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
 
     net.eval()
+    correct = seen = 0
     with torch.no_grad():
-        predictions = torch.cat([net(images[test_idx[i : i + 500]])[1].argmax(1) for i in range(0, len(test_idx), 500)])
-    accuracy = (predictions == labels[test_idx]).float().mean().item()
+        for x, y in read.batches(test_idx, 500):
+            correct, seen = correct + (net(x)[1].argmax(1) == y).sum().item(), seen + len(y)
+    accuracy = correct / seen
     with atomic_path(out / "model.safetensors") as tmp:
         save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp))
-    atomic_write_text(out / "metrics.json", json.dumps({"heldout_accuracy": accuracy, "heldout_images": len(test_idx),
-                                                        "steps": e.classifier_steps}, indent=2))
+    atomic_write_text(out / "metrics.json", json.dumps({"heldout_accuracy": accuracy, "heldout_images": seen,
+                                                        "skipped_images": len(read.skipped), "steps": e.classifier_steps}, indent=2))
     return out
