@@ -5,7 +5,9 @@
 #   snakemake --profile slurm/profile --configfile ...      # many jobs at once on a cluster
 from speedpipe import workflow as W
 
-if not config:  # the demo only when no experiment file is given: a --configfile is not merged over it
+# the demo only when no experiment file is given: a --configfile is not merged over it (so `--config key=value`
+# alone, without a --configfile, is a whole experiment of one key and is refused by the check below)
+if not config:
     configfile: "configs/pipeline/demo.yaml"
 
 PIPE = W.check_pipeline(config, base_dir=workflow.basedir)

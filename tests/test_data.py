@@ -201,8 +201,8 @@ def test_tiny_autoencoder_trains_and_resumes_bit_identical(tmp_path):
 
 
 @pytest.mark.parametrize("stage", ["classifier", "autoencoder"])
-def test_image_stages_read_batches_and_count_unreadable_files(tmp_path, image_tree, stage):
-    """The classifier and autoencoder stages read an image folder batch by batch and count its corrupt file."""
+def test_image_stages_skip_and_count_unreadable_files(tmp_path, image_tree, stage):
+    """The classifier and autoencoder stages skip an image folder's corrupt file and count it (it is a training image)."""
     import importlib
 
     path = tmp_path / "c.yaml"

@@ -22,6 +22,8 @@ def test_respacing():
     # Respaced ᾱ equals the base ᾱ at the kept steps.
     assert np.allclose(d.alphas_cumprod, full.alphas_cumprod[d.timestep_map])
     assert space_timesteps(1000, "ddim50") == set(range(0, 1000, 20))
+    # trailing: T-1 - round(i T / N), so every step count starts at the pure-noise end t = 999
+    assert space_timesteps(1000, "trailing4") == {999, 749, 499, 249} and space_timesteps(1000, "trailing1") == {999}
     with pytest.raises(ValueError, match="cannot"):
         space_timesteps(10, "20")
 
@@ -203,3 +205,5 @@ def test_ddim_on_gaussian_data_is_the_euler_step_in_sigma(respacing):
     assert torch.allclose(out.double(), expected, atol=1e-4)
     if respacing == "ddim250":
         assert out.std().item() == pytest.approx(s, rel=0.05)
+    if respacing == "trailing10":
+        assert out.std().item() < 0.8 * s

@@ -106,3 +106,17 @@ def test_nonfinite_stop_names_the_step_before_any_save(tmp_path):
     with pytest.raises(FloatingPointError, match=r"non-finite training loss at step 3.*latest\.pt"):
         loop.run(poisoned, update)
     assert safe_torch_load(tmp_path / "latest.pt")["step"] == 2  # nothing saved from step 3 on
+
+
+def test_a_term_that_first_appears_later_is_checked_too(tmp_path):
+    """sCD's tangent exists only after the warm start: a NaN in it (with a finite loss) must still stop the run."""
+    loop, model, opt, gen = _loop(tmp_path)
+    loop.resume()
+    forward, update = _step_fns(model, opt, gen)
+
+    def phases(step):
+        terms = forward(step)
+        return terms if step < 3 else {**terms, "tangent": torch.full((2,), float("nan") if step == 4 else 1.0)}
+
+    with pytest.raises(FloatingPointError, match=r"non-finite tangent at step 4"):
+        loop.run(phases, update)

@@ -381,8 +381,10 @@ def load_config(path, overrides: list[str] | tuple[str, ...] = (), phase: str | 
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected the form key.path=value")
         key = item.split("=", 1)[0]
-        value = OmegaConf.select(OmegaConf.from_dotlist([item]), key)
-        OmegaConf.update(merged, key, value, merge=not isinstance(value, DictConfig))
+        value = OmegaConf.to_container(OmegaConf.from_dotlist([item]), resolve=False)  # ${...} resolves in the merged config
+        for part in key.split("."):
+            value = value[part]
+        OmegaConf.update(merged, key, value, merge=not isinstance(value, dict))
     _check_keys(merged, schema)
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(schema), merged)

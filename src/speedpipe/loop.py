@@ -131,7 +131,7 @@ class ResumableLoop:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=c.steps, initial=self.step, disable=not (self.progress and env.is_main), desc=self.what, dynamic_ncols=True)
-        sums, checked, first_bad = None, None, None
+        sums, checked, first_bad = None, [], None
         count, performed, last_time = 0, 0, time.perf_counter()
         self._last_resume_save = time.monotonic()
         _ACTIVE = self
@@ -140,11 +140,15 @@ class ResumableLoop:
                 step = self.step + 1
                 terms = forward(step)
                 stats = {k: v.detach() for k, v in terms.items() if v.ndim == 0}
-                if checked is None:
-                    # in the forward's order: when several terms of one step go non-finite the error names the first
-                    checked = [k for k, v in terms.items() if torch.is_floating_point(v)]
-                    first_bad = torch.full((len(checked),), float("inf"), dtype=torch.float64, device=terms["loss"].device)
-                finite = torch.stack([torch.isfinite(terms[k]).all() for k in checked])
+                # every floating-point term is checked, also one that first appears later (sCD's tangent after the
+                # warm start); the first step at which each went non-finite is kept for the error
+                new = [k for k, v in terms.items() if torch.is_floating_point(v) and k not in checked]
+                if new:
+                    checked += new
+                    more = torch.full((len(new),), float("inf"), dtype=torch.float64, device=terms["loss"].device)
+                    first_bad = more if first_bad is None else torch.cat([first_bad, more])
+                finite = torch.stack([torch.isfinite(terms[k]).all() if k in terms else first_bad.new_ones((), dtype=torch.bool)
+                                      for k in checked])
                 if self.nonfinite == "skip":
                     if not bool((all_reduce_mean(finite.double(), env) == 1).all()):
                         self.skipped += 1
@@ -190,9 +194,9 @@ class ResumableLoop:
 
     def _stop_if_nonfinite(self, first_bad, checked):
         if torch.isfinite(first_bad).any():
-            k = int(torch.argmin(first_bad))
-            quantity = f"{self.what} loss" if checked[k] == "loss" else checked[k]
-            raise FloatingPointError(f"non-finite {quantity} at step {int(first_bad[k])}; stopped without saving. Last good "
+            step = first_bad.min()
+            quantities = ", ".join(f"{self.what} loss" if k == "loss" else k for k, b in zip(checked, first_bad) if b == step)
+            raise FloatingPointError(f"non-finite {quantities} at step {int(step)}; stopped without saving. Last good "
                                      f"checkpoint: {self.last_checkpoint()}. Lower the learning rate, clip gradients, or check "
                                      f"the data.")
 

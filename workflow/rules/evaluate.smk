@@ -1,7 +1,8 @@
 # Evaluation jobs (workflow.evaluation_jobs): a train run's curve points, each teacher sampler, the student's
 # checkpoints. Each evaluation is the sample stage then the evaluate stage, all of a job's in one process, so the
 # interpreter and library start-up is paid once per job rather than once per file. The job's params carry every
-# stage config of the batch. The teacher's and student's jobs go first: they are on the demo's critical path.
+# stage config of the batch. The teacher's and student's jobs go
+# before the curve evaluations (which fill the last minutes on both cores).
 import re
 
 EVAL_EXTRA = ([f"{ROOT}/autoencoder/model.safetensors"] if AE_TINY else []) + (

@@ -145,18 +145,24 @@ class BatchReader:
     def __init__(self, dataset):
         self.dataset, self.skipped = dataset, set()
 
-    def __call__(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
-        """(images [B, C, H, W] in [-1, 1], labels [B]) of the readable items among `indices`."""
+    def _read(self, indices) -> list:
         items = [(int(i), self.dataset[int(i)]) for i in indices]
         self.skipped.update(i for i, item in items if item is None)
-        readable = [item for _, item in items if item is not None]
+        return [item for _, item in items if item is not None]
+
+    def __call__(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images [B, C, H, W] in [-1, 1], labels [B]) of the readable items among `indices` (a training batch)."""
+        readable = self._read(indices)
         if not readable:
-            raise DataError(f"every image of a batch is unreadable (dataset items {[i for i, _ in items][:8]}); check the data")
+            raise DataError(f"every image of a batch is unreadable (dataset items {[int(i) for i in indices][:8]}); check the data")
         return torch.stack([image for image, _ in readable]), torch.tensor([label for _, label in readable])
 
     def batches(self, indices, batch_size: int):
+        """Every readable item of `indices` once, in batches (a batch with nothing readable is left out)."""
         for start in range(0, len(indices), batch_size):
-            yield self(indices[start : start + batch_size])
+            readable = self._read(indices[start : start + batch_size])
+            if readable:
+                yield torch.stack([image for image, _ in readable]), torch.tensor([label for _, label in readable])
 
 
 def held_out(n: int, every: int = 10) -> tuple[list[int], list[int]]:

@@ -1,7 +1,8 @@
 """Stage `classifier`: the demo's digit classifier (feature extractor for FID/KID/PR and IS logits).
 
 Trains on the dataset minus every 10th image and reports accuracy on those held-out images. Images are read batch
-by batch (memory independent of the dataset size); unreadable files are skipped and counted in metrics.json.
+by batch (memory independent of the dataset size); unreadable files met (every held-out one, the training ones the
+batches drew) are skipped and counted in metrics.json.
 Writes {output_dir}/{experiment}/classifier/model.safetensors and metrics.json.
 """
 import json
