@@ -69,7 +69,7 @@ def test_killed_run_resumes_bit_identical(tiny_train_config, tmp_path):
 
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_train_config, poison_third_batch):
     cfg = load_config(tiny_train_config, ["trainer.log_every=2"], phase="train")
-    with pytest.raises(FloatingPointError, match=r"non-finite training loss at step 3.*ckpt-0000002\.pt"):
+    with pytest.raises(FloatingPointError, match=r"non-finite training loss, mse, vlb at step 3.*ckpt-0000002\.pt"):
         train.run(cfg)
     assert latest_checkpoint(train.run_dir_for(cfg)).name == "ckpt-0000002.pt"
 
@@ -141,3 +141,23 @@ def test_training_uses_the_configured_timestep_sampler_and_weighting(tiny_train_
     observed = np.bincount(torch.cat([t for t, _ in seen]).numpy(), minlength=1000) / (150 * 64)
     bins = lambda p: p.reshape(20, 50).sum(1)  # noqa: E731
     assert np.abs(bins(observed) - bins(expected)).max() < 0.015, (bins(observed), bins(expected))
+
+
+def test_checkpoints_land_on_every_evaluation_step_whatever_their_spacing(tiny_train_config):
+    """Uneven evaluation steps (the issue's [150, 400, 600] in small): a checkpoint at exactly each, plus the last; steps
+    outside the run are refused in the stage config and in the experiment file."""
+    import yaml
+
+    from speedpipe.config import ConfigError
+    from speedpipe.workflow import check_pipeline, stage_config
+
+    pipe = yaml.safe_load((REPO / "tests/data/micro.yaml").read_text()) | {"train_steps": 6, "eval_steps": [2, 5, 6]}
+    job = stage_config(check_pipeline(pipe, base_dir=REPO), "train", run="speed-s0")
+    assert job["trainer"]["ckpt_steps"] == [2, 5, 6]
+    cfg = load_config(tiny_train_config, ["trainer.steps=6", "trainer.ckpt_every=1000", "trainer.ckpt_steps=[2,5]"], phase="train")
+    run_dir = train.run(cfg)
+    assert sorted(p.name for p in run_dir.glob("ckpt-*.pt")) == ["ckpt-0000002.pt", "ckpt-0000005.pt", "ckpt-0000006.pt"]
+    with pytest.raises(ConfigError, match=r"trainer.ckpt_steps.*\[7\] lie outside 1..6"):
+        load_config(tiny_train_config, ["trainer.steps=6", "trainer.ckpt_steps=[2,7]"], phase="train")
+    with pytest.raises(ConfigError, match="eval_steps"):
+        check_pipeline(pipe | {"eval_steps": [2, 5, 7]}, base_dir=REPO)
