@@ -1,18 +1,21 @@
 include: "common.smk"
 
-AE_TINY = W.stage_config(PIPE, "encode")["autoencoder"]["name"] == "tiny"
-CLASSIFIER = PIPE["extractor"] == "classifier"
+AE_TINY = EXP.stage_config("encode")["autoencoder"]["name"] == "tiny"
+CLASSIFIER = EXP.pipe["extractor"] == "classifier"
+AUTOENCODER_WEIGHTS = str(LAYOUT.autoencoder_dir() / "model.safetensors")
+CLASSIFIER_WEIGHTS = str(LAYOUT.classifier_dir() / "model.safetensors")
+REFERENCE = str(LAYOUT.reference(EXP.pipe["extractor"]))
 
 
 rule autoencoder:
     output:
-        weights=f"{ROOT}/autoencoder/model.safetensors",
-        grid=report(f"{ROOT}/autoencoder/recon.png", caption="../report/autoencoder.rst", category="Data"),
-        metrics=f"{ROOT}/autoencoder/metrics.json",
+        weights=AUTOENCODER_WEIGHTS,
+        grid=report(str(LAYOUT.autoencoder_dir() / "recon.png"), caption="../report/autoencoder.rst", category="Data"),
+        metrics=str(LAYOUT.autoencoder_dir() / "metrics.json"),
     params:
         **stage_params("autoencoder"),
     resources:
-        gpus=lambda wc: W.launcher_settings(PIPE, "autoencoder").get("gpus_per_node", 0),
+        gpus=EXP.launcher("autoencoder").get("gpus_per_node", 0),
     threads: 2
     priority: 30  # everything waits on the latents: first, before the classifier takes a core
     script:
@@ -21,9 +24,9 @@ rule autoencoder:
 
 rule encode:
     input:
-        ([f"{ROOT}/autoencoder/model.safetensors"] if AE_TINY else []),
+        ([AUTOENCODER_WEIGHTS] if AE_TINY else []),
     output:
-        f"{ROOT}/latents/manifest.json",
+        str(LAYOUT.latents_dir() / "manifest.json"),
     params:
         **stage_params("encode"),
     threads: 2
@@ -34,8 +37,8 @@ rule encode:
 
 rule classifier:
     output:
-        f"{ROOT}/classifier/model.safetensors",
-        f"{ROOT}/classifier/metrics.json",
+        CLASSIFIER_WEIGHTS,
+        str(LAYOUT.classifier_dir() / "metrics.json"),
     params:
         **stage_params("classifier"),
     threads: 1
@@ -46,9 +49,9 @@ rule classifier:
 
 rule reference:
     input:
-        ([f"{ROOT}/classifier/model.safetensors"] if CLASSIFIER else []),
+        ([CLASSIFIER_WEIGHTS] if CLASSIFIER else []),
     output:
-        f"{ROOT}/reference/stats-{PIPE['extractor']}.pt",
+        REFERENCE,
     params:
         **stage_params("reference"),
     threads: 1

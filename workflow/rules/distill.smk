@@ -1,12 +1,12 @@
 rule distill:
     input:
-        teacher=f"{ROOT}/train/{PIPE['teacher']}/ckpt-{W.step_dir(PIPE['train_steps'])}.pt",
-        latents=f"{ROOT}/latents/manifest.json",
+        teacher=lambda wc: str(EXP.train_runs[wc.teacher].checkpoint(EXP.pipe["train_steps"])),
+        latents=str(LAYOUT.latents_dir() / "manifest.json"),
     output:
-        ckpts=[str(W.checkpoint_path(PIPE, W.student(PIPE), s)) for s in PIPE["distill_eval_steps"]],
-        log=f"{ROOT}/distill/{PIPE['teacher']}/log.csv",
+        ckpts=[str(LAYOUT.run_dir("distill", "{teacher}") / f"ckpt-{step_dir(s)}.pt") for s in EXP.pipe.get("distill_eval_steps", [])],
+        log=str(LAYOUT.run_dir("distill", "{teacher}") / "log.csv"),
     params:
-        **stage_params("distill"),
+        **stage_params("distill", run=lambda wc: EXP.distill_runs[student_run_name(wc.teacher)]),
     threads: 1
     priority: 15  # on the critical path: as soon as the teacher is trained
     script:

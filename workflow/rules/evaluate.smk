@@ -1,34 +1,32 @@
-# Evaluation jobs (workflow.evaluation_jobs): a train run's curve points, each teacher sampler, the student's
+# Evaluation jobs (Experiment.evaluation_jobs): a train run's curve points, each teacher sampler, a student's
 # checkpoints. Each evaluation is the sample stage then the evaluate stage, all of a job's in one process, so the
 # interpreter and library start-up is paid once per job rather than once per file. The job's params carry every
-# stage config of the batch. The teacher's and student's jobs go
-# before the curve evaluations (which fill the last minutes on both cores).
-import re
+# stage config of the batch. The teachers' and students' jobs go before the curve evaluations (which fill the last
+# minutes on both cores).
+EVAL_EXTRA = ([AUTOENCODER_WEIGHTS] if AE_TINY else []) + (
+    [CLASSIFIER_WEIGHTS] if CLASSIFIER or any(EXP.stage_config("evaluate", evaluation=e)["eval"]["label_accuracy"]
+                                              for e in EXP.evaluations()) else [])
 
-EVAL_EXTRA = ([f"{ROOT}/autoencoder/model.safetensors"] if AE_TINY else []) + (
-    [f"{ROOT}/classifier/model.safetensors"] if CLASSIFIER or W.stage_config(PIPE, "evaluate", run=PIPE["teacher"],
-        step=PIPE["train_steps"], sampler=PIPE["teacher_sampler"])["eval"]["label_accuracy"] else [])
-
-for _name, (_run, _evals) in W.evaluation_jobs(PIPE).items():
+for _name, (_run, _evals) in EXP.evaluation_jobs().items():
 
     rule:
         name:
             "evaluate_" + re.sub(r"\W", "_", _name)
         input:
-            checkpoints=sorted({str(W.checkpoint_path(PIPE, _run, s)) for s, _ in _evals}),
-            reference=f"{ROOT}/reference/stats-{PIPE['extractor']}.pt",
+            checkpoints=sorted({str(_run.checkpoint(e.step)) for e in _evals}),
+            reference=REFERENCE,
             extra=EVAL_EXTRA,
         output:
-            metrics=[W.metrics_output(PIPE, _run, s, k) for s, k in _evals],
-            samples=[f for s, k in _evals for f in W.sample_outputs(PIPE, _run, s, k)],
+            metrics=[str(EXP.metrics(e)) for e in _evals],
+            samples=[str(EXP.samples(e, ext)) for e in _evals for ext in ("npz", "json", "png")],
         params:
-            jobs=lambda wc, run=_run, evals=_evals: [[stage, W.stage_config(PIPE, stage, run=run, step=s, sampler=k)]
-                                                     for s, k in evals for stage in ("sample", "evaluate")],
+            jobs=lambda wc, evals=_evals: [[stage, EXP.stage_config(stage, evaluation=e)]
+                                           for e in evals for stage in ("sample", "evaluate")],
             version=[STAGE_VERSIONS["sample"], STAGE_VERSIONS["evaluate"]],
-            launcher=W.launcher_settings(PIPE, "sample"),
+            launcher=EXP.launcher("sample"),
         resources:
-            gpus=W.launcher_settings(PIPE, "sample").get("gpus_per_node", 0),
+            gpus=EXP.launcher("sample").get("gpus_per_node", 0),
         threads: 1
-        priority: 10 if _name != _run or _run == W.student(PIPE) else 0
+        priority: 10 if _name != _run.name or _run.kind == "distill" else 0
         script:
             "../scripts/stage.py"

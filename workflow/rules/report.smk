@@ -1,22 +1,32 @@
+# The report: one job reads every metrics file and log and writes the tables (each named table of the experiment
+# file, the metrics of every run, sCM vs its teachers), the figures and the experiment's README.
+TABLE_OUTPUTS = {f"table_{t}": report(str(LAYOUT.table(t, "md")), caption="../report/named_table.rst", category="Tables",
+                                     subcategory=t) for t in EXP.tables}
+TABLE_FIGURES = {f"figure_{t}": report(str(LAYOUT.figure(t)), caption="../report/named_table_figure.rst", category="Figures",
+                                      subcategory=t) for t in EXP.tables}
+SCM_OUTPUTS = dict(
+    scm=report(str(LAYOUT.table("scm", "md")), caption="../report/scm.rst", category="Tables"),
+    scm_grids=report(str(LAYOUT.figure("teacher_vs_scm")), caption="../report/scm_grids.rst", category="Figures"),
+    teacher_grid=report(str(LAYOUT.figure("teacher_grid")), caption="../report/teacher_grid.rst", category="Figures"),
+    distillation=report(str(LAYOUT.figure("distillation")), caption="../report/distillation.rst", category="Figures"),
+) if EXP.distill_runs else {}
+
+
 rule report:
     input:
-        metrics=[W.metrics_output(PIPE, r, s, k) for r, s, k in W.evaluations(PIPE)],
-        logs=[f"{ROOT}/train/{r}/log.csv" for r in W.runs(PIPE)],
-        distill_log=f"{ROOT}/distill/{PIPE['teacher']}/log.csv",
+        metrics=[str(EXP.metrics(e)) for e in EXP.evaluations()],
+        logs=[str(r.dir / "log.csv") for r in [*EXP.train_runs.values(), *EXP.distill_runs.values()]],
     output:
-        readme=f"{ROOT}/README.md",
-        fid_table=report(f"{ROOT}/tables/fid.md", caption="../report/fid_table.rst", category="Tables"),
-        speedup=report(f"{ROOT}/tables/speedup.md", caption="../report/speedup.rst", category="Tables"),
-        scm=report(f"{ROOT}/tables/scm.md", caption="../report/scm.rst", category="Tables"),
-        fid_curve=report(f"{ROOT}/figures/fid_vs_iterations.png", caption="../report/fid_curve.rst", category="Figures"),
-        loss=report(f"{ROOT}/figures/training_loss.png", caption="../report/loss.rst", category="Figures"),
-        timesteps=report(f"{ROOT}/figures/timestep_methods.png", caption="../report/timesteps.rst", category="Figures"),
-        grids=report(f"{ROOT}/figures/samples_per_method.png", caption="../report/grids.rst", category="Figures"),
-        scm_grids=report(f"{ROOT}/figures/teacher_vs_scm.png", caption="../report/scm_grids.rst", category="Figures"),
-        teacher_grid=report(f"{ROOT}/figures/teacher_grid.png", caption="../report/teacher_grid.rst", category="Figures"),
-        distillation=report(f"{ROOT}/figures/distillation.png", caption="../report/distillation.rst", category="Figures"),
+        readme=str(LAYOUT.readme()),
+        metrics=report(str(LAYOUT.table("metrics", "md")), caption="../report/fid_table.rst", category="Tables"),
+        loss=report(str(LAYOUT.figure("training_loss")), caption="../report/loss.rst", category="Figures"),
+        timesteps=report(str(LAYOUT.figure("timestep_methods")), caption="../report/timesteps.rst", category="Figures"),
+        grids=report(str(LAYOUT.figure("samples_per_method")), caption="../report/grids.rst", category="Figures"),
+        **TABLE_OUTPUTS,
+        **TABLE_FIGURES,
+        **SCM_OUTPUTS,
     params:
-        config=lambda wc: W.report_config(PIPE),
+        config=lambda wc: EXP.report_config(),
         version=STAGE_VERSIONS["report"],
         launcher={"executor": "local"},
     threads: 1

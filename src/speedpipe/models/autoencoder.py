@@ -14,6 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from speedpipe.io import atomic_path, sha256_tree
+from speedpipe.layout import Layout
 
 SD_VAE_SCALE = 0.18215
 
@@ -72,7 +73,7 @@ def load_pretrained_autoencoder(name_or_path: str, allow_download: bool = False)
 
 
 def tiny_weights_path(cfg) -> Path:
-    return Path(cfg.autoencoder.path or Path(cfg.output_dir) / cfg.experiment / "autoencoder" / "model.safetensors")
+    return Path(cfg.autoencoder.path or Layout.of(cfg).autoencoder_dir() / "model.safetensors")
 
 
 def open_autoencoder(cfg) -> tuple[AutoencoderKL, float, dict]:

@@ -14,16 +14,17 @@ from diffusers import AutoencoderKL
 from torchvision.utils import save_image
 
 from speedpipe.config import ConfigError, save_config
-from speedpipe.distributed import DistEnv
-from speedpipe.loop import Cadence, ResumableLoop
 from speedpipe.data.images import BatchReader, held_out, open_image_dataset
 from speedpipe.data.order import EpochBatches
+from speedpipe.distributed import DistEnv
 from speedpipe.io import atomic_path, atomic_write_text
+from speedpipe.layout import Layout
+from speedpipe.loop import Cadence, ResumableLoop
 from speedpipe.models.autoencoder import save_tiny_autoencoder, tiny_autoencoder_config
 
 
 def out_dir_for(cfg) -> Path:
-    return Path(cfg.output_dir) / cfg.experiment / "autoencoder"
+    return Layout.of(cfg).autoencoder_dir()
 
 
 def psnr(mse: float) -> float:

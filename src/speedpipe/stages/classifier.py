@@ -6,7 +6,6 @@ batches drew) are skipped and counted in metrics.json.
 Writes {output_dir}/{experiment}/classifier/model.safetensors and metrics.json.
 """
 import json
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -15,12 +14,13 @@ from safetensors.torch import save_file
 from speedpipe.data.images import BatchReader, held_out, open_image_dataset
 from speedpipe.data.order import EpochBatches
 from speedpipe.io import atomic_path, atomic_write_text
+from speedpipe.layout import Layout
 from speedpipe.models.classifier import DigitClassifier
 
 
 def run(cfg):
     e = cfg.eval
-    out = Path(cfg.output_dir) / cfg.experiment / "classifier"
+    out = Layout.of(cfg).classifier_dir()
     torch.manual_seed(cfg.seed)
     dataset = open_image_dataset(cfg.data)
     read = BatchReader(dataset)

@@ -24,6 +24,7 @@ from speedpipe.consistency.trigflow import TrigFlowStudent, TrigFlowTeacher
 from speedpipe.data.order import EpochBatches, rank_slice
 from speedpipe.diffusion import create_diffusion
 from speedpipe.distributed import setup_device, shutdown
+from speedpipe.layout import Layout
 from speedpipe.loop import Cadence, ResumableLoop
 from speedpipe.stages.train import build_model, open_training_data, update_ema
 
@@ -33,7 +34,7 @@ LOG_COLUMNS = ["step", "objective", "loss", "mse", "tangent_norm", "logvar", "sk
 def run_dir_for(cfg) -> Path:
     if cfg.distill.run_dir:
         return Path(cfg.distill.run_dir)
-    return Path(cfg.output_dir) / cfg.experiment / "distill" / Path(cfg.distill.teacher).parent.name
+    return Layout.of(cfg).distill_dir(Path(cfg.distill.teacher).parent.name)
 
 
 def total_steps(d) -> int:

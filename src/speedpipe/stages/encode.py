@@ -21,11 +21,12 @@ from speedpipe.data.images import DataError, open_image_dataset
 from speedpipe.data.latents import mmap_safetensors, shard_name
 from speedpipe.distributed import barrier, setup_device, shutdown
 from speedpipe.io import atomic_path, atomic_write_text, sha256_file
+from speedpipe.layout import Layout
 from speedpipe.models.autoencoder import encode_posterior, open_autoencoder
 
 
 def latents_dir_for(cfg) -> Path:
-    return Path(cfg.data.latents_dir or Path(cfg.output_dir) / cfg.experiment / "latents")
+    return Path(cfg.data.latents_dir or Layout.of(cfg).latents_dir())
 
 
 class _Indexed(torch.utils.data.Dataset):

@@ -22,13 +22,14 @@ from speedpipe.data.images import open_image_dataset, to_uint8
 from speedpipe.distributed import setup_device, shutdown
 from speedpipe.fidelity import LAYERS, EvaluationError, UInt8Images, stream_features, use_cuda, weights_for
 from speedpipe.io import atomic_torch_save, sha256_tree
+from speedpipe.layout import Layout
 from speedpipe.models.classifier import DigitClassifier
 
 FID_DIMS = {"inception-v3-compat": 2048, "classifier": DigitClassifier.feature_dim}
 
 
 def reference_path_for(cfg) -> Path:
-    return Path(cfg.eval.reference or Path(cfg.output_dir) / cfg.experiment / "reference" / f"stats-{cfg.eval.extractor}.pt")
+    return Path(cfg.eval.reference or Layout.of(cfg).reference(cfg.eval.extractor))
 
 
 class RealImages(torch.utils.data.Dataset):

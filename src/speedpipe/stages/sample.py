@@ -24,6 +24,7 @@ from speedpipe.diffusion import create_diffusion
 from speedpipe.diffusion.gaussian import cfg_model_fn
 from speedpipe.distributed import barrier, setup_device, shutdown
 from speedpipe.io import atomic_path, atomic_write_text
+from speedpipe.layout import Layout
 from speedpipe.models.autoencoder import decode_latents, open_autoencoder
 from speedpipe.stages.train import build_model
 
@@ -38,7 +39,7 @@ def samples_path_for(cfg) -> Path:
     step = CKPT_STEP.search(ckpt.name)
     if step is None:
         raise ConfigError(f"config key 'sampling.out': required when the checkpoint name {ckpt.name} is not ckpt-NNNNNNN.pt")
-    return Path(cfg.output_dir) / cfg.experiment / "samples" / ckpt.parent.name / step.group(1) / f"{s.sampler}.npz"
+    return Layout.of(cfg).samples(ckpt.parent.name, int(step.group(1)), s.sampler)
 
 
 def make_labels(n: int, num_classes: int, mode: str, seed: int) -> torch.Tensor:

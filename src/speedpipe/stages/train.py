@@ -18,6 +18,7 @@ from speedpipe.data.order import EpochBatches, rank_slice
 from speedpipe.diffusion import create_diffusion
 from speedpipe.diffusion.timesteps import build_sampler, build_weighting
 from speedpipe.distributed import setup_device, shutdown
+from speedpipe.layout import Layout
 from speedpipe.loop import Cadence, ResumableLoop
 from speedpipe.models.dit import DiT_models, load_dit_state_dict
 
@@ -25,7 +26,7 @@ LOG_COLUMNS = ["step", "loss", "mse", "vlb", "steps_per_s", "images_per_s"]
 
 
 def run_dir_for(cfg) -> Path:
-    return Path(cfg.trainer.run_dir or Path(cfg.output_dir) / cfg.experiment / "train" / f"{cfg.method}-s{cfg.seed}")
+    return Path(cfg.trainer.run_dir or Layout.of(cfg).train_dir(cfg.method, cfg.seed))
 
 
 def build_model(cfg):
