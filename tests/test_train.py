@@ -149,10 +149,12 @@ def test_checkpoints_land_on_every_evaluation_step_whatever_their_spacing(tiny_t
     import yaml
 
     from speedpipe.config import ConfigError
-    from speedpipe.workflow import check_pipeline, stage_config
+    from speedpipe.workflow import Experiment
 
     pipe = yaml.safe_load((REPO / "tests/data/micro.yaml").read_text()) | {"train_steps": 6, "eval_steps": [2, 5, 6]}
-    job = stage_config(check_pipeline(pipe, base_dir=REPO), "train", run="speed-s0")
+    del pipe["tables"]  # they name steps 2 and 4
+    exp = Experiment(pipe, base_dir=REPO)
+    job = exp.stage_config("train", exp.train_runs["speed-s0"])
     assert job["trainer"]["ckpt_steps"] == [2, 5, 6]
     cfg = load_config(tiny_train_config, ["trainer.steps=6", "trainer.ckpt_every=1000", "trainer.ckpt_steps=[2,5]"], phase="train")
     run_dir = train.run(cfg)
@@ -160,4 +162,4 @@ def test_checkpoints_land_on_every_evaluation_step_whatever_their_spacing(tiny_t
     with pytest.raises(ConfigError, match=r"trainer.ckpt_steps.*\[7\] lie outside 1..6"):
         load_config(tiny_train_config, ["trainer.steps=6", "trainer.ckpt_steps=[2,7]"], phase="train")
     with pytest.raises(ConfigError, match="eval_steps"):
-        check_pipeline(pipe | {"eval_steps": [2, 5, 7]}, base_dir=REPO)
+        Experiment(pipe | {"eval_steps": [2, 5, 7]}, base_dir=REPO)

@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 import pytest
+import yaml
 
 from conftest import REPO, slurm
 
@@ -34,15 +35,32 @@ def planned_jobs(output: str) -> list[str]:
 
 
 @pytest.mark.parametrize("pipeline,expected", [
-    ("configs/pipeline/demo.yaml", {"train": 6, "distill": 1, "report": 1, "autoencoder": 1, "classifier": 1}),
+    ("configs/pipeline/demo.yaml", {"train": 6, "distill": 1, "report": 1, "autoencoder": 1, "classifier": 1, "evaluate": 10}),
     ("configs/pipeline/imagenet_256.yaml", {"train": 2, "distill": 1, "report": 1, "autoencoder": 0, "classifier": 0}),
+    # 16 methods x 1 seed: one curve-evaluation job per run, no sCD
+    ("configs/pipeline/ablation_mnist.yaml", {"train": 16, "distill": 0, "report": 1, "autoencoder": 1, "evaluate": 16}),
+    ("configs/pipeline/ffhq_256.yaml", {"train": 2, "distill": 0, "report": 1, "autoencoder": 0, "classifier": 0, "evaluate": 2}),
+    ("configs/pipeline/metfaces_256.yaml", {"train": 2, "distill": 0, "report": 1, "autoencoder": 0, "classifier": 0, "evaluate": 2}),
 ])
 def test_dry_run_dag(tmp_path, pipeline, expected):
     result = snakemake(tmp_path, "-n", "--configfile", str(REPO / pipeline))
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = planned_jobs(result.stdout)
     for rule, count in expected.items():
-        assert sum(j.split("[")[0] == rule for j in jobs) == count, (rule, jobs)
+        assert sum(j.split("[")[0].split("_")[0] == rule for j in jobs) == count, (rule, jobs)
+
+
+def test_image_folder_experiments_use_the_papers_settings(tmp_path):
+    """FFHQ (k = 2) and MetFaces (k = 5): SpeeD's per-dataset k, 50K iterations, Inception features, unconditional."""
+    from speedpipe.workflow import Experiment
+
+    for name, k in (("ffhq_256", 2), ("metfaces_256", 5)):
+        exp = Experiment(yaml.safe_load((REPO / f"configs/pipeline/{name}.yaml").read_text()), base_dir=REPO)
+        speed = exp.stage_config("train", exp.train_runs["speed-s0"])
+        assert speed["diffusion"]["timestep_sampler"] == {"name": "speed", "k": k, "tau": 700, "dual": True, "p_mean": None, "p_std": None}
+        assert speed["trainer"]["steps"] == 50000 and speed["model"]["name"] == "DiT-XL/2" and speed["model"]["num_classes"] == 1
+        assert speed["data"]["name"] == "image_folder" and speed["eval"]["extractor"] == "inception-v3-compat"
+        assert exp.stage_config("train", exp.train_runs["baseline-s0"])["diffusion"]["timestep_sampler"]["name"] == "uniform"
 
 
 def test_bad_experiment_file_is_refused(tmp_path):
@@ -66,14 +84,20 @@ def micro_run(tmp_path_factory):
 
 def test_micro_run_writes_tables_and_figures(micro_run):
     root = micro_run / "results" / "micro"
-    for name in ("tables/fid.md", "tables/fid.csv", "tables/fid.tex", "tables/speedup.md", "tables/scm.md",
-                 "figures/fid_vs_iterations.png", "figures/fid_vs_iterations.pdf", "figures/training_loss.png",
-                 "figures/timestep_methods.png", "figures/samples_per_method.png", "figures/teacher_vs_scm.png",
-                 "figures/teacher_grid.png", "figures/distillation.png", "README.md"):
+    for table in ("components", "k"):  # the experiment file's two named tables
+        for name in (f"tables/{table}.md", f"tables/{table}.csv", f"tables/{table}_speedup.csv", f"tables/{table}.tex",
+                     f"figures/{table}.png", f"figures/{table}.pdf"):
+            assert (root / name).stat().st_size > 0, name
+    for name in ("tables/metrics.md", "tables/scm.md", "figures/training_loss.png", "figures/timestep_methods.png",
+                 "figures/samples_per_method.png", "figures/teacher_vs_scm.png", "figures/teacher_grid.png",
+                 "figures/distillation.png", "README.md"):
         assert (root / name).stat().st_size > 0, name
     scm = (root / "tables/scm.md").read_text()
     assert "scm1" in scm and "scm2" in scm and "ddpm10-cfg2" in scm and "label acc." in scm
-    assert "label acc." in (root / "tables/fid.md").read_text() and "torch-fidelity" in (root / "README.md").read_text()
+    readme = (root / "README.md").read_text()
+    assert "torch-fidelity" in readme and "### Table `components`" in readme and "### Table `k`" in readme
+    assert "SpeeD's k." in (root / "tables/k.md").read_text() and "Speed-up against `speed`" in (root / "tables/k.md").read_text()
+    assert "label acc." in (root / "tables/components.md").read_text() and "\\begin{tabular}" in (root / "tables/k.tex").read_text()
 
 
 def test_micro_run_metrics_are_finite_and_the_tables_hold_them(micro_run):
@@ -83,7 +107,7 @@ def test_micro_run_metrics_are_finite_and_the_tables_hold_them(micro_run):
 
     root = micro_run / "results" / "micro"
     files = sorted((root / "metrics").rglob("*.json"))
-    assert len(files) == 4 + 4 + 4  # 2 runs x 2 steps, 4 teacher samplers, 2 student checkpoints x 2 samplers
+    assert len(files) == 10 + 4 + 4  # 5 runs x 2 steps, 4 teacher samplers, 2 student checkpoints x 2 samplers
     metrics = {}
     for f in files:
         m = json.loads(f.read_text())["metrics"]
@@ -92,14 +116,29 @@ def test_micro_run_metrics_are_finite_and_the_tables_hold_them(micro_run):
         assert 0 <= m["precision"] <= 1 and 0 <= m["recall"] <= 1, (f, m)
         run, step = f.relative_to(root / "metrics").parts[:2]
         metrics[(run, int(step), f.stem)] = m
-    fid = pd.read_csv(root / "tables/fid.csv")
-    for _, row in fid.iterrows():
-        seeds = [m["frechet_inception_distance"] for (r, s, k), m in metrics.items()
-                 if r.rsplit("-s", 1)[0] == row.method and s == row.step and k == "ddim5"]
-        assert float(str(row.FID).split(" ")[0]) == pytest.approx(np.mean(seeds), abs=0.005), row
+    for table, methods, steps in (("components", ["baseline", "speed", "min_snr"], [2, 4]),
+                                  ("k", ["speed_k-k1", "speed", "speed_k-k10"], [4])):
+        rows = pd.read_csv(root / f"tables/{table}.csv")
+        assert list(rows.method) == [m for m in methods for _ in steps] and list(rows.step) == steps * len(methods), rows
+        for _, row in rows.iterrows():
+            m = metrics[(f"{row.method}-s0", row.step, "ddim5")]
+            assert float(row.FID) == pytest.approx(m["frechet_inception_distance"], abs=0.005), row
+            assert float(row["label acc."]) == pytest.approx(m["label_accuracy"], abs=0.005), row
+        speedup = pd.read_csv(root / f"tables/{table}_speedup.csv").set_index("method")
+        reference = methods[0] if table == "components" else "speed"
+        assert speedup.loc[reference, "speed-up"] == 1.0 and list(speedup.index) == methods
+        target = metrics[(f"{reference}-s0", 4, "ddim5")]["frechet_inception_distance"]
+        for method in methods:
+            curve = [metrics[(f"{method}-s0", s, "ddim5")]["frechet_inception_distance"] for s in (2, 4)]
+            assert float(speedup.loc[method, "final FID"]) == pytest.approx(curve[1], abs=0.005)
+            if method != reference:  # reached at 2 when the curve starts below the target, else interpolated, else never
+                expected = 2.0 if curve[0] <= target else (2 + 2 * (curve[0] - target) / (curve[0] - curve[1]) if curve[1] <= target else None)
+                got = speedup.loc[method].filter(like="iterations to reach").iloc[0]
+                assert (pd.isna(got) if expected is None else got == round(expected)), (table, method, got, expected)
     scm = pd.read_csv(root / "tables/scm.csv")
     assert len(scm) == 4 + 4
     for _, row in scm.iterrows():
+        assert row.teacher == "speed-s0"
         run = "speed-s0" if row.model.startswith("teacher") else "scm-speed-s0"
         m = metrics[(run, int(row.step), row.sampler)]
         assert row.FID == pytest.approx(m["frechet_inception_distance"], abs=5e-4)
@@ -125,10 +164,11 @@ def test_changing_a_speed_parameter_reruns_only_the_speed_branch(micro_run):
         speed.write_text(original)
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = planned_jobs(result.stdout)
-    assert "train[run=speed-s0]" in jobs and "distill" in jobs and "report" in jobs
-    assert not [j for j in jobs if "baseline" in j], jobs
+    assert "train[run=speed-s0]" in jobs and "distill[teacher=speed-s0]" in jobs and "report" in jobs
+    # the k grid's runs set k themselves: their resolved configs did not change, so they are not re-run
+    assert not [j for j in jobs if "baseline" in j or "min_snr" in j or "speed_k" in j], jobs
     assert not {j.split("[")[0] for j in jobs} & {"autoencoder", "encode", "classifier", "reference"}
-    assert all(("speed" in j) or j in ("distill", "report") for j in jobs), jobs
+    assert all(("speed" in j) or j == "report" for j in jobs), jobs
 
 
 def test_snakemake_report_builds_html(micro_run):
@@ -141,12 +181,12 @@ def test_snakemake_report_builds_html(micro_run):
 def test_micro_run_on_slurm_survives_a_killed_snakemake(tmp_path):
     """Every stage as a SLURM job; Snakemake is killed while a training job runs, and the re-run re-attaches to it."""
 
-    pipeline = (REPO / "tests/data/micro.yaml").read_text().replace(
-        "  default: {executor: local}",
-        f"  default: {{executor: slurm, cpus_per_task: 1, mem_gb: 1, time_min: 10, poll_seconds: 0.5, folder: {tmp_path / 'slurm'}}}\n"
-        "  report: {executor: local}")
-    pipeline = pipeline.replace("train_steps: 4", "train_steps: 1000").replace("\neval_steps: [2, 4]", "\neval_steps: [500, 1000]")
-    (tmp_path / "micro.yaml").write_text(pipeline)
+    pipeline = micro_experiment(
+        methods={m: str(REPO / f"configs/mnist5k/{m}.yaml") for m in ("baseline", "speed")}, train_steps=1000, eval_steps=[500, 1000],
+        launcher={"default": {"executor": "slurm", "cpus_per_task": 1, "mem_gb": 1, "time_min": 10, "poll_seconds": 0.5,
+                              "folder": str(tmp_path / "slurm")}, "report": {"executor": "local"}})
+    del pipeline["tables"]
+    (tmp_path / "micro.yaml").write_text(yaml.safe_dump(pipeline))
     cmd = [*SNAKEMAKE, "--directory", str(tmp_path), "--cores", "2", "--configfile", str(tmp_path / "micro.yaml")]
     first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
@@ -170,13 +210,89 @@ def test_micro_run_on_slurm_survives_a_killed_snakemake(tmp_path):
     assert len(list((tmp_path / "slurm").glob("train-*/*_submitted.pkl"))) == 2
 
 
+def micro_experiment(**changes) -> dict:
+    """tests/data/micro.yaml with its config paths made absolute and the given top-level keys replaced."""
+    pipe = yaml.safe_load((REPO / "tests/data/micro.yaml").read_text())
+    pipe["base_config"] = str(REPO / pipe["base_config"])
+    pipe["methods"] = {m: (str(REPO / spec) if isinstance(spec, str) else {**spec, "config": str(REPO / spec["config"])})
+                       for m, spec in pipe["methods"].items()}
+    return {**pipe, **changes}
+
+
 def test_an_experiment_file_plans_only_its_own_methods(tmp_path):
     """The demo's experiment file is the default only when none is given: it is not merged into the user's."""
-    own = (REPO / "tests/data/micro.yaml").read_text().replace("  baseline: configs/mnist5k/baseline.yaml\n", "")
-    own = own.replace("  speed: configs/mnist5k/speed.yaml", f"  plain: {REPO}/configs/mnist5k/baseline.yaml\n"
-                      f"  speed: {REPO}/configs/mnist5k/speed.yaml").replace("configs/mnist5k/base.yaml", f"{REPO}/configs/mnist5k/base.yaml")
-    (tmp_path / "own.yaml").write_text(own)
+    own = micro_experiment(methods={"plain": str(REPO / "configs/mnist5k/baseline.yaml"), "speed": str(REPO / "configs/mnist5k/speed.yaml")})
+    del own["tables"]
+    (tmp_path / "own.yaml").write_text(yaml.safe_dump(own))
     result = snakemake(tmp_path, "-n", "--configfile", str(tmp_path / "own.yaml"))
     assert result.returncode == 0, result.stderr[-3000:]
     trains = sorted(j for j in planned_jobs(result.stdout) if j.startswith("train["))
     assert trains == ["train[run=plain-s0]", "train[run=speed-s0]"], trains
+
+
+def test_a_sweep_expands_to_the_expected_jobs(tmp_path):
+    """A grid (2 x 2 values) and named variants become one method each, with their overrides in the train config; the
+    dry run plans exactly their train runs (x 2 seeds) and one curve-evaluation job per run."""
+    from speedpipe.workflow import Experiment
+
+    speed = str(REPO / "configs/mnist5k/speed.yaml")
+    pipe = micro_experiment(seeds=[0, 1], teachers=[], tables={"grid": {"methods": ["g-k1-lam0.5", "g-k10-lam0.8"], "reference": "g-k1-lam0.5"}}, methods={
+        "g": {"config": speed, "grid": {"diffusion.timestep_sampler.k": [1, 10], "diffusion.loss_weighting.lam": [0.5, 0.8]}},
+        "tau": {"config": speed, "variants": {"t500": ["diffusion.timestep_sampler.tau=500", "diffusion.loss_weighting.tau=500"]}}})
+    for key in ("teacher_sampler", "teacher_ode_sampler", "teacher_baselines", "scm_samplers", "final_samples",
+                "distill_warm_start", "distill_steps", "distill_eval_steps"):
+        del pipe[key]
+    exp = Experiment(pipe)
+    assert list(exp.methods) == ["g-k1-lam0.5", "g-k1-lam0.8", "g-k10-lam0.5", "g-k10-lam0.8", "tau-t500"]
+    cfg = exp.stage_config("train", exp.train_runs["g-k10-lam0.5-s1"])
+    assert (cfg["seed"], cfg["method"]) == (1, "g-k10-lam0.5")
+    assert cfg["diffusion"]["timestep_sampler"]["k"] == 10 and cfg["diffusion"]["loss_weighting"]["lam"] == 0.5
+    tau = exp.stage_config("train", exp.train_runs["tau-t500-s0"])["diffusion"]
+    assert tau["timestep_sampler"]["tau"] == 500 and tau["loss_weighting"]["tau"] == 500 and tau["timestep_sampler"]["k"] == 5
+    assert exp.stage_config("train", exp.train_runs["tau-t500-s0"])["trainer"]["run_dir"] is None  # the stage's default is the layout's
+    assert str(exp.train_runs["tau-t500-s0"].dir).endswith("results/micro/train/tau-t500-s0")
+
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(pipe))
+    result = snakemake(tmp_path, "-n", "--configfile", str(tmp_path / "sweep.yaml"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = planned_jobs(result.stdout)
+    assert sorted(j for j in jobs if j.startswith("train[")) == sorted(f"train[run={m}-s{s}]" for m in exp.methods for s in (0, 1))
+    assert sum(j.startswith("evaluate_") for j in jobs) == 10 and "distill" not in {j.split("[")[0] for j in jobs}
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"tables": {"t": {"methods": ["baseline", "speedd"]}}}, r"tables.t.methods: unknown method 'speedd'; did you mean 'speed'\?"),
+    ({"tables": {"t": {"methods": ["baseline", "speed"], "reference": "min_snr"}}}, r"tables.t.reference: not one of the table's methods"),
+    ({"tables": {"t": {"methods": ["speed", "speed"]}}}, r"tables.t.methods .* a method is named twice"),
+    ({"tables": {"t": {"methods": ["speed"], "steps": [3]}}}, r"tables.t.steps \[3\]: expected a non-empty list of eval_steps \[2, 4\]"),
+    ({"tables": {"t": {"methods": ["speed"], "refrence": "speed"}}}, r"tables.t: unknown key 'refrence'; did you mean 'reference'\?"),
+    ({"tables": {"training_loss": {"methods": ["speed"]}}}, r"table name 'training_loss' is taken"),
+    ({"methods": {"speed": {"config": "configs/mnist5k/speed.yaml", "grid": {"diffusion.timestep_sampler.kk": [1]}}}},
+     r"methods.speed-kk1: .*diffusion.timestep_sampler.kk"),
+    ({"methods": {"s": {"config": "configs/mnist5k/speed.yaml", "grid": {"diffusion.timestep_sampler.k": [2]}}, "s-k2": "configs/mnist5k/speed.yaml"}},
+     r"duplicate method name 's-k2'"),
+    ({"methods": {"s": {"config": "configs/mnist5k/speed.yaml", "grid": {"a.k": [1]}, "variants": {"v": ["a.k=1"]}}}}, r"methods.s: give a grid or variants, not both"),
+    ({"methods": {"s": {"config": "configs/mnist5k/speed.yaml", "variants": {"v": "diffusion.timestep_sampler.k=2"}}}},
+     r"methods.s.variants.v: expected a list of key.path=value strings"),
+    ({"methods": {"s": {"config": "configs/mnist5k/speed.yaml", "overides": []}}}, r"methods.s: unknown key 'overides'; did you mean 'overrides'\?"),
+    ({"methods": {"a/b": "configs/mnist5k/speed.yaml"}}, r"method 'a/b': names are letters"),
+    ({"teachers": ["speed-s1"]}, r"teachers: no train run 'speed-s1'; did you mean 'speed-s0'\?"),
+    ({"teachers": []}, r"configure sCD, but `teachers` is empty"),
+])
+def test_an_invalid_table_or_variant_is_refused_with_a_clear_message(change, message):
+    from speedpipe.config import ConfigError
+    from speedpipe.workflow import Experiment
+
+    pipe = {**yaml.safe_load((REPO / "tests/data/micro.yaml").read_text()), **change}
+    if "tables" not in change:
+        pipe.pop("tables")
+    with pytest.raises(ConfigError, match=message):
+        Experiment(pipe, base_dir=REPO)
+
+
+def test_an_invalid_table_is_refused_before_anything_runs(tmp_path):
+    bad = micro_experiment(tables={"t": {"methods": ["baseline", "speedd"]}})
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    result = snakemake(tmp_path, "--configfile", str(tmp_path / "bad.yaml"))
+    assert result.returncode != 0 and "unknown method 'speedd'; did you mean 'speed'?" in result.stderr + result.stdout
+    assert not (tmp_path / "results").exists()

@@ -240,6 +240,11 @@ class Experiment:
         self.pipe = pipe
         self.layout = Layout(Path(pipe["output_dir"]) / pipe["experiment"])
         self.methods = expand_methods(pipe["methods"], base_dir)
+        for method in self.methods.values():  # every method's config and overrides, checked before anything runs
+            try:
+                self._config(method.config, method.overrides, "train")
+            except ConfigError as err:
+                raise ConfigError(f"pipeline config: methods.{method.name}: {err}") from None
         self.train_runs = {}
         for method in self.methods.values():
             for seed in seeds:
@@ -253,11 +258,6 @@ class Experiment:
         self.distill_runs = {student_run_name(t): DistillRun(student_run_name(t), self.train_runs[t], self.layout.distill_dir(t))
                              for t in teachers}
         self.tables = self._tables(pipe.get("tables"))
-        for method in self.methods.values():  # every method's config and overrides, checked before anything runs
-            try:
-                self._config(method.config, method.overrides, "train")
-            except ConfigError as err:
-                raise ConfigError(f"pipeline config: methods.{method.name}: {err}") from None
 
     @staticmethod
     def _check_steps(pipe, key):
