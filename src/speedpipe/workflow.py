@@ -185,58 +185,72 @@ def expand_methods(methods: dict, base_dir=None) -> dict[str, Method]:
     return expanded
 
 
+def check_experiment_file(pipe: dict, base_dir=None) -> dict:
+    """The top-level checks of an experiment file (methods and tables are checked as they are expanded); returns it
+    with base_config made absolute from base_dir."""
+    pipe = dict(pipe)
+    _check_keys("top level", pipe, PIPELINE_KEYS)
+    missing = sorted(REQUIRED_KEYS - set(pipe))
+    if missing:
+        raise ConfigError(f"pipeline config: missing key(s) {missing}")
+    teachers = list(pipe.get("teachers") or [])
+    scd_given, scd_missing = sorted(SCD_KEYS & set(pipe)), sorted(SCD_KEYS - set(pipe))
+    if teachers and scd_missing:
+        raise ConfigError(f"pipeline config: missing key(s) {scd_missing} (they configure sCD of the teachers {teachers})")
+    if not teachers and scd_given:
+        raise ConfigError(f"pipeline config: {scd_given} configure sCD, but `teachers` is empty: name the train runs to distil")
+    for stage in pipe.get("overrides") or {}:
+        if stage not in STAGES:
+            raise _refuse("overrides: unknown stage", stage, STAGES)
+    seeds = pipe["seeds"]
+    if not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"pipeline config: seeds {seeds}: expected distinct non-negative integers")
+    _check_steps(pipe, "eval_steps")
+    if min(pipe["eval_steps"]) < 1:
+        raise ConfigError(f"pipeline config: eval_steps {pipe['eval_steps']}: the first checkpoint is at step 1 or later")
+    if max(pipe["eval_steps"]) != pipe["train_steps"]:
+        raise ConfigError("pipeline config: the last of eval_steps must equal train_steps (the teacher's checkpoint)")
+    for label in [pipe["curve_sampler"], *(pipe.get(k) for k in ("teacher_sampler", "teacher_ode_sampler") if k in pipe),
+                  *pipe.get("teacher_baselines", [])]:
+        if parse_sampler(label)[0].startswith("scm"):
+            raise ConfigError(f"pipeline config: sampler {label!r}: scm samplers belong in scm_samplers (they need a distilled student)")
+    if not all(parse_sampler(label)[0].startswith("scm") for label in pipe.get("scm_samplers", [])):
+        raise ConfigError(f"pipeline config: scm_samplers {pipe['scm_samplers']}: only scm1 and scm2 sample a distilled student")
+    if teachers:
+        _check_steps(pipe, "distill_eval_steps")
+        total = pipe["distill_warm_start"] + pipe["distill_steps"]
+        outside = [s for s in pipe["distill_eval_steps"] if not pipe["distill_warm_start"] <= s <= total]
+        if outside or max(pipe["distill_eval_steps"]) != total:
+            raise ConfigError(f"pipeline config: distill_eval_steps {pipe['distill_eval_steps']} must lie in "
+                              f"[distill_warm_start, distill_warm_start + distill_steps] = [{pipe['distill_warm_start']}, {total}] "
+                              f"and end at {total}")
+    if base_dir is not None and not Path(pipe["base_config"]).is_absolute():
+        pipe["base_config"] = str(Path(base_dir, pipe["base_config"]))
+    if not Path(pipe["base_config"]).is_file():
+        raise ConfigError(f"pipeline config: base_config: config file not found: {pipe['base_config']}")
+    from speedpipe.launch import parse_launcher
+
+    for stage, settings in (pipe.get("launcher") or {}).items():
+        if stage != "default" and stage not in STAGES:
+            raise _refuse("launcher: unknown stage", stage, ("default", *STAGES))
+        parse_launcher(settings or {})
+    return pipe
+
+
+def _check_steps(pipe, key):
+    steps = pipe[key]
+    if not steps or any(not isinstance(s, int) or s < 0 for s in steps) or list(steps) != sorted(set(steps)):
+        raise ConfigError(f"pipeline config: {key} {steps}: expected increasing non-negative integers (a checkpoint "
+                          f"is written at exactly each of them)")
+
+
 class Experiment:
     """An experiment file, validated, as data. `Experiment(config, base_dir=repo)`: relative config paths are
     taken from base_dir."""
 
     def __init__(self, pipe: dict, base_dir=None):
-        pipe = dict(pipe)
-        _check_keys("top level", pipe, PIPELINE_KEYS)
-        missing = sorted(REQUIRED_KEYS - set(pipe))
-        if missing:
-            raise ConfigError(f"pipeline config: missing key(s) {missing}")
-        teachers = list(pipe.get("teachers") or [])
-        scd_given, scd_missing = sorted(SCD_KEYS & set(pipe)), sorted(SCD_KEYS - set(pipe))
-        if teachers and scd_missing:
-            raise ConfigError(f"pipeline config: missing key(s) {scd_missing} (they configure sCD of the teachers {teachers})")
-        if not teachers and scd_given:
-            raise ConfigError(f"pipeline config: {scd_given} configure sCD, but `teachers` is empty: name the train runs to distil")
-        for stage in pipe.get("overrides") or {}:
-            if stage not in STAGES:
-                raise _refuse("overrides: unknown stage", stage, STAGES)
-        seeds = pipe["seeds"]
-        if not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds) or len(set(seeds)) != len(seeds):
-            raise ConfigError(f"pipeline config: seeds {seeds}: expected distinct non-negative integers")
-        self._check_steps(pipe, "eval_steps")
-        if min(pipe["eval_steps"]) < 1:
-            raise ConfigError(f"pipeline config: eval_steps {pipe['eval_steps']}: the first checkpoint is at step 1 or later")
-        if max(pipe["eval_steps"]) != pipe["train_steps"]:
-            raise ConfigError("pipeline config: the last of eval_steps must equal train_steps (the teacher's checkpoint)")
-        for label in [pipe["curve_sampler"], *(pipe.get(k) for k in ("teacher_sampler", "teacher_ode_sampler") if k in pipe),
-                      *pipe.get("teacher_baselines", [])]:
-            if parse_sampler(label)[0].startswith("scm"):
-                raise ConfigError(f"pipeline config: sampler {label!r}: scm samplers belong in scm_samplers (they need a distilled student)")
-        if not all(parse_sampler(label)[0].startswith("scm") for label in pipe.get("scm_samplers", [])):
-            raise ConfigError(f"pipeline config: scm_samplers {pipe['scm_samplers']}: only scm1 and scm2 sample a distilled student")
-        if teachers:
-            self._check_steps(pipe, "distill_eval_steps")
-            total = pipe["distill_warm_start"] + pipe["distill_steps"]
-            outside = [s for s in pipe["distill_eval_steps"] if not pipe["distill_warm_start"] <= s <= total]
-            if outside or max(pipe["distill_eval_steps"]) != total:
-                raise ConfigError(f"pipeline config: distill_eval_steps {pipe['distill_eval_steps']} must lie in "
-                                  f"[distill_warm_start, distill_warm_start + distill_steps] = [{pipe['distill_warm_start']}, {total}] "
-                                  f"and end at {total}")
-        if base_dir is not None and not Path(pipe["base_config"]).is_absolute():
-            pipe["base_config"] = str(Path(base_dir, pipe["base_config"]))
-        if not Path(pipe["base_config"]).is_file():
-            raise ConfigError(f"pipeline config: base_config: config file not found: {pipe['base_config']}")
-        from speedpipe.launch import parse_launcher
-
-        for stage, settings in (pipe.get("launcher") or {}).items():
-            if stage != "default" and stage not in STAGES:
-                raise _refuse("launcher: unknown stage", stage, ("default", *STAGES))
-            parse_launcher(settings or {})
-
+        pipe = check_experiment_file(pipe, base_dir)
+        teachers, seeds = list(pipe.get("teachers") or []), pipe["seeds"]
         self.pipe = pipe
         self.layout = Layout(Path(pipe["output_dir"]) / pipe["experiment"])
         self.methods = expand_methods(pipe["methods"], base_dir)
@@ -258,13 +272,6 @@ class Experiment:
         self.distill_runs = {student_run_name(t): DistillRun(student_run_name(t), self.train_runs[t], self.layout.distill_dir(t))
                              for t in teachers}
         self.tables = self._tables(pipe.get("tables"))
-
-    @staticmethod
-    def _check_steps(pipe, key):
-        steps = pipe[key]
-        if not steps or any(not isinstance(s, int) or s < 0 for s in steps) or list(steps) != sorted(set(steps)):
-            raise ConfigError(f"pipeline config: {key} {steps}: expected increasing non-negative integers (a checkpoint "
-                              f"is written at exactly each of them)")
 
     def _tables(self, tables) -> dict[str, Table]:
         if tables is None:
