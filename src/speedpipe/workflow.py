@@ -23,8 +23,9 @@ import functools
 import itertools
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from speedpipe.config import ConfigError, load_config, to_plain
 from speedpipe.layout import Layout, checkpoint, student_run_name, train_run_name
@@ -65,33 +66,37 @@ class Method:
 
 
 @dataclass(frozen=True)
-class TrainRun:
+class Run:
+    """A training or distillation run: a folder of ckpt-{step:07d}.pt files and a log.csv."""
     name: str
-    method: Method
-    seed: int
     dir: Path
-    kind: str = field(default="train", init=False)
 
     def checkpoint(self, step) -> Path:
         return checkpoint(self.dir, step)
+
+    @property
+    def log(self) -> Path:
+        return self.dir / "log.csv"
 
 
 @dataclass(frozen=True)
-class DistillRun:
-    """The sCD student of a teacher train run."""
-    name: str
-    teacher: TrainRun
-    dir: Path
-    kind: str = field(default="distill", init=False)
+class TrainRun(Run):
+    method: Method
+    seed: int
+    kind: ClassVar[str] = "train"
 
-    def checkpoint(self, step) -> Path:
-        return checkpoint(self.dir, step)
+
+@dataclass(frozen=True)
+class DistillRun(Run):
+    """The sCD student of a teacher train run."""
+    teacher: TrainRun
+    kind: ClassVar[str] = "distill"
 
 
 @dataclass(frozen=True)
 class Evaluation:
     """One sampler on one checkpoint of one run: a samples file and a metrics file."""
-    run: TrainRun | DistillRun
+    run: Run
     step: int
     sampler: str
     num_samples: int
@@ -263,13 +268,13 @@ class Experiment:
         for method in self.methods.values():
             for seed in seeds:
                 name = train_run_name(method.name, seed)
-                self.train_runs[name] = TrainRun(name, method, seed, self.layout.train_dir(method.name, seed))
+                self.train_runs[name] = TrainRun(name, self.layout.train_dir(method.name, seed), method, seed)
         if len(set(teachers)) != len(teachers):
             raise ConfigError(f"pipeline config: teachers {teachers}: a teacher is named twice")
         for teacher in teachers:
             if teacher not in self.train_runs:
                 raise _refuse("teachers: no train run", teacher, self.train_runs)
-        self.distill_runs = {student_run_name(t): DistillRun(student_run_name(t), self.train_runs[t], self.layout.distill_dir(t))
+        self.distill_runs = {student_run_name(t): DistillRun(student_run_name(t), self.layout.distill_dir(t), self.train_runs[t])
                              for t in teachers}
         self.tables = self._tables(pipe.get("tables"))
 
@@ -414,7 +419,7 @@ class Experiment:
             "pipeline": dict(self.pipe),
             "root": str(self.layout.root),
             "methods": {m.name: {"config": m.config, "overrides": list(m.overrides)} for m in self.methods.values()},
-            "train_runs": [{"name": r.name, "method": r.method.name, "seed": r.seed, "log": str(r.dir / "log.csv")}
+            "train_runs": [{"name": r.name, "method": r.method.name, "seed": r.seed, "log": str(r.log)}
                            for r in self.train_runs.values()],
             "distill_runs": [{"name": d.name, "teacher": d.teacher.name} for d in self.distill_runs.values()],
             "evaluations": [{"run": e.run.name, "kind": e.run.kind, "method": e.run.method.name if e.run.kind == "train" else "sCM",

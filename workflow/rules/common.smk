@@ -1,6 +1,6 @@
 # Helpers shared by the rules: every job's params carry its resolved stage config (plain values, so that
 # Snakemake re-runs exactly the jobs whose config changed), the stage's version and its launcher settings.
-from speedpipe.layout import step_dir, student_run_name
+from speedpipe.layout import checkpoint as checkpoint_path, student_run_name
 from speedpipe.stages import STAGE_VERSIONS
 
 

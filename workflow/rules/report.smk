@@ -15,7 +15,7 @@ SCM_OUTPUTS = dict(
 rule report:
     input:
         metrics=[str(EXP.metrics(e)) for e in EXP.evaluations()],
-        logs=[str(r.dir / "log.csv") for r in [*EXP.train_runs.values(), *EXP.distill_runs.values()]],
+        logs=[str(r.log) for r in [*EXP.train_runs.values(), *EXP.distill_runs.values()]],
     output:
         readme=str(LAYOUT.readme()),
         metrics=report(str(LAYOUT.table("metrics", "md")), caption="../report/fid_table.rst", category="Tables"),

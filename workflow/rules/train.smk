@@ -2,7 +2,7 @@ rule train:
     input:
         str(LAYOUT.latents_dir() / "manifest.json"),
     output:
-        ckpts=[str(LAYOUT.run_dir("train", "{run}") / f"ckpt-{step_dir(s)}.pt") for s in EXP.pipe["eval_steps"]],
+        ckpts=[str(checkpoint_path(LAYOUT.run_dir("train", "{run}"), s)) for s in EXP.pipe["eval_steps"]],
         log=str(LAYOUT.run_dir("train", "{run}") / "log.csv"),
     params:
         **stage_params("train", run=lambda wc: EXP.train_runs[wc.run]),
