@@ -133,8 +133,9 @@ def test_micro_run_metrics_are_finite_and_the_tables_hold_them(micro_run):
             assert float(speedup.loc[method, "final FID"]) == pytest.approx(curve[1], abs=0.005)
             if method != reference:  # reached at 2 when the curve starts below the target, else interpolated, else never
                 expected = 2.0 if curve[0] <= target else (2 + 2 * (curve[0] - target) / (curve[0] - curve[1]) if curve[1] <= target else None)
-                got = speedup.loc[method].filter(like="iterations to reach").iloc[0]
+                got, speed = speedup.loc[method, "iterations to reach it"], speedup.loc[method, "speed-up"]
                 assert (pd.isna(got) if expected is None else got == round(expected)), (table, method, got, expected)
+                assert (pd.isna(speed) if expected is None else speed == round(4 / expected, 2)), (table, method, speed)
     scm = pd.read_csv(root / "tables/scm.csv")
     assert list(scm.teacher) == ["speed-s0"] * 8 + ["baseline-s0"] * 8
     for _, row in scm.iterrows():
@@ -278,6 +279,12 @@ def test_a_sweep_expands_to_the_expected_jobs(tmp_path):
     ({"methods": {"s": {"config": "configs/mnist5k/speed.yaml", "overides": []}}}, r"methods.s: unknown key 'overides'; did you mean 'overrides'\?"),
     ({"methods": {"a/b": "configs/mnist5k/speed.yaml"}}, r"method 'a/b': names are letters"),
     ({"teachers": ["speed-s1"]}, r"teachers: no train run 'speed-s1'; did you mean 'speed-s0'\?"),
+    ({"teachers": "speed-s0"}, r"teachers 'speed-s0': expected a list of train run names"),
+    ({"methods": {"scm-x": "configs/mnist5k/speed.yaml"}}, r"method 'scm-x': names starting with 'scm-' are the sCD students' runs"),
+    ({"methods": {"a.b": "configs/mnist5k/speed.yaml", "a_b": "configs/mnist5k/speed.yaml"}, "teachers": ["a.b-s0"]},
+     r"the runs 'a.b-s0' and 'a_b-s0' differ only in"),
+    ({"overrides": {"train": ["trainer.progres=false"]}}, r"overrides.train: .*trainer.progres"),
+    ({"tables": {"k_speedup": {"methods": ["speed"]}}}, r"table name 'k_speedup' is taken"),
     ({"teachers": []}, r"configure sCD, but `teachers` is empty"),
 ])
 def test_an_invalid_table_or_variant_is_refused_with_a_clear_message(change, message):
@@ -288,7 +295,7 @@ def test_an_invalid_table_or_variant_is_refused_with_a_clear_message(change, mes
     if "tables" not in change:
         pipe.pop("tables")
     with pytest.raises(ConfigError, match=message):
-        Experiment(pipe, base_dir=REPO)
+        Experiment(pipe, base_dir=REPO).evaluation_rules()
 
 
 def test_an_invalid_table_is_refused_before_anything_runs(tmp_path):

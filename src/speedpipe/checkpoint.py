@@ -6,12 +6,9 @@ from pathlib import Path
 import torch
 
 from speedpipe.io import atomic_torch_save, safe_torch_load
+from speedpipe.layout import checkpoint as checkpoint_path
 
 CKPT_PATTERN = re.compile(r"^ckpt-(\d{7})\.pt$")
-
-
-def checkpoint_path(run_dir, step: int) -> Path:
-    return Path(run_dir) / f"ckpt-{step:07d}.pt"
 
 
 def list_checkpoints(run_dir) -> list[tuple[int, Path]]:

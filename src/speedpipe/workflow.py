@@ -129,6 +129,8 @@ def _check_name(where: str, name) -> str:
     if not isinstance(name, str) or not NAME.fullmatch(name):
         raise ConfigError(f"pipeline config: {where} {name!r}: names are letters, digits, '_', '.' and '-' (they become "
                           f"folder and file names), starting with a letter or digit")
+    if name.startswith("scm-"):
+        raise ConfigError(f"pipeline config: {where} {name!r}: names starting with 'scm-' are the sCD students' runs")
     return name
 
 
@@ -146,6 +148,8 @@ def _cells(name: str, spec: dict) -> list[tuple[str, list[str]]]:
         if not isinstance(grid, dict) or not grid or not all(isinstance(v, list) and v for v in grid.values()):
             raise ConfigError(f"pipeline config: methods.{name}.grid: expected a mapping of key.path -> non-empty list of values")
         for key, values in grid.items():
+            if not isinstance(key, str):
+                raise ConfigError(f"pipeline config: methods.{name}.grid: key {key!r} is not a key.path string")
             if not all(isinstance(v, (int, float, str, bool)) for v in values):
                 raise ConfigError(f"pipeline config: methods.{name}.grid.{key}: grid values are numbers, strings or booleans")
         return [("-".join([name, *(f"{key.rsplit('.', 1)[-1]}{_override_value(v)}" for key, v in zip(grid, combination))]),
@@ -198,7 +202,9 @@ def check_experiment_file(pipe: dict, base_dir=None) -> dict:
     missing = sorted(REQUIRED_KEYS - set(pipe))
     if missing:
         raise ConfigError(f"pipeline config: missing key(s) {missing}")
-    teachers = list(pipe.get("teachers") or [])
+    teachers = pipe.get("teachers") or []
+    if not isinstance(teachers, list):
+        raise ConfigError(f"pipeline config: teachers {teachers!r}: expected a list of train run names, e.g. [speed-s0]")
     scd_given, scd_missing = sorted(SCD_KEYS & set(pipe)), sorted(SCD_KEYS - set(pipe))
     if teachers and scd_missing:
         raise ConfigError(f"pipeline config: missing key(s) {scd_missing} (they configure sCD of the teachers {teachers})")
@@ -258,6 +264,11 @@ class Experiment:
         teachers, seeds = list(pipe.get("teachers") or []), pipe["seeds"]
         self.pipe = pipe
         self.layout = Layout(Path(pipe["output_dir"]) / pipe["experiment"])
+        for stage in pipe.get("overrides") or {}:  # each stage's overrides on their own, so that an error names them
+            try:
+                self._config(pipe["base_config"], (), stage)
+            except ConfigError as err:
+                raise ConfigError(f"pipeline config: overrides.{stage}: {err}") from None
         self.methods = expand_methods(pipe["methods"], base_dir)
         for method in self.methods.values():  # every method's config and overrides, checked before anything runs
             try:
@@ -288,8 +299,9 @@ class Experiment:
         result = {}
         for name, spec in tables.items():
             _check_name("table", name)
-            if name in RESERVED_NAMES:
-                raise ConfigError(f"pipeline config: table name {name!r} is taken by the report's own table or figure of that name")
+            if name in RESERVED_NAMES or name.endswith("_speedup"):
+                raise ConfigError(f"pipeline config: table name {name!r} is taken by one of the report's own files "
+                                  f"({', '.join(RESERVED_NAMES)}, or a table's {{name}}_speedup)")
             _check_keys(f"tables.{name}", spec, TABLE_KEYS)
             methods = spec.get("methods")
             if not isinstance(methods, list) or not methods:
@@ -306,7 +318,7 @@ class Experiment:
             if not isinstance(steps, list) or not steps or any(s not in self.pipe["eval_steps"] for s in steps):
                 raise ConfigError(f"pipeline config: tables.{name}.steps {steps}: expected a non-empty list of eval_steps "
                                   f"{self.pipe['eval_steps']} (only those have checkpoints)")
-            result[name] = Table(name, tuple(methods), reference, tuple(sorted(steps)), str(spec.get("caption", "")))
+            result[name] = Table(name, tuple(methods), reference, tuple(sorted(steps)), str(spec.get("caption") or ""))
         return result
 
     # --- runs and evaluations
@@ -358,6 +370,17 @@ class Experiment:
             name = f"{e.run.name}-{e.sampler}" if final and steps(e.sampler) > steps(self.pipe["curve_sampler"]) else e.run.name
             jobs.setdefault(name, (e.run, []))[1].append(e)
         return jobs
+
+    def evaluation_rules(self) -> dict[str, tuple[Run, list[Evaluation]]]:
+        """evaluation_jobs under Snakemake rule names (evaluate_{job}, non-word characters as '_'), which must differ."""
+        rules = {}
+        for name, job in self.evaluation_jobs().items():
+            rule = "evaluate_" + re.sub(r"\W", "_", name)
+            if rule in rules:
+                raise ConfigError(f"pipeline config: the runs {rules[rule][0].name!r} and {job[0].name!r} differ only in "
+                                  f"'-', '.' or '_': rename a method")
+            rules[rule] = job
+        return rules
 
     def samples(self, e: Evaluation, ext: str = "npz") -> Path:
         return self.layout.samples(e.run.name, e.step, e.sampler, ext)

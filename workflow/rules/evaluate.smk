@@ -7,11 +7,11 @@ EVAL_EXTRA = ([AUTOENCODER_WEIGHTS] if AE_TINY else []) + (
     [CLASSIFIER_WEIGHTS] if CLASSIFIER or any(EXP.stage_config("evaluate", evaluation=e)["eval"]["label_accuracy"]
                                               for e in EXP.evaluations()) else [])
 
-for _name, (_run, _evals) in EXP.evaluation_jobs().items():
+for _name, (_run, _evals) in EXP.evaluation_rules().items():
 
     rule:
         name:
-            "evaluate_" + re.sub(r"\W", "_", _name)
+            _name
         input:
             checkpoints=sorted({str(_run.checkpoint(e.step)) for e in _evals}),
             reference=REFERENCE,
@@ -27,6 +27,6 @@ for _name, (_run, _evals) in EXP.evaluation_jobs().items():
         resources:
             gpus=EXP.launcher("sample").get("gpus_per_node", 0),
         threads: 1
-        priority: 10 if _name != _run.name or _run.kind == "distill" else 0
+        priority: 10 if all(e.sampler != EXP.pipe["curve_sampler"] for e in _evals) else 0  # a long teacher sampler, a student
         script:
             "../scripts/stage.py"

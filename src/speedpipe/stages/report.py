@@ -51,7 +51,7 @@ def write_table(layout: Layout, name: str, caption: str, *parts: tuple[str, str,
         with atomic_path(layout.table(name + suffix, "csv")) as tmp:
             df.to_csv(tmp, index=False)
         markdown.append((f"**{title}**\n\n" if title else "") + df.to_markdown(index=False))
-        latex.append(df.to_latex(index=False, caption=f"{caption} {title}".strip(), float_format="%.3f"))
+        latex.append(df.to_latex(index=False, caption=f"{caption} {title}".strip(), float_format="%.3f", escape=True))
     atomic_write_text(layout.table(name, "md"), "\n\n".join(markdown) + "\n")
     atomic_write_text(layout.table(name, "tex"), "\n".join(latex))
 
@@ -60,14 +60,15 @@ def mean_std(series) -> str:
     return f"{series.mean():.2f} ± {series.std(ddof=0):.2f}" if len(series) > 1 else f"{series.mean():.2f}"
 
 
-def crossing_step(steps, fids, target):
-    """First iteration at which the (linearly interpolated) FID curve reaches target, or None."""
+def crossing_step(steps, fids, target) -> tuple[float | None, str]:
+    """(iteration at which the linearly interpolated FID curve first reaches target, how): 'interpolated', 'at or before
+    the first evaluation' (the iteration is an upper bound, the speed-up a lower one) or 'not reached' (None)."""
     if fids[0] <= target:
-        return float(steps[0])
+        return float(steps[0]), "at or before the first evaluation"
     for (s0, f0), (s1, f1) in zip(zip(steps, fids), zip(steps[1:], fids[1:])):
         if f1 <= target:
-            return s0 + (f0 - target) / (f0 - f1) * (s1 - s0)
-    return None
+            return s0 + (f0 - target) / (f0 - f1) * (s1 - s0), "interpolated"
+    return None, "not reached"
 
 
 def save_figure(fig, layout: Layout, name: str):
@@ -77,10 +78,9 @@ def save_figure(fig, layout: Layout, name: str):
     plt.close(fig)
 
 
-def show_grid(ax, path, title: str):
-    """A sample stage's class-row grid, its rows labelled with the class they were generated for."""
+def show_grid(ax, path, title: str, rows: int):
+    """A sample stage's class-row grid (rows = min(10, classes)), its rows labelled with the class they were generated for."""
     image = plt.imread(path)
-    rows = 10
     ax.imshow(image)
     ax.set(title=title, xticks=[], yticks=[(r + 0.5) * image.shape[0] / rows for r in range(rows)], yticklabels=range(rows))
     ax.tick_params(axis="y", length=0, labelsize=7)
@@ -97,14 +97,15 @@ def named_table(curve: pd.DataFrame, table: dict) -> tuple[pd.DataFrame, pd.Data
     means = rows.groupby(["method", "step"]).FID.mean().unstack(0).sort_index()
     final = rows[rows.step == rows.step.max()].groupby("method")
     reference = table["reference"]
-    target = means[reference].iloc[-1] if reference else None
     speedup = []
     for m in table["methods"]:
         row = {"method": m, "final FID": mean_std(final.get_group(m).FID), "final label acc.": mean_std(final.get_group(m)["label acc."])}
         if reference:
-            reached = float(means.index[-1]) if m == reference else crossing_step(list(means.index), list(means[m]), target)
-            row.update({f"iterations to reach {reference}'s final FID ({target:.2f})": None if reached is None else round(reached),
-                        "speed-up": None if reached is None else round(means.index[-1] / reached, 2)})
+            target = means[reference].iloc[-1]
+            reached, how = (float(means.index[-1]), "reference") if m == reference else \
+                crossing_step(list(means.index), list(means[m]), target)
+            row.update({"reference final FID": round(target, 3), "iterations to reach it": None if reached is None else round(reached),
+                        "reached": how, "speed-up": None if reached is None else round(means.index[-1] / reached, 2)})
         speedup.append(row)
     return metrics, pd.DataFrame(speedup)
 
@@ -148,7 +149,7 @@ def _scm_row(r, ref, ode) -> dict:
             "s/image": round(r.seconds_per_image, 5), "sampling speed-up": round(ref.seconds_per_image / r.seconds_per_image, 1)}
 
 
-def grid_panels(df, layout: Layout, name: str, rows: list[list[tuple[str, int, str, str]]]):
+def grid_panels(df, layout: Layout, name: str, rows: list[list[tuple[str, int, str, str]]], classes: int):
     """A figure of sample grids: one row of panels per list of (run, step, sampler, label)."""
     width = max(len(r) for r in rows)
     fig, axes = plt.subplots(len(rows), width, figsize=(2.6 * width, 2.9 * len(rows)), squeeze=False)
@@ -160,7 +161,8 @@ def grid_panels(df, layout: Layout, name: str, rows: list[list[tuple[str, int, s
             run_, step, sampler, label = panels[j]
             e = df[(df.run == run_) & (df.step == step) & (df.sampler == sampler)].iloc[0]
             acc = e["label acc."]
-            show_grid(axes[i][j], e.grid, f"{label} {sampler}" + (f"\nlabel acc. {acc:.2f}" if np.isfinite(acc) else ""))
+            show_grid(axes[i][j], e.grid, f"{label} {sampler}" + (f"\nlabel acc. {acc:.2f}" if np.isfinite(acc) else ""),
+                      rows=min(10, classes))
     save_figure(fig, layout, name)
 
 
@@ -209,10 +211,10 @@ def run(cfg):
     axes[0].legend(fontsize=7, ncol=2 if len(methods) > 6 else 1)
     save_figure(fig, layout, "timestep_methods")
 
-    first_seed = pipe["seeds"][0]
+    first_seed, classes = pipe["seeds"][0], cfg["train_config"]["model"]["num_classes"]
     runs = {r["method"]: r["name"] for r in cfg["train_runs"] if r["seed"] == first_seed}
     grid_panels(df, layout, "samples_per_method",
-                [[(runs[m], s, pipe["curve_sampler"], f"{m}, {s} it,") for s in pipe["eval_steps"]] for m in methods])
+                [[(runs[m], s, pipe["curve_sampler"], f"{m}, {s} it,") for s in pipe["eval_steps"]] for m in methods], classes)
 
     # --- sCM versus its teachers
     scm = None
@@ -224,11 +226,11 @@ def run(cfg):
         final, last = pipe["train_steps"], max(pipe["distill_eval_steps"])
         teachers = [d["teacher"] for d in cfg["distill_runs"]]
         grid_panels(df, layout, "teacher_grid", [[(t, final, s, f"teacher {t}") for s in (pipe["teacher_sampler"], pipe["curve_sampler"])]
-                                                 for t in teachers])
+                                                 for t in teachers], classes)
         grid_panels(df, layout, "teacher_vs_scm", [
             [(d["teacher"], final, s, "teacher") for s in (pipe["teacher_sampler"], pipe["teacher_ode_sampler"],
                                                             *[b for b in pipe["teacher_baselines"] if b.startswith("ddim2")])]
-            + [(d["name"], last, s, "sCM") for s in pipe["scm_samplers"]] for d in cfg["distill_runs"]])
+            + [(d["name"], last, s, "sCM") for s in pipe["scm_samplers"]] for d in cfg["distill_runs"]], classes)
 
         fig, axes = plt.subplots(1, len(teachers), figsize=(5.5 * len(teachers), 3.5), squeeze=False)
         for ax, d in zip(axes[0], cfg["distill_runs"]):
