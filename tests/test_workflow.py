@@ -58,7 +58,9 @@ def test_image_folder_experiments_use_the_papers_settings(tmp_path):
         exp = Experiment(yaml.safe_load((REPO / f"configs/pipeline/{name}.yaml").read_text()), base_dir=REPO)
         speed = exp.stage_config("train", exp.train_runs["speed-s0"])
         assert speed["diffusion"]["timestep_sampler"] == {"name": "speed", "k": k, "tau": 700, "dual": True, "p_mean": None, "p_std": None}
-        assert speed["trainer"]["steps"] == 50000 and speed["model"]["name"] == "DiT-XL/2" and speed["model"]["num_classes"] == 1
+        assert speed["diffusion"]["loss_weighting"] == {"name": "speed", "lam": 0.6, "tau": 700, "k": None, "gamma": None}
+        assert exp.pipe["train_steps"] == 50000 and speed["optim"]["lr"] == 1e-4 and speed["trainer"]["global_batch_size"] == 256
+        assert speed["model"]["name"] == "DiT-XL/2" and speed["model"]["num_classes"] == 1
         assert speed["data"]["name"] == "image_folder" and speed["eval"]["extractor"] == "inception-v3-compat"
         assert exp.stage_config("train", exp.train_runs["baseline-s0"])["diffusion"]["timestep_sampler"]["name"] == "uniform"
 
