@@ -189,7 +189,7 @@ def test_micro_run_on_slurm_survives_a_killed_snakemake(tmp_path):
                               "folder": str(tmp_path / "slurm")}, "report": {"executor": "local"}})
     del pipeline["tables"]
     pipeline["teachers"] = ["speed-s0"]
-    (tmp_path / "micro.yaml").write_text(yaml.safe_dump(pipeline))
+    (tmp_path / "micro.yaml").write_text(yaml.safe_dump(pipeline, sort_keys=False))
     cmd = [*SNAKEMAKE, "--directory", str(tmp_path), "--cores", "2", "--configfile", str(tmp_path / "micro.yaml")]
     first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
@@ -227,7 +227,7 @@ def test_an_experiment_file_plans_only_its_own_methods(tmp_path):
     own = micro_experiment(methods={"plain": str(REPO / "configs/mnist5k/baseline.yaml"), "speed": str(REPO / "configs/mnist5k/speed.yaml")},
                            teachers=["speed-s0"])
     del own["tables"]
-    (tmp_path / "own.yaml").write_text(yaml.safe_dump(own))
+    (tmp_path / "own.yaml").write_text(yaml.safe_dump(own, sort_keys=False))
     result = snakemake(tmp_path, "-n", "--configfile", str(tmp_path / "own.yaml"))
     assert result.returncode == 0, result.stderr[-3000:]
     trains = sorted(j for j in planned_jobs(result.stdout) if j.startswith("train["))
@@ -256,7 +256,7 @@ def test_a_sweep_expands_to_the_expected_jobs(tmp_path):
     assert exp.stage_config("train", exp.train_runs["tau-t500-s0"])["trainer"]["run_dir"] is None  # the stage's default is the layout's
     assert str(exp.train_runs["tau-t500-s0"].dir).endswith("results/micro/train/tau-t500-s0")
 
-    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(pipe))
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(pipe, sort_keys=False))
     result = snakemake(tmp_path, "-n", "--configfile", str(tmp_path / "sweep.yaml"))
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = planned_jobs(result.stdout)
@@ -302,7 +302,7 @@ def test_an_invalid_table_or_variant_is_refused_with_a_clear_message(change, mes
 
 def test_an_invalid_table_is_refused_before_anything_runs(tmp_path):
     bad = micro_experiment(tables={"t": {"methods": ["baseline", "speedd"]}})
-    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad, sort_keys=False))
     result = snakemake(tmp_path, "--configfile", str(tmp_path / "bad.yaml"))
     assert result.returncode != 0 and "unknown method 'speedd'; did you mean 'speed'?" in result.stderr + result.stdout
     assert not (tmp_path / "results").exists()
