@@ -1,9 +1,11 @@
 # The report: one job reads every metrics file and log and writes the tables (each named table of the experiment
 # file, the metrics of every run, sCM vs its teachers), the figures and the experiment's README.
+# each named table's own caption travels as a label (the .rst caption is shared by all named tables)
+TABLE_LABELS = {t: {"table": t, "caption": table.caption or "-"} for t, table in EXP.tables.items()}
 TABLE_OUTPUTS = {f"table_{t}": report(str(LAYOUT.table(t, "md")), caption="../report/named_table.rst", category="Tables",
-                                     subcategory=t) for t in EXP.tables}
+                                     subcategory=t, labels=TABLE_LABELS[t]) for t in EXP.tables}
 TABLE_FIGURES = {f"figure_{t}": report(str(LAYOUT.figure(t)), caption="../report/named_table_figure.rst", category="Figures",
-                                      subcategory=t) for t in EXP.tables}
+                                      subcategory=t, labels=TABLE_LABELS[t]) for t in EXP.tables}
 SCM_OUTPUTS = dict(
     scm=report(str(LAYOUT.table("scm", "md")), caption="../report/scm.rst", category="Tables"),
     scm_grids=report(str(LAYOUT.figure("teacher_vs_scm")), caption="../report/scm_grids.rst", category="Figures"),
