@@ -394,11 +394,12 @@ class Experiment:
 
     # --- stage configs
 
-    def _config(self, path: str, overrides: tuple, stage_or_phase: str | None) -> dict:
+    def _config(self, path: str, overrides: tuple, stage: str) -> dict:
+        """A config file with the experiment's common values, the stage's overrides, then the given (method) overrides."""
         p = self.pipe
         common = (f"experiment={p['experiment']}", f"output_dir={p['output_dir']}", f"eval.extractor={p['extractor']}")
-        stage_overrides = tuple((p.get("overrides") or {}).get(stage_or_phase, [])) if stage_or_phase in STAGES else ()
-        return json.loads(_validated(path, common + stage_overrides + tuple(overrides), PHASES.get(stage_or_phase)))
+        stage_overrides = tuple((p.get("overrides") or {}).get(stage, []))
+        return json.loads(_validated(path, common + stage_overrides + tuple(overrides), PHASES.get(stage)))
 
     def stage_config(self, stage: str, run: TrainRun | DistillRun | None = None, evaluation: Evaluation | None = None) -> dict:
         """The resolved, validated config of one job, as plain Python values.
