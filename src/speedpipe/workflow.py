@@ -353,7 +353,7 @@ class Experiment:
         unique = dict.fromkeys((run.name, step, sampler) for run, step, sampler in jobs)
         return [Evaluation(self.run(r), s, k, count(k)) for r, s, k in sorted(unique)]
 
-    def evaluation_jobs(self) -> dict[str, tuple[TrainRun | DistillRun, list[Evaluation]]]:
+    def evaluation_jobs(self) -> dict[str, tuple[Run, list[Evaluation]]]:
         """job name -> (run, its evaluations), each job sampled and evaluated in one process (one start-up).
 
         A train run's curve points make one job, with a teacher's few-step samplers; each of a teacher's samplers
@@ -363,10 +363,9 @@ class Experiment:
         def steps(label):
             return int(parse_sampler(label)[0][4:])
 
-        jobs = {}
+        jobs, teachers, teacher_samplers = {}, {t.name for t in self.teachers}, set(self.teacher_samplers())
         for e in self.evaluations():
-            final = e.run.kind == "train" and e.step == self.pipe["train_steps"] and e.sampler in self.teacher_samplers() \
-                and e.run in self.teachers
+            final = e.run.name in teachers and e.step == self.pipe["train_steps"] and e.sampler in teacher_samplers
             name = f"{e.run.name}-{e.sampler}" if final and steps(e.sampler) > steps(self.pipe["curve_sampler"]) else e.run.name
             jobs.setdefault(name, (e.run, []))[1].append(e)
         return jobs
