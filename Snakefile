@@ -1,35 +1,39 @@
 # speedpipe: dataset -> autoencoder -> latents -> train (methods x seeds) -> sCD -> sample -> evaluate -> report.
-# The experiment file says what to run (configs/pipeline/demo.yaml by default):
+# The experiment file says what to run (configs/pipeline/demo.yaml by default; its keys: workflow/schemas/):
 #   snakemake --cores all                                   # the demo
 #   snakemake --cores all --configfile configs/pipeline/imagenet_256.yaml
 #   snakemake --profile slurm/profile --configfile ...      # many jobs at once on a cluster
-import re
+from snakemake.utils import min_version
 
-from speedpipe.workflow import Experiment
+from speedpipe.workflow import Experiment, alternation
+
+min_version("9.0")
+
 
 # the demo only when no experiment file is given: a --configfile is not merged over it (so `--config key=value`
 # alone, without a --configfile, is a whole experiment of one key and is refused by the check below)
 if not config:
     configfile: "configs/pipeline/demo.yaml"
 
-EXP = Experiment(config, base_dir=workflow.basedir)  # the validated experiment: its runs, evaluations and tables
+
+EXP = Experiment(config, base_dir=workflow.basedir)  # validated against workflow/schemas/experiment.schema.yaml
 LAYOUT = EXP.layout
-
-
-def one_of(names):
-    """A wildcard constraint matching exactly these names (runs are looked up, never parsed)."""
-    return "|".join(map(re.escape, names)) or "(?!)"
+for message in EXP.overridden_values():
+    logger.warning(f"speedpipe: {message}")
 
 
 wildcard_constraints:
-    run=one_of(EXP.train_runs),
-    teacher=one_of(t.name for t in EXP.teachers),
+    run=alternation(EXP.train_runs),
+    teacher=alternation(t.name for t in EXP.teachers),
 
+
+include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/distill.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
+
 
 rule all:
     default_target: True

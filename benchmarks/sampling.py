@@ -19,7 +19,7 @@ from speedpipe.checkpoint import load_checkpoint
 from speedpipe.consistency.scd import ConsistencySampler
 from speedpipe.consistency.trigflow import TrigFlowStudent
 from speedpipe.stages.sample import DiffusionSampler
-from speedpipe.stages.train import build_model
+from speedpipe.models.dit import build_model
 
 
 def sampling_cfg(sampler, cfg_scale, precision):

@@ -19,7 +19,7 @@ from speedpipe.consistency.trigflow import TrigFlowStudent, TrigFlowTeacher
 from speedpipe.diffusion import create_diffusion
 from speedpipe.diffusion.timesteps import build_sampler, build_weighting
 from speedpipe.models.dit import DiT_models
-from speedpipe.stages.train import train_step, update_ema
+from speedpipe.training import train_step, update_ema
 
 
 def main():

@@ -19,7 +19,7 @@ import torch
 from speedpipe.diffusion import create_diffusion
 from speedpipe.diffusion.timesteps import build_sampler, build_weighting
 from speedpipe.models.dit import DiT_models, forward_macs
-from speedpipe.stages.train import train_step, update_ema
+from speedpipe.training import train_step, update_ema
 
 # Dense bf16 tensor-core datasheet peaks (TFLOP/s).
 DATASHEET_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}

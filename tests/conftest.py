@@ -1,4 +1,6 @@
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -6,6 +8,38 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile")]
+
+
+def snakemake(workdir, *args, cores=2, timeout=900):
+    return subprocess.run([*SNAKEMAKE, "--directory", str(workdir), "--cores", str(cores), *args],
+                          capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def planned_jobs(output: str) -> list[str]:
+    """'rule[wildcards]' for every job a dry run would execute."""
+    jobs, current = [], None
+    for line in output.splitlines():
+        m = re.match(r"^(?:local)?rule (\w+):$", line.strip())
+        if m:
+            current = m.group(1)
+            jobs.append(current)
+        w = re.match(r"^wildcards: (.*)$", line.strip())
+        if w and current and jobs:
+            jobs[-1] = f"{current}[{w.group(1)}]"
+    return [j for j in jobs if not j.startswith("all")]
+
+
+@pytest.fixture(scope="session")
+def micro_run(tmp_path_factory):
+    """The micro experiment run end to end through Snakemake, with its config files copied so tests can edit them."""
+    work = tmp_path_factory.mktemp("micro")
+    shutil.copytree(REPO / "configs/mnist5k", work / "configs/mnist5k")  # method files inherit configs/**/base.yaml
+    pipeline = (REPO / "tests/data/micro.yaml").read_text().replace("configs/mnist5k/", f"{work}/configs/mnist5k/")
+    (work / "micro.yaml").write_text(pipeline)
+    result = snakemake(work, "--configfile", str(work / "micro.yaml"))
+    assert result.returncode == 0, result.stderr[-5000:]
+    return work
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import torch
 
 from conftest import REPO
 from speedpipe.config import ConfigError, load_config, to_plain
-from speedpipe.launch import SlurmJobFailed, job_state, launch, parse_launcher, queued_job_ids
+from speedpipe.launch import SlurmJobFailed, job_state, launch_many, parse_launcher, queued_job_ids
 
 
 from conftest import slurm
@@ -34,7 +34,7 @@ def test_invalid_submission_parameters_are_refused_before_submission(settings, m
     before = _queue_length()
     cfg = to_plain(load_config(tiny_train_config))
     with pytest.raises(ConfigError, match=message):
-        launch("train", cfg, settings)
+        launch_many([("train", cfg)], settings)
     assert _queue_length() == before
     assert parse_launcher({"executor": "slurm", "additional": {"exclusive": ""}}).additional == {"exclusive": ""}
 
@@ -54,7 +54,7 @@ def test_failing_job_reports_state_and_stderr_tail(tmp_path):
     cfg = to_plain(load_config(REPO / "configs/mnist5k/base.yaml", [f"output_dir={tmp_path}", "data.name=image_folder",
                                                                     f"data.root={tmp_path / 'no-such-folder'}"]))
     with pytest.raises(SlurmJobFailed, match=r"(?s)SLURM job \d+ ended in state FAILED.*no-such-folder does not exist"):
-        launch("classifier", cfg, SLURM)
+        launch_many([("classifier", cfg)], SLURM)
 
 
 def _last_logged_step(run_dir) -> int:
@@ -90,7 +90,7 @@ def test_interrupted_job_is_requeued_and_resumes_bit_identical(tiny_train_config
 
     watcher = threading.Thread(target=watch_and_interrupt)
     watcher.start()
-    launch("train", cfg, SLURM)
+    launch_many([("train", cfg)], SLURM)
     watcher.join()
     assert interrupted, "the job finished before it could be interrupted"
     resume = [e for e in events(run_dir) if e["event"] == "resume"]
@@ -111,8 +111,8 @@ def _job_name(stage, cfg):
 
 
 def _launch_in_subprocess(cfg_path_overrides, tmp_path):
-    code = ("import sys; from speedpipe.config import load_config, to_plain; from speedpipe.launch import launch; "
-            f"cfg = to_plain(load_config(sys.argv[1], sys.argv[2:], phase='train')); launch('train', cfg, {SLURM!r})")
+    code = ("import sys; from speedpipe.config import load_config, to_plain; from speedpipe.launch import launch_many; "
+            f"cfg = to_plain(load_config(sys.argv[1], sys.argv[2:], phase='train')); launch_many([('train', cfg)], {SLURM!r})")
     return subprocess.Popen([sys.executable, "-c", code, *cfg_path_overrides], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
@@ -149,7 +149,7 @@ def test_relaunch_after_the_launcher_died_reattaches(tiny_train_config, tmp_path
     proc.send_signal(signal.SIGKILL)  # the process that submitted (Snakemake's job) dies; the SLURM job runs on
     proc.wait()
     messages = []
-    launch("train", cfg, SLURM, log=messages.append)
+    launch_many([("train", cfg)], SLURM, log=messages.append)
     assert messages[0] == f"speedpipe: re-attaching to SLURM job {job_id} ({_job_name('train', cfg)}), still in the queue"
     assert not [m for m in messages if "submitted SLURM job" in m]
     assert (tmp_path / "attach" / "ckpt-0000300.pt").exists()
@@ -164,6 +164,6 @@ def test_two_task_slurm_job_runs_ddp_like_one_process(tiny_train_config, tmp_pat
 
     steps = ["trainer.steps=6", "trainer.log_every=1", "trainer.ckpt_every=6"]
     single = train.run(load_config(tiny_train_config, [f"trainer.run_dir={tmp_path / 'one'}", *steps], phase="train"))
-    launch("train", _train_cfg(tiny_train_config, tmp_path, "two", *steps), {**SLURM, "tasks_per_node": 2})
+    launch_many([("train", _train_cfg(tiny_train_config, tmp_path, "two", *steps))], {**SLURM, "tasks_per_node": 2})
     read = lambda d: [float(r["loss"]) for r in csv.DictReader(open(d / "log.csv"))]  # noqa: E731
     assert read(tmp_path / "two") == pytest.approx(read(single), rel=1e-5)

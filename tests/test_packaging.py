@@ -1,17 +1,20 @@
 import re
 
+import pytest
 import yaml
 
 from conftest import REPO
 
 
-def test_environment_yml_mirrors_pyproject_pins():
+@pytest.mark.parametrize("env_file,own_package", [("environment.yml", ["-e ."]), ("workflow/envs/speedpipe.yaml", [])])
+def test_conda_environments_mirror_pyproject_pins(env_file, own_package):
+    """The user's environment (with the package) and the rules' environment (dependencies only) pin what pyproject does."""
     pins = re.findall(r'^    "([^"]+)",$', (REPO / "pyproject.toml").read_text(), re.M)
     assert pins and all("==" in p for p in pins), "every dependency is pinned exactly"
-    env = yaml.safe_load((REPO / "environment.yml").read_text())
+    env = yaml.safe_load((REPO / env_file).read_text())
     assert "python=3.11" in env["dependencies"]
     pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
-    assert sorted(p for p in pip_section if p != "-e .") == sorted(pins)
+    assert sorted(pip_section) == sorted(pins + own_package)
     assert "torch==2.14.0" in pins and "torchvision==0.29.0" in pins
 
 

@@ -10,6 +10,7 @@ import torch
 from conftest import REPO, events, run_python
 from speedpipe.checkpoint import latest_checkpoint, load_checkpoint
 from speedpipe.config import load_config
+from speedpipe.layout import train_run_dir
 from speedpipe.stages import train
 
 
@@ -71,7 +72,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_train_conf
     cfg = load_config(tiny_train_config, ["trainer.log_every=2"], phase="train")
     with pytest.raises(FloatingPointError, match=r"non-finite training loss, mse, vlb at step 3.*ckpt-0000002\.pt"):
         train.run(cfg)
-    assert latest_checkpoint(train.run_dir_for(cfg)).name == "ckpt-0000002.pt"
+    assert latest_checkpoint(train_run_dir(cfg)).name == "ckpt-0000002.pt"
 
 
 def test_two_process_gloo_ddp_matches_one_process(tiny_train_config, tmp_path):

@@ -1,14 +1,11 @@
 """Checkpoint files of long stages: `ckpt-{step:07d}.pt`, written atomically, read with weights_only=True
 (speedpipe.loop writes and resumes them)."""
-import re
 from pathlib import Path
 
 import torch
 
 from speedpipe.io import atomic_torch_save, safe_torch_load
-from speedpipe.layout import checkpoint as checkpoint_path
-
-CKPT_PATTERN = re.compile(r"^ckpt-(\d{7})\.pt$")
+from speedpipe.layout import CKPT_NAME, checkpoint as checkpoint_path
 
 
 def list_checkpoints(run_dir) -> list[tuple[int, Path]]:
@@ -16,7 +13,7 @@ def list_checkpoints(run_dir) -> list[tuple[int, Path]]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := CKPT_PATTERN.match(p.name))]
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := CKPT_NAME.fullmatch(p.name))]
     return sorted(found)
 
 

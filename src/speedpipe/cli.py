@@ -1,30 +1,30 @@
-"""Command line: `speedpipe STAGE --config CONFIG [key=value ...]` and the SpeeD-style `main.py -c CONFIG -p PHASE`."""
+"""Command line: `speedpipe STAGE --config CONFIG [key=value ...]` and the SpeeD-style `main.py -c CONFIG -p PHASE`.
+
+The stages, their modules and config phases come from the registry (speedpipe.stages). `speedpipe report` takes an
+experiment file (configs/pipeline/*.yaml) whose runs have finished, as the pipeline's report job does.
+"""
 import argparse
-import importlib
 import sys
 
-from speedpipe.config import ConfigError, load_config
+import yaml
 
-# stage name -> (module with run(cfg), config phase merged over the top level)
-STAGES = {
-    "autoencoder": ("speedpipe.stages.autoencoder", "train"),
-    "encode": ("speedpipe.stages.encode", None),
-    "train": ("speedpipe.stages.train", "train"),
-    "distill": ("speedpipe.stages.distill", "train"),
-    "sample": ("speedpipe.stages.sample", "sample"),
-    "classifier": ("speedpipe.stages.classifier", None),
-    "reference": ("speedpipe.stages.reference", None),
-    "evaluate": ("speedpipe.stages.evaluate", None),
-}
+from speedpipe.config import ConfigError, load_config
+from speedpipe.stages import STAGES
+
 # main.py phases (SpeeD's entry point) -> stage; "inference" is SpeeD's name for sampling a trained model
 PHASE_STAGES = {"train": "train", "inference": "sample", "sample": "sample"}
 
 
 def run_stage(stage: str, config_path: str, overrides: list[str], phase: str | None = None):
-    module_name, default_phase = STAGES[stage]
-    phase = phase or default_phase
-    cfg = load_config(config_path, overrides, phase=phase)
-    return importlib.import_module(module_name).run(cfg)
+    entry = STAGES[stage]
+    if entry.config == "report":
+        from speedpipe.workflow import Experiment
+
+        if overrides:
+            raise ConfigError(f"speedpipe {stage}: takes an experiment file and no overrides (got {overrides})")
+        with open(config_path) as f:
+            return entry.run(Experiment(yaml.safe_load(f)).report_config())
+    return entry.run(load_config(config_path, overrides, phase=phase or entry.phase))
 
 
 def _exit_on_config_error(fn, *args):

@@ -366,9 +366,8 @@ def named_params(section: DictConfig | dict) -> dict:
     return {k: v for k, v in items if k != "name" and v is not None}
 
 
-def load_config(path, overrides: list[str] | tuple[str, ...] = (), phase: str | None = None, schema: type = Config) -> DictConfig:
-    """Load, merge and validate a config: see the module docstring for the merge order."""
-    path = Path(path)
+def _merged_file(path: Path, phase: str | None) -> DictConfig:
+    """The config file's own values: its base.yaml chain, the file, then its phase sub-dict (no overrides, no defaults)."""
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     if phase is not None and phase not in PHASES:
@@ -377,13 +376,37 @@ def load_config(path, overrides: list[str] | tuple[str, ...] = (), phase: str | 
     phase_dicts = {p: merged.pop(p) for p in PHASES if p in merged}
     if phase in phase_dicts and phase_dicts[phase] is not None:
         merged = OmegaConf.merge(merged, phase_dicts[phase])
+    return merged
+
+
+def file_values(path, phase: str | None = None) -> dict[str, tuple[Any, Path]]:
+    """{dotted key: (value, the file that sets it)} of every value a config file sets itself, with its base.yaml files
+    and its phase sub-dict (the last file of the chain that sets a key wins, as in load_config)."""
+    def leaves(node, prefix=""):
+        for key, value in node.items():
+            dotted = f"{prefix}{key}"
+            if isinstance(value, dict) and value:
+                yield from leaves(value, dotted + ".")
+            else:
+                yield dotted, value
+
+    path = Path(path)
+    values = {}
+    for file in [*base_chain(path), path]:
+        raw = OmegaConf.to_container(_read_yaml(file), resolve=False)
+        phase_dict = raw.get(phase) if phase else None
+        for p in PHASES:
+            raw.pop(p, None)
+        values.update({k: (v, file) for k, v in leaves(raw)})
+        values.update({k: (v, file) for k, v in leaves(phase_dict or {})})
+    return values
+
+
+def load_config(path, overrides: list[str] | tuple[str, ...] = (), phase: str | None = None, schema: type = Config) -> DictConfig:
+    """Load, merge and validate a config: see the module docstring for the merge order."""
+    merged = _merged_file(Path(path), phase)
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected the form key.path=value")
-        key = item.split("=", 1)[0]
-        value = OmegaConf.to_container(OmegaConf.from_dotlist([item]), resolve=False)  # ${...} resolves in the merged config
-        for part in key.split("."):
-            value = value[part]
+        key, value = parse_override(item)
         OmegaConf.update(merged, key, value, merge=not isinstance(value, dict))
     _check_keys(merged, schema)
     try:
@@ -392,6 +415,17 @@ def load_config(path, overrides: list[str] | tuple[str, ...] = (), phase: str | 
         message = str(getattr(err, 'msg', err)).splitlines()[0]
         raise ConfigError(f"config key '{getattr(err, 'full_key', '?')}': {message}") from None
     return validate(cfg) if schema is Config else cfg
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """'a.b=value' -> ('a.b', value as YAML reads it; ${...} kept unresolved, to resolve in the merged config)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected the form key.path=value")
+    key = item.split("=", 1)[0]
+    value = OmegaConf.to_container(OmegaConf.from_dotlist([item]), resolve=False)
+    for part in key.split("."):
+        value = value[part]
+    return key, value
 
 
 def to_plain(cfg: DictConfig) -> dict:

@@ -18,7 +18,7 @@ from torch_fidelity.metric_kid import kid_features_to_metric
 from torch_fidelity.metric_prc import prc_features_to_metric
 from torch_fidelity.utils import create_feature_extractor
 
-from speedpipe.layout import Layout
+from speedpipe.layout import classifier_weights
 from speedpipe.models.classifier import ClassifierFeatureExtractor
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -171,7 +171,7 @@ def label_accuracy(logits: torch.Tensor, labels: np.ndarray, num_classes: int) -
 
 
 def classifier_weights_path(cfg) -> Path:
-    path = Path(cfg.eval.classifier_weights or Layout.of(cfg).classifier_dir() / "model.safetensors")
+    path = classifier_weights(cfg)
     if not path.is_file():
         raise EvaluationError(f"classifier weights not found: {path} (run the classifier stage: speedpipe classifier)")
     return path

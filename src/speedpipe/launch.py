@@ -10,20 +10,19 @@ timed-out jobs save their state at the end of the current step (speedpipe.loop),
 from it.
 """
 import hashlib
-import importlib
 import json
+import os
+import platform
 import re
+import resource
 import subprocess
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
 from speedpipe.config import ConfigError
-
-STAGE_MODULES = {s: f"speedpipe.stages.{s}" for s in
-                 ("autoencoder", "encode", "classifier", "reference", "train", "distill", "sample", "evaluate", "report")}
+from speedpipe.io import atomic_write_text
+from speedpipe.stages import STAGES
 # Every state from which a job still runs or comes back (squeue's long names); any other state has ended it.
 QUEUED_STATES = ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING",
                  "SUSPENDED", "PREEMPTED", "SIGNALING", "STOPPED", "RESV_DEL_HOLD", "STAGE_OUT")
@@ -80,7 +79,30 @@ def config_hash(stage: str, config: dict) -> str:
 
 
 def run_in_process(stage: str, config: dict):
-    return importlib.import_module(STAGE_MODULES[stage]).run(OmegaConf.create(config))
+    return STAGES[stage].run(config)
+
+
+def run_recording_usage(jobs: list[tuple[str, dict]], usage: str | None = None) -> list:
+    """Run the stages in this process; with `usage`, write the wall time, CPU time (this process and its children,
+    e.g. data-loader workers) and peak memory they took to that JSON file, from rank 0: the record of where they ran,
+    which Snakemake's own benchmark of a SLURM job (the waiting process) cannot give."""
+    start, before = time.perf_counter(), _cpu_seconds()
+    results = [run_in_process(stage, config) for stage, config in jobs]
+    if usage and int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
+        self_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
+        children_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        atomic_write_text(usage, json.dumps({
+            "stages": [stage for stage, _ in jobs], "wall_s": round(time.perf_counter() - start, 3),
+            "cpu_s": round(_cpu_seconds() - before, 3), "peak_rss_mb": round(max(self_peak, children_peak), 1),
+            "host": platform.node(), "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+            "world_size": int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))),
+        }, indent=2))
+    return results
+
+
+def _cpu_seconds() -> float:
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def batch_identity(jobs: list[tuple[str, dict]]) -> tuple[str, str]:
@@ -94,8 +116,8 @@ def batch_identity(jobs: list[tuple[str, dict]]) -> tuple[str, str]:
 class StageJob:
     """The callable submitit pickles: sets up the DDP environment of its task and runs the stages in order."""
 
-    def __init__(self, jobs: list[tuple[str, dict]]):
-        self.jobs = jobs
+    def __init__(self, jobs: list[tuple[str, dict]], usage: str | None = None):
+        self.jobs, self.usage = jobs, usage
 
     def __call__(self):
         import os
@@ -107,30 +129,26 @@ class StageJob:
         if int(os.environ.get("SLURM_NTASKS", "1")) > 1:  # RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         defer_signals_to_step_boundaries()  # a long stage saves its state at the end of the step, then submitit requeues
-        return [str(run_in_process(stage, config)) for stage, config in self.jobs]
+        return [str(result) for result in run_recording_usage(self.jobs, self.usage)]
 
     def checkpoint(self):
         """On preemption or the pre-timeout signal (called by submitit once the running loop has saved latest.pt at
         a step boundary): requeue; the stages resume from it (a batch's finished outputs are re-made identically)."""
         import submitit
 
-        return submitit.helpers.DelayedSubmission(StageJob(self.jobs))
+        return submitit.helpers.DelayedSubmission(StageJob(self.jobs, self.usage))
 
 
-def launch(stage: str, config: dict, settings: dict | None = None, log=print):
-    """Run one stage with its resolved config where the launcher settings say."""
-    return launch_many([(stage, config)], settings, log)[0]
-
-
-def launch_many(jobs: list[tuple[str, dict]], settings: dict | None = None, log=print) -> list:
-    """Run several stages, in order, in one process (local) or one SLURM job: one interpreter start-up for all."""
+def launch_many(jobs: list[tuple[str, dict]], settings: dict | None = None, log=print, usage: str | None = None) -> list:
+    """Run several stages, in order, in one process (local) or one SLURM job: one interpreter start-up for all.
+    usage: a JSON file for the resources they took where they ran (run_recording_usage)."""
     launcher = parse_launcher(settings or {})
     for stage, _ in jobs:
-        if stage not in STAGE_MODULES:
-            raise ConfigError(f"unknown stage {stage!r}; expected one of {sorted(STAGE_MODULES)}")
+        if stage not in STAGES:
+            raise ConfigError(f"unknown stage {stage!r}; expected one of {sorted(STAGES)}")
     if launcher.executor == "local":
-        return [run_in_process(stage, config) for stage, config in jobs]
-    return SlurmLauncher(launcher, log).run(jobs)
+        return run_recording_usage(jobs, usage)
+    return SlurmLauncher(launcher, log).run(jobs, usage)
 
 
 class SlurmJobFailed(RuntimeError):
@@ -161,7 +179,7 @@ class SlurmLauncher:
         executor.update_parameters(**params)
         return executor
 
-    def run(self, jobs: list[tuple[str, dict]]) -> list:
+    def run(self, jobs: list[tuple[str, dict]], usage: str | None = None) -> list:
         import submitit
 
         label, digest = batch_identity(jobs)
@@ -172,7 +190,7 @@ class SlurmLauncher:
             job = submitit.SlurmJob(folder=folder, job_id=existing[0])
             self.log(f"speedpipe: re-attaching to SLURM job {job.job_id} ({name}), still in the queue")
         else:
-            job = self.executor(folder, name).submit(StageJob(jobs))
+            job = self.executor(folder, name).submit(StageJob(jobs, usage))
             self.log(f"speedpipe: submitted SLURM job {job.job_id} ({name}), logs in {folder}")
         return self.wait(job)
 

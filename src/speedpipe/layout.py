@@ -6,12 +6,16 @@
   distill/{teacher run}/ckpt-{step:07d}.pt, log.csv          the sCD student of a teacher
   samples/{run}/{step:07d}/{sampler}.npz|json|png            metrics/{run}/{step:07d}/{sampler}.json
   tables/  figures/  README.md                               the report
+  logs/{rule}/{job}.log, .usage.json    benchmarks/{rule}/{job}.tsv    every Snakemake job's log and resources
 
 The rules (speedpipe.workflow), the stages (their defaults when run alone) and the report all ask this module;
 none of them assembles a results path itself.
 """
+import re
 from dataclasses import dataclass
 from pathlib import Path
+
+CKPT_NAME = re.compile(r"ckpt-(\d{7})\.pt")  # an evaluation checkpoint's file name (fullmatch)
 
 
 def step_dir(step) -> str:
@@ -66,6 +70,18 @@ class Layout:
     def readme(self) -> Path:
         return self.root / "README.md"
 
+    def job_log(self, rule: str, job: str = "") -> Path:
+        """A Snakemake job's log (the stage's own output and errors); job: its wildcards, "" for a one-job rule."""
+        return self.root / "logs" / rule / f"{job or rule}.log"
+
+    def job_usage(self, rule: str, job: str = "") -> Path:
+        """The wall time, CPU time and peak memory a job's stages took where they ran (speedpipe.launch)."""
+        return self.root / "logs" / rule / f"{job or rule}.usage.json"
+
+    def job_benchmark(self, rule: str, job: str = "") -> Path:
+        """Snakemake's own benchmark record of the job's local process (for a SLURM job: the waiting)."""
+        return self.root / "benchmarks" / rule / f"{job or rule}.tsv"
+
 
 def checkpoint(run_dir: Path, step) -> Path:
     return Path(run_dir) / f"ckpt-{step_dir(step)}.pt"
@@ -77,3 +93,60 @@ def train_run_name(method: str, seed: int) -> str:
 
 def student_run_name(teacher_run: str) -> str:
     return f"scm-{teacher_run}"
+
+
+# --- A stage config's paths: the path the config names, else the layout's place. The pipeline always names its
+# runs' and evaluations' paths; the fallbacks that read a run's identity out of a file name serve standalone
+# `speedpipe STAGE` runs, which name only a checkpoint or a samples file.
+
+def latents_dir(cfg) -> Path:
+    return Path(cfg.data.latents_dir or Layout.of(cfg).latents_dir())
+
+
+def reference_path(cfg) -> Path:
+    return Path(cfg.eval.reference or Layout.of(cfg).reference(cfg.eval.extractor))
+
+
+def classifier_weights(cfg) -> Path:
+    return Path(cfg.eval.classifier_weights or Layout.of(cfg).classifier_dir() / "model.safetensors")
+
+
+def tiny_autoencoder_weights(cfg) -> Path:
+    return Path(cfg.autoencoder.path or Layout.of(cfg).autoencoder_dir() / "model.safetensors")
+
+
+def train_run_dir(cfg) -> Path:
+    return Path(cfg.trainer.run_dir or Layout.of(cfg).train_dir(cfg.method, cfg.seed))
+
+
+def distill_run_dir(cfg) -> Path:
+    """distill.run_dir, else distill/{the teacher's run folder name}."""
+    return Path(cfg.distill.run_dir or Layout.of(cfg).distill_dir(Path(cfg.distill.teacher).parent.name))
+
+
+def samples_path(cfg) -> Path:
+    """sampling.out, else samples/{the checkpoint's run folder}/{its step}/{sampler}.npz."""
+    s = cfg.sampling
+    if s.out:
+        return Path(s.out)
+    ckpt = Path(s.checkpoint)
+    step = CKPT_NAME.fullmatch(ckpt.name)
+    if step is None:
+        from speedpipe.config import ConfigError
+
+        raise ConfigError(f"config key 'sampling.out': required when the checkpoint name {ckpt.name} is not ckpt-NNNNNNN.pt")
+    return Layout.of(cfg).samples(ckpt.parent.name, int(step.group(1)), s.sampler)
+
+
+def metrics_path(cfg) -> Path:
+    """eval.out, else the samples path with its last samples/ folder as metrics/ and .json for .npz."""
+    if cfg.eval.out:
+        return Path(cfg.eval.out)
+    samples = Path(cfg.eval.samples)
+    parts = list(samples.parts)
+    if "samples" not in parts:
+        from speedpipe.config import ConfigError
+
+        raise ConfigError(f"config key 'eval.out': required when the samples path {samples} has no samples/ folder")
+    parts[len(parts) - 1 - parts[::-1].index("samples")] = "metrics"
+    return Path(*parts).with_suffix(".json")

@@ -27,24 +27,51 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from speedpipe.config import ConfigError, load_config, to_plain
-from speedpipe.layout import Layout, checkpoint, student_run_name, train_run_name
+import yaml
 
-REQUIRED_KEYS = {"experiment", "output_dir", "base_config", "methods", "seeds", "train_steps", "eval_steps",
-                 "curve_sampler", "curve_samples", "extractor"}
+from speedpipe.config import ConfigError, file_values, load_config, parse_override, to_plain
+from speedpipe.layout import Layout, checkpoint, student_run_name, train_run_name
+from speedpipe.stages import STAGES
+
+SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "experiment.schema.yaml"  # every key, documented
 SCD_KEYS = {"teacher_sampler", "teacher_ode_sampler", "teacher_baselines", "scm_samplers", "final_samples",
             "distill_warm_start", "distill_steps", "distill_eval_steps"}  # required when there are teachers
-PIPELINE_KEYS = REQUIRED_KEYS | SCD_KEYS | {"teachers", "tables", "overrides", "launcher"}
-METHOD_KEYS = {"config", "overrides", "grid", "variants"}
-TABLE_KEYS = {"methods", "reference", "steps", "caption"}
 # names of the report's own tables and figures, which a named table (tables/{name}.*, figures/{name}.*) must not take
-RESERVED_NAMES = ("metrics", "scm", "training_loss", "timestep_methods", "samples_per_method", "teacher_grid", "teacher_vs_scm",
-                  "distillation")
+RESERVED_NAMES = ("metrics", "scm", "usage", "training_loss", "timestep_methods", "samples_per_method", "teacher_grid",
+                  "teacher_vs_scm", "distillation")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # method and table names: they become folder and file names
 # A sampler label: ddpm<N> / ddim<N> with an optional guidance suffix -cfg<scale>, or scm1 / scm2.
 SAMPLER_LABEL = re.compile(r"(?P<sampler>(?:ddpm|ddim)\d+)(?:-cfg(?P<cfg>\d+(?:\.\d+)?))?|(?P<scm>scm[12])")
-STAGES = ("autoencoder", "encode", "classifier", "reference", "train", "distill", "sample", "evaluate", "report")
-PHASES = {"train": "train", "distill": "train", "sample": "sample"}
+# Keys the experiment sets in its jobs' configs, and where: a config file or stage override that also sets one is dead.
+# A run's identity (experiment, output_dir, method, seed) always comes from the experiment and is not listed.
+JOB_VALUES = {"trainer.steps": "train_steps", "trainer.ckpt_steps": "eval_steps", "eval.extractor": "extractor",
+              "distill.teacher": "teachers", "distill.warm_start_steps": "distill_warm_start", "distill.steps": "distill_steps",
+              "distill.ckpt_steps": "distill_eval_steps", "distill.run_dir": "the results layout",
+              "sampling.checkpoint": "the evaluated checkpoint", "sampling.sampler": "the sampler label",
+              "sampling.cfg_scale": "the sampler label", "sampling.out": "the results layout",
+              "sampling.num_samples": "curve_samples / final_samples", "eval.samples": "the results layout"}
+
+
+@functools.lru_cache(maxsize=None)
+def schema() -> dict:
+    if not SCHEMA.is_file():
+        raise ConfigError(f"the experiment file schema {SCHEMA} is missing: run from a checkout of the speedpipe repository")
+    return yaml.safe_load(SCHEMA.read_text())
+
+
+def schema_defaults() -> dict:
+    """The documented default of every optional top-level key of an experiment file."""
+    return {k: v["default"] for k, v in schema()["properties"].items() if "default" in v}
+
+
+def job_label(wildcards: dict) -> str:
+    """A job's name within its rule (its wildcard value; "" for a rule of one job): its log and usage file names."""
+    return next(iter(wildcards.values()), "")
+
+
+def alternation(names) -> str:
+    """A wildcard constraint matching exactly these names (runs are looked up, never parsed)."""
+    return "|".join(map(re.escape, names)) or "(?!)"
 
 
 def parse_sampler(label: str) -> tuple[str, float]:
@@ -144,45 +171,26 @@ def _cells(name: str, spec: dict) -> list[tuple[str, list[str]]]:
     grid, variants = spec.get("grid"), spec.get("variants")
     if grid is not None and variants is not None:
         raise ConfigError(f"pipeline config: methods.{name}: give a grid or variants, not both")
-    if grid is not None:
-        if not isinstance(grid, dict) or not grid or not all(isinstance(v, list) and v for v in grid.values()):
-            raise ConfigError(f"pipeline config: methods.{name}.grid: expected a mapping of key.path -> non-empty list of values")
+    if grid is not None:  # the schema made it a mapping of key.path -> non-empty list
         for key, values in grid.items():
-            if not isinstance(key, str):
-                raise ConfigError(f"pipeline config: methods.{name}.grid: key {key!r} is not a key.path string")
             if not all(isinstance(v, (int, float, str, bool)) for v in values):
                 raise ConfigError(f"pipeline config: methods.{name}.grid.{key}: grid values are numbers, strings or booleans")
         return [("-".join([name, *(f"{key.rsplit('.', 1)[-1]}{_override_value(v)}" for key, v in zip(grid, combination))]),
                  [f"{key}={_override_value(v)}" for key, v in zip(grid, combination)])
                 for combination in itertools.product(*grid.values())]
     if variants is not None:
-        if not isinstance(variants, dict) or not variants:
-            raise ConfigError(f"pipeline config: methods.{name}.variants: expected a mapping of variant name -> list of overrides")
-        for variant, overrides in variants.items():
-            _check_overrides(f"methods.{name}.variants.{variant}", overrides)
         return [(f"{name}-{variant}", list(overrides)) for variant, overrides in variants.items()]
     return [(name, [])]
 
 
-def _check_overrides(where: str, overrides):
-    if not isinstance(overrides, list) or not all(isinstance(o, str) and "=" in o for o in overrides):
-        raise ConfigError(f"pipeline config: {where}: expected a list of key.path=value strings, got {overrides!r}")
-
-
 def expand_methods(methods: dict, base_dir=None) -> dict[str, Method]:
-    """The experiment file's `methods` -> name: Method, grids and variants expanded."""
-    if not isinstance(methods, dict) or not methods:
-        raise ConfigError("pipeline config: methods: expected a mapping of method name -> config file or {config, overrides, grid | variants}")
+    """The experiment file's `methods` (checked against the schema) -> name: Method, grids and variants expanded."""
     absolute = lambda p: str(Path(base_dir, p)) if base_dir is not None and not Path(p).is_absolute() else str(p)  # noqa: E731
     expanded = {}
     for name, spec in methods.items():
         _check_name("method", name)
         spec = {"config": spec} if isinstance(spec, str) else spec
-        _check_keys(f"methods.{name}", spec, METHOD_KEYS)
-        if "config" not in spec:
-            raise ConfigError(f"pipeline config: methods.{name}: missing key 'config' (the stage config file)")
         overrides = spec.get("overrides") or []
-        _check_overrides(f"methods.{name}.overrides", overrides)
         for full, cell_overrides in _cells(name, spec):
             _check_name(f"method (from methods.{name})", full)
             if full in expanded:
@@ -195,27 +203,27 @@ def expand_methods(methods: dict, base_dir=None) -> dict[str, Method]:
 
 
 def check_experiment_file(pipe: dict, base_dir=None) -> dict:
-    """The top-level checks of an experiment file (methods and tables are checked as they are expanded); returns it
-    with base_config made absolute from base_dir."""
-    pipe = dict(pipe)
-    _check_keys("top level", pipe, PIPELINE_KEYS)
-    missing = sorted(REQUIRED_KEYS - set(pipe))
+    """An experiment file checked against its JSON schema (with the schema's defaults filled in), then the checks a
+    schema cannot make (methods and tables are checked as they are expanded); returns it with base_config made absolute
+    from base_dir."""
+    from snakemake.exceptions import WorkflowError
+    from snakemake.utils import validate
+
+    _check_keys("top level", pipe, set(schema()["properties"]))
+    missing = sorted(set(schema()["required"]) - set(pipe))
     if missing:
         raise ConfigError(f"pipeline config: missing key(s) {missing}")
-    teachers = pipe.get("teachers") or []
-    if not isinstance(teachers, list):
-        raise ConfigError(f"pipeline config: teachers {teachers!r}: expected a list of train run names, e.g. [speed-s0]")
+    pipe = json.loads(json.dumps(pipe))  # a copy, with tuples as lists (as YAML gives them)
+    try:
+        validate(pipe, str(SCHEMA), set_default=True)
+    except WorkflowError:
+        raise _schema_error(pipe) from None
+    teachers = pipe["teachers"]
     scd_given, scd_missing = sorted(SCD_KEYS & set(pipe)), sorted(SCD_KEYS - set(pipe))
     if teachers and scd_missing:
         raise ConfigError(f"pipeline config: missing key(s) {scd_missing} (they configure sCD of the teachers {teachers})")
     if not teachers and scd_given:
         raise ConfigError(f"pipeline config: {scd_given} configure sCD, but `teachers` is empty: name the train runs to distil")
-    for stage in pipe.get("overrides") or {}:
-        if stage not in STAGES:
-            raise _refuse("overrides: unknown stage", stage, STAGES)
-    seeds = pipe["seeds"]
-    if not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds) or len(set(seeds)) != len(seeds):
-        raise ConfigError(f"pipeline config: seeds {seeds}: expected distinct non-negative integers")
     _check_steps(pipe, "eval_steps")
     if min(pipe["eval_steps"]) < 1:
         raise ConfigError(f"pipeline config: eval_steps {pipe['eval_steps']}: the first checkpoint is at step 1 or later")
@@ -241,16 +249,30 @@ def check_experiment_file(pipe: dict, base_dir=None) -> dict:
         raise ConfigError(f"pipeline config: base_config: config file not found: {pipe['base_config']}")
     from speedpipe.launch import parse_launcher
 
-    for stage, settings in (pipe.get("launcher") or {}).items():
-        if stage != "default" and stage not in STAGES:
-            raise _refuse("launcher: unknown stage", stage, ("default", *STAGES))
+    for settings in pipe["launcher"].values():
         parse_launcher(settings or {})
     return pipe
 
 
+def _schema_error(pipe: dict) -> ConfigError:
+    """The most relevant way an experiment file breaks its schema, as a message naming the key (and, for an unknown
+    key, the closest valid one)."""
+    import jsonschema
+
+    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema()).iter_errors(pipe))
+    where = ".".join(map(str, error.absolute_path)) or "top level"
+    if error.validator == "additionalProperties" and isinstance(error.instance, dict):
+        unknown = sorted(k for k in error.instance if k not in error.schema.get("properties", {}))
+        if unknown:
+            return _refuse(f"{where}: unknown key", unknown[0], sorted(error.schema.get("properties", {})))
+    if error.validator == "enum" and "propertyNames" in error.schema_path:
+        return _refuse(f"{where}: unknown stage", error.instance, error.validator_value)
+    return ConfigError(f"pipeline config: {where}: {error.message} (see {SCHEMA.name})")
+
+
 def _check_steps(pipe, key):
-    steps = pipe[key]
-    if not steps or any(not isinstance(s, int) or s < 0 for s in steps) or list(steps) != sorted(set(steps)):
+    steps = pipe[key]  # the schema made it a non-empty list of non-negative integers
+    if list(steps) != sorted(set(steps)):
         raise ConfigError(f"pipeline config: {key} {steps}: expected increasing non-negative integers (a checkpoint "
                           f"is written at exactly each of them)")
 
@@ -264,7 +286,8 @@ class Experiment:
         teachers, seeds = list(pipe.get("teachers") or []), pipe["seeds"]
         self.pipe = pipe
         self.layout = Layout(Path(pipe["output_dir"]) / pipe["experiment"])
-        for stage in pipe.get("overrides") or {}:  # each stage's overrides on their own, so that an error names them
+        self.overridden: set[str] = set()  # values of the stage config files that the experiment file replaces
+        for stage in pipe["overrides"]:  # each stage's overrides on their own, so that an error names them
             try:
                 self._config(pipe["base_config"], (), stage)
             except ConfigError as err:
@@ -294,18 +317,13 @@ class Experiment:
             reference = "baseline" if "baseline" in self.methods else None
             return {"methods": Table("methods", tuple(self.methods), reference, tuple(self.pipe["eval_steps"]),
                                      "Every method of the experiment.")}
-        if not isinstance(tables, dict) or not tables:
-            raise ConfigError("pipeline config: tables: expected a mapping of table name -> {methods, reference, steps, caption}")
-        result = {}
+        result = {}  # the schema checked each table's keys and types
         for name, spec in tables.items():
             _check_name("table", name)
             if name in RESERVED_NAMES or name.endswith("_speedup"):
                 raise ConfigError(f"pipeline config: table name {name!r} is taken by one of the report's own files "
                                   f"({', '.join(RESERVED_NAMES)}, or a table's {{name}}_speedup)")
-            _check_keys(f"tables.{name}", spec, TABLE_KEYS)
-            methods = spec.get("methods")
-            if not isinstance(methods, list) or not methods:
-                raise ConfigError(f"pipeline config: tables.{name}.methods: expected a non-empty list of method names")
+            methods = spec["methods"]
             for m in methods:
                 if m not in self.methods:
                     raise _refuse(f"tables.{name}.methods: unknown method", m, self.methods)
@@ -315,7 +333,7 @@ class Experiment:
             if reference is not None and reference not in methods:
                 raise _refuse(f"tables.{name}.reference: not one of the table's methods:", reference, methods)
             steps = spec.get("steps", list(self.pipe["eval_steps"]))
-            if not isinstance(steps, list) or not steps or any(s not in self.pipe["eval_steps"] for s in steps):
+            if any(s not in self.pipe["eval_steps"] for s in steps):
                 raise ConfigError(f"pipeline config: tables.{name}.steps {steps}: expected a non-empty list of eval_steps "
                                   f"{self.pipe['eval_steps']} (only those have checkpoints)")
             result[name] = Table(name, tuple(methods), reference, tuple(sorted(steps)), str(spec.get("caption") or ""))
@@ -370,16 +388,17 @@ class Experiment:
             jobs.setdefault(name, (e.run, []))[1].append(e)
         return jobs
 
-    def evaluation_rules(self) -> dict[str, tuple[Run, list[Evaluation]]]:
-        """evaluation_jobs under Snakemake rule names (evaluate_{job}, non-word characters as '_'), which must differ."""
-        rules = {}
+    def evaluation_keys(self) -> dict[str, tuple[Run, list[Evaluation]]]:
+        """evaluation_jobs under rule-name keys (non-word characters as '_'): rules sample_{key} and evaluate_{key}.
+        Sampling and evaluation are separate jobs, so that an evaluation setting never re-samples."""
+        keys = {}
         for name, job in self.evaluation_jobs().items():
-            rule = "evaluate_" + re.sub(r"\W", "_", name)
-            if rule in rules:
-                raise ConfigError(f"pipeline config: the runs {rules[rule][0].name!r} and {job[0].name!r} differ only in "
+            key = re.sub(r"\W", "_", name)
+            if key in keys:
+                raise ConfigError(f"pipeline config: the runs {keys[key][0].name!r} and {job[0].name!r} differ only in "
                                   f"'-', '.' or '_': rename a method")
-            rules[rule] = job
-        return rules
+            keys[key] = job
+        return keys
 
     def samples(self, e: Evaluation, ext: str = "npz") -> Path:
         return self.layout.samples(e.run.name, e.step, e.sampler, ext)
@@ -388,8 +407,31 @@ class Experiment:
         return self.layout.metrics(e.run.name, e.step, e.sampler)
 
     def launcher(self, stage) -> dict:
-        launcher = self.pipe.get("launcher") or {}
+        launcher = self.pipe["launcher"]
         return {**(launcher.get("default") or {"executor": "local"}), **(launcher.get(stage) or {})}
+
+    # --- Snakemake jobs: what each rule's job runs, and what its params carry
+
+    def jobs(self, rule: str, wildcards: dict | None = None) -> list[tuple[str, dict]]:
+        """(stage, resolved config) of every stage run of one Snakemake job, in order."""
+        wildcards = wildcards or {}
+        if rule == "train":
+            return [("train", self.stage_config("train", self.train_runs[wildcards["run"]]))]
+        if rule == "distill":
+            return [("distill", self.stage_config("distill", self.distill_runs[student_run_name(wildcards["teacher"])]))]
+        if rule == "report":
+            return [("report", self.report_config())]
+        stage, _, key = rule.partition("_")
+        if stage in ("sample", "evaluate") and key:
+            return [(stage, self.stage_config(stage, evaluation=e)) for e in self.evaluation_keys()[key][1]]
+        if rule in STAGES:
+            return [(rule, self.stage_config(rule))]
+        raise _refuse("no rule", rule, ["train", "distill", "report", *STAGES])
+
+    def job_params(self, rule: str, wildcards: dict | None = None) -> list[dict]:
+        """A job's Snakemake params: per stage run, its version and the values it reads (speedpipe.stages) -- so an
+        edit re-runs exactly the jobs whose stages read the edited key."""
+        return [STAGES[stage].params(config) for stage, config in self.jobs(rule, wildcards)]
 
     # --- stage configs
 
@@ -397,8 +439,21 @@ class Experiment:
         """A config file with the experiment's common values, the stage's overrides, then the given (method) overrides."""
         p = self.pipe
         common = (f"experiment={p['experiment']}", f"output_dir={p['output_dir']}", f"eval.extractor={p['extractor']}")
-        stage_overrides = tuple((p.get("overrides") or {}).get(stage, []))
-        return json.loads(_validated(path, common + stage_overrides + tuple(overrides), PHASES.get(stage)))
+        stage_overrides = tuple(p["overrides"].get(stage, []))
+        self._note_overridden(path, stage, stage_overrides)
+        return json.loads(_validated(path, common + stage_overrides + tuple(overrides), STAGES[stage].phase))
+
+    def _note_overridden(self, path: str, stage: str, stage_overrides: tuple, job: dict | None = None):
+        """Note each value the config file sets that the experiment file replaces (a stage override, or a value the
+        experiment sets in every job: job = {key: value}); the Snakefile shows them as warnings."""
+        set_here = _file_values(path, STAGES[stage].phase)
+        replaced = [(key, value, f"the experiment file's overrides.{stage}") for key, value in map(parse_override, stage_overrides)]
+        replaced += [(key, value, f"the experiment ({JOB_VALUES[key]})") for key, value in (job or {}).items()]
+        for key, value, by in replaced:
+            if key in set_here and set_here[key][0] != value:
+                old, file = set_here[key]
+                self.overridden.add(f"{_shown(file)} sets {key}: {old!r}, but {by} sets {value!r}: the file's value has no "
+                                    f"effect in this experiment")
 
     def stage_config(self, stage: str, run: TrainRun | DistillRun | None = None, evaluation: Evaluation | None = None) -> dict:
         """The resolved, validated config of one job, as plain Python values.
@@ -410,7 +465,8 @@ class Experiment:
         p = self.pipe
         run = evaluation.run if evaluation is not None else run
         method = run.method if run is not None and run.kind == "train" else None
-        cfg = self._config(method.config if method else p["base_config"], method.overrides if method else (), stage)
+        path = method.config if method else p["base_config"]
+        cfg = self._config(path, method.overrides if method else (), stage)
         job = {}
         if stage == "train":
             job = {"seed": run.seed, "method": method.name, "trainer.steps": int(p["train_steps"]),
@@ -425,6 +481,7 @@ class Experiment:
             job = {"sampling.checkpoint": str(e.run.checkpoint(e.step)), "sampling.sampler": name,
                    "sampling.cfg_scale": cfg_scale, "sampling.out": str(self.samples(e)),
                    "sampling.num_samples": int(e.num_samples), "eval.samples": str(self.samples(e))}
+        self._note_overridden(path, stage, (), {k: v for k, v in job.items() if k in JOB_VALUES})
         for dotted, value in job.items():
             *parents, leaf = dotted.split(".")
             node = cfg
@@ -434,12 +491,15 @@ class Experiment:
         return cfg
 
     def report_config(self) -> dict:
-        """What the report needs: the experiment file, its runs, evaluations and tables with their paths, and each
-        method's resolved diffusion settings."""
+        """What the report reads: the experiment file (without its launcher settings: where jobs ran changes no
+        result), its runs, evaluations and tables with their paths, each method's diffusion settings, the few train and
+        distill settings it shows, and every job's resource record."""
         first_seed = self.pipe["seeds"][0]
         method_cfgs = {m: self.stage_config("train", self.train_runs[train_run_name(m, first_seed)]) for m in self.methods}
+        train = method_cfgs[next(iter(self.methods))]
+        distill = self.stage_config("distill", next(iter(self.distill_runs.values())))["distill"] if self.distill_runs else None
         return {
-            "pipeline": dict(self.pipe),
+            "pipeline": {k: v for k, v in self.pipe.items() if k != "launcher"},
             "root": str(self.layout.root),
             "methods": {m.name: {"config": m.config, "overrides": list(m.overrides)} for m in self.methods.values()},
             "train_runs": [{"name": r.name, "method": r.method.name, "seed": r.seed, "log": str(r.log)}
@@ -452,9 +512,53 @@ class Experiment:
                         "caption": t.caption} for t in self.tables.values()],
             "teacher_samplers": self.teacher_samplers(),
             "diffusion": {m: c["diffusion"] for m, c in method_cfgs.items()},
-            "train_config": method_cfgs[next(iter(self.methods))],
-            "distill_config": self.stage_config("distill", next(iter(self.distill_runs.values())))["distill"] if self.distill_runs else None,
+            "train": {"global_batch_size": train["trainer"]["global_batch_size"], "num_classes": train["model"]["num_classes"]},
+            "distill": None if distill is None else {k: distill[k] for k in ("cfg_scale", "sigma_d", "p_mean", "p_std", "lr")},
+            "usage": [{"rule": rule, "job": job_label(wc), "path": str(self.layout.job_usage(rule, job_label(wc)))}
+                      for rule, wc in self.all_jobs() if rule != "report"],
         }
+
+    def all_jobs(self) -> list[tuple[str, dict]]:
+        """(rule, wildcards) of every Snakemake job of the experiment."""
+        data = [(s, {}) for s in ("autoencoder", "encode", "classifier", "reference") if self.runs_stage(s)]
+        runs = [("train", {"run": r}) for r in self.train_runs] + [("distill", {"teacher": d.teacher.name})
+                                                                   for d in self.distill_runs.values()]
+        evaluations = [(f"{stage}_{key}", {}) for key in self.evaluation_keys() for stage in ("sample", "evaluate")]
+        return data + runs + evaluations + [("report", {})]
+
+    def overridden_values(self) -> list[str]:
+        """Every value of a stage config file that this experiment replaces (with both values), for every job."""
+        for rule, wildcards in self.all_jobs():
+            if rule != "report":
+                self.jobs(rule, wildcards)
+        return sorted(self.overridden)
+
+    def runs_stage(self, stage: str) -> bool:
+        """Whether the experiment has a job of a data stage: the autoencoder only for the tiny (pipeline-trained) one,
+        the classifier only for classifier features or label accuracy."""
+        if stage == "autoencoder":
+            return self.tiny_autoencoder
+        if stage == "classifier":
+            return self.needs_classifier
+        return True
+
+    @functools.cached_property
+    def tiny_autoencoder(self) -> bool:
+        return self.stage_config("encode")["autoencoder"]["name"] == "tiny"
+
+    @functools.cached_property
+    def needs_classifier(self) -> bool:
+        return self.pipe["extractor"] == "classifier" or any(
+            self.stage_config("evaluate", evaluation=e)["eval"]["label_accuracy"] for e in self.evaluations())
+
+
+_file_values = functools.lru_cache(maxsize=None)(file_values)
+
+
+def _shown(path: Path) -> str:
+    """A config file's path as a user reads it: relative to the working directory where it lies below it."""
+    path = Path(path).resolve()
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
 
 
 @functools.lru_cache(maxsize=None)

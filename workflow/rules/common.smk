@@ -1,13 +1,11 @@
-# Helpers shared by the rules: every job's params carry its resolved stage config (plain values, so that
-# Snakemake re-runs exactly the jobs whose config changed), the stage's version and its launcher settings.
+# Shared by the rules. Every job's params carry, per stage it runs, the stage's version and the values of the config
+# keys the stage registry (speedpipe.stages) says it reads: an edit re-runs exactly the jobs that read the edited key.
+# Where a job runs (its launcher settings) and its threads are no params. The job itself resolves its full configs
+# from the experiment (workflow/scripts/stage.py); its log and resource record go where the layout says.
 from speedpipe.layout import checkpoint as checkpoint_path, student_run_name
-from speedpipe.stages import STAGE_VERSIONS
 
-
-def stage_params(stage, run=None):
-    """params of a one-stage job; run(wildcards) -> the job's run, looked up in the experiment."""
-    return dict(
-        config=lambda wc: EXP.stage_config(stage, run(wc) if run else None),
-        version=STAGE_VERSIONS[stage],
-        launcher=EXP.launcher(stage),
-    )
+ENV = "../envs/speedpipe.yaml"  # the rules' software environment (relative to workflow/rules/)
+AE_TINY = EXP.tiny_autoencoder
+AUTOENCODER_WEIGHTS = str(LAYOUT.autoencoder_dir() / "model.safetensors")
+CLASSIFIER_WEIGHTS = str(LAYOUT.classifier_dir() / "model.safetensors")
+REFERENCE = str(LAYOUT.reference(EXP.pipe["extractor"]))

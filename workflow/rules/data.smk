@@ -1,10 +1,5 @@
-include: "common.smk"
-
-AE_TINY = EXP.stage_config("encode")["autoencoder"]["name"] == "tiny"
-CLASSIFIER = EXP.pipe["extractor"] == "classifier"
-AUTOENCODER_WEIGHTS = str(LAYOUT.autoencoder_dir() / "model.safetensors")
-CLASSIFIER_WEIGHTS = str(LAYOUT.classifier_dir() / "model.safetensors")
-REFERENCE = str(LAYOUT.reference(EXP.pipe["extractor"]))
+# The data stages: the tiny autoencoder (when the experiment trains its own), the latent store, the dataset's classifier
+# (feature extractor and label-accuracy judge) and the FID reference statistics of the real images.
 
 
 rule autoencoder:
@@ -12,8 +7,15 @@ rule autoencoder:
         weights=AUTOENCODER_WEIGHTS,
         grid=report(str(LAYOUT.autoencoder_dir() / "recon.png"), caption="../report/autoencoder.rst", category="Data"),
         metrics=str(LAYOUT.autoencoder_dir() / "metrics.json"),
+        usage=str(LAYOUT.job_usage("autoencoder")),
+    log:
+        str(LAYOUT.job_log("autoencoder")),
+    benchmark:
+        str(LAYOUT.job_benchmark("autoencoder"))
     params:
-        **stage_params("autoencoder"),
+        stages=lambda wc: EXP.job_params("autoencoder"),
+    conda:
+        ENV
     resources:
         gpus=EXP.launcher("autoencoder").get("gpus_per_node", 0),
     threads: 2
@@ -24,11 +26,20 @@ rule autoencoder:
 
 rule encode:
     input:
-        ([AUTOENCODER_WEIGHTS] if AE_TINY else []),
+        [AUTOENCODER_WEIGHTS] if AE_TINY else [],
     output:
-        str(LAYOUT.latents_dir() / "manifest.json"),
+        manifest=str(LAYOUT.latents_dir() / "manifest.json"),
+        usage=str(LAYOUT.job_usage("encode")),
+    log:
+        str(LAYOUT.job_log("encode")),
+    benchmark:
+        str(LAYOUT.job_benchmark("encode"))
     params:
-        **stage_params("encode"),
+        stages=lambda wc: EXP.job_params("encode"),
+    conda:
+        ENV
+    resources:
+        gpus=EXP.launcher("encode").get("gpus_per_node", 0),
     threads: 2
     priority: 30
     script:
@@ -37,10 +48,17 @@ rule encode:
 
 rule classifier:
     output:
-        CLASSIFIER_WEIGHTS,
-        str(LAYOUT.classifier_dir() / "metrics.json"),
+        weights=CLASSIFIER_WEIGHTS,
+        metrics=str(LAYOUT.classifier_dir() / "metrics.json"),
+        usage=str(LAYOUT.job_usage("classifier")),
+    log:
+        str(LAYOUT.job_log("classifier")),
+    benchmark:
+        str(LAYOUT.job_benchmark("classifier"))
     params:
-        **stage_params("classifier"),
+        stages=lambda wc: EXP.job_params("classifier"),
+    conda:
+        ENV
     threads: 1
     priority: 15  # every evaluation needs it (through the reference): beside the teacher, before the other runs
     script:
@@ -49,11 +67,20 @@ rule classifier:
 
 rule reference:
     input:
-        ([CLASSIFIER_WEIGHTS] if CLASSIFIER else []),
+        [CLASSIFIER_WEIGHTS] if EXP.pipe["extractor"] == "classifier" else [],
     output:
-        REFERENCE,
+        stats=REFERENCE,
+        usage=str(LAYOUT.job_usage("reference")),
+    log:
+        str(LAYOUT.job_log("reference")),
+    benchmark:
+        str(LAYOUT.job_benchmark("reference"))
     params:
-        **stage_params("reference"),
+        stages=lambda wc: EXP.job_params("reference"),
+    conda:
+        ENV
+    resources:
+        gpus=EXP.launcher("reference").get("gpus_per_node", 0),
     threads: 1
     priority: 15
     script:

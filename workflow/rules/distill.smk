@@ -1,3 +1,6 @@
+# sCD: one student per teacher run, from the teacher's final checkpoint and the latent store.
+
+
 rule distill:
     input:
         teacher=lambda wc: str(EXP.train_runs[wc.teacher].checkpoint(EXP.pipe["train_steps"])),
@@ -5,8 +8,17 @@ rule distill:
     output:
         ckpts=[str(checkpoint_path(LAYOUT.run_dir("distill", "{teacher}"), s)) for s in EXP.pipe.get("distill_eval_steps", [])],
         log=str(LAYOUT.run_dir("distill", "{teacher}") / "log.csv"),
+        usage=str(LAYOUT.job_usage("distill", "{teacher}")),
+    log:
+        str(LAYOUT.job_log("distill", "{teacher}")),
+    benchmark:
+        str(LAYOUT.job_benchmark("distill", "{teacher}"))
     params:
-        **stage_params("distill", run=lambda wc: EXP.distill_runs[student_run_name(wc.teacher)]),
+        stages=lambda wc: EXP.job_params("distill", wc),
+    conda:
+        ENV
+    resources:
+        gpus=EXP.launcher("distill").get("gpus_per_node", 0),
     threads: 1
     priority: 15  # on the critical path: as soon as the teacher is trained
     script:

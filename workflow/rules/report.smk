@@ -1,6 +1,6 @@
-# The report: one job reads every metrics file and log and writes the tables (each named table of the experiment
-# file, the metrics of every run, sCM vs its teachers), the figures and the experiment's README.
-# each named table's own caption travels as a label (the .rst caption is shared by all named tables)
+# The report: one job reads every metrics file, sample grid, log and resource record and writes the tables (each named
+# table of the experiment file, the metrics of every run, sCM vs its teachers, where the time went), the figures and
+# the experiment's README. Each named table's own caption travels as a label (the .rst caption is shared by all).
 TABLE_LABELS = {t: {"table": t, "caption": table.caption or "-"} for t, table in EXP.tables.items()}
 TABLE_OUTPUTS = {f"table_{t}": report(str(LAYOUT.table(t, "md")), caption="../report/named_table.rst", category="Tables",
                                      subcategory=t, labels=TABLE_LABELS[t]) for t in EXP.tables}
@@ -17,20 +17,27 @@ SCM_OUTPUTS = dict(
 rule report:
     input:
         metrics=[str(EXP.metrics(e)) for e in EXP.evaluations()],
+        grids=[str(EXP.samples(e, "png")) for e in EXP.evaluations()],
         logs=[str(r.log) for r in [*EXP.train_runs.values(), *EXP.distill_runs.values()]],
+        usage=[u["path"] for u in EXP.report_config()["usage"]],
     output:
         readme=str(LAYOUT.readme()),
         metrics=report(str(LAYOUT.table("metrics", "md")), caption="../report/fid_table.rst", category="Tables"),
+        time_table=report(str(LAYOUT.table("usage", "md")), caption="../report/usage.rst", category="Tables"),
         loss=report(str(LAYOUT.figure("training_loss")), caption="../report/loss.rst", category="Figures"),
         timesteps=report(str(LAYOUT.figure("timestep_methods")), caption="../report/timesteps.rst", category="Figures"),
         grids=report(str(LAYOUT.figure("samples_per_method")), caption="../report/grids.rst", category="Figures"),
         **TABLE_OUTPUTS,
         **TABLE_FIGURES,
         **SCM_OUTPUTS,
+    log:
+        str(LAYOUT.job_log("report")),
+    benchmark:
+        str(LAYOUT.job_benchmark("report"))
     params:
-        config=lambda wc: EXP.report_config(),
-        version=STAGE_VERSIONS["report"],
-        launcher={"executor": "local"},
+        stages=lambda wc: EXP.job_params("report"),
+    conda:
+        ENV
     threads: 1
     script:
         "../scripts/stage.py"

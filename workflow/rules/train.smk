@@ -1,11 +1,21 @@
+# Training: one job per run (method x seed), a checkpoint at every evaluated step.
+
+
 rule train:
     input:
         str(LAYOUT.latents_dir() / "manifest.json"),
     output:
         ckpts=[str(checkpoint_path(LAYOUT.run_dir("train", "{run}"), s)) for s in EXP.pipe["eval_steps"]],
         log=str(LAYOUT.run_dir("train", "{run}") / "log.csv"),
+        usage=str(LAYOUT.job_usage("train", "{run}")),
+    log:
+        str(LAYOUT.job_log("train", "{run}")),
+    benchmark:
+        str(LAYOUT.job_benchmark("train", "{run}"))
     params:
-        **stage_params("train", run=lambda wc: EXP.train_runs[wc.run]),
+        stages=lambda wc: EXP.job_params("train", wc),
+    conda:
+        ENV
     resources:
         gpus=EXP.launcher("train").get("gpus_per_node", 0),
     threads: 1

@@ -1,9 +1,25 @@
-"""Run one Snakemake job: a stage (params.config) or a batch of stages (params.jobs), where params.launcher says."""
-import torch
+"""One Snakemake job: its stages' configs resolved from the experiment, run where its launcher says.
 
-from speedpipe.launch import launch_many
+The stage's own output and errors go to the job's log file (the terminal keeps Snakemake's progress); the resources
+the stages took where they ran go to the job's usage record. The package runs from this repository's src/, so a
+rule environment (workflow/envs/) needs only the dependencies.
+"""
+import os
+import sys
+from pathlib import Path
 
-torch.set_num_threads(snakemake.threads)  # noqa: F821 (injected by Snakemake)
-params = snakemake.params  # noqa: F821
-jobs = params.jobs if "jobs" in params.keys() else [[snakemake.rule, params.config]]  # noqa: F821
-launch_many([(stage, config) for stage, config in jobs], params.launcher)
+REPO = Path(snakemake.scriptdir).parents[1]  # noqa: F821 (injected by Snakemake)
+sys.path.insert(0, str(REPO / "src"))
+log = open(snakemake.log[0], "w", buffering=1)  # noqa: F821
+os.dup2(log.fileno(), 1)  # this process and every process it starts write to the log
+os.dup2(log.fileno(), 2)
+
+import torch  # noqa: E402
+
+from speedpipe.launch import launch_many  # noqa: E402
+from speedpipe.workflow import Experiment  # noqa: E402
+
+torch.set_num_threads(snakemake.threads)  # noqa: F821
+experiment = Experiment(snakemake.config, base_dir=REPO)  # noqa: F821
+jobs = experiment.jobs(snakemake.rule, dict(snakemake.wildcards))  # noqa: F821
+launch_many(jobs, experiment.launcher(jobs[0][0]), usage=snakemake.output.get("usage"))  # noqa: F821

@@ -118,5 +118,17 @@ class TrigFlowStudent(TrigFlowModel):
         return self.net(x_scaled.to(dtype), self.c_noise(t).to(dtype), y)[:, : x_scaled.shape[1]]
 
 
+def student_from_checkpoint(state: dict, use_ema: bool = True) -> TrigFlowStudent:
+    """The distilled student of a distill checkpoint (its EMA weights by default): the teacher's DiT, read as F."""
+    from omegaconf import OmegaConf
+
+    from speedpipe.models.dit import build_model
+
+    net = build_model(OmegaConf.create(state["teacher_config"]))
+    net.load_state_dict(state["ema" if use_ema else "model"])
+    d = state["config"]["distill"]
+    return TrigFlowStudent(net.eval(), d["sigma_d"], d["time_scale"])
+
+
 def t_max(sigma_max: float, sigma_d: float) -> float:
     return math.atan(sigma_max / sigma_d)

@@ -142,3 +142,33 @@ class NormalizedLatents:
     def get_batch(self, indices, flip, eps=None):
         x, y = self.dataset.get_batch(indices, flip, eps)
         return self.normalization.normalize(x), y
+
+
+def open_training_data(cfg, model_cfg=None, latent_norm: dict | None = None) -> NormalizedLatents:
+    """The latent dataset of cfg.data, checked against the model (cfg.model, or a teacher's model_cfg), normalised
+    per data.latent_norm, or with a teacher checkpoint's `latent_norm` when given (sCD sees the teacher's data)."""
+    from speedpipe.config import ConfigError
+    from speedpipe.layout import latents_dir
+
+    m = model_cfg or cfg.model
+    latent_shape = (m.in_channels, m.input_size, m.input_size)
+    if cfg.data.source == "synthetic":
+        from speedpipe.data.synthetic import SyntheticLatents
+
+        dataset = SyntheticLatents(cfg.data.synthetic_size, latent_shape, m.num_classes)
+        stats = {"channel_mean": dataset.latents.mean(dim=(0, 2, 3)).tolist(), "channel_std": dataset.latents.std(dim=(0, 2, 3)).tolist()}
+    else:
+        dataset = LatentStore(latents_dir(cfg))
+        if dataset.latent_shape != latent_shape or dataset.num_classes != m.num_classes:
+            raise ConfigError(
+                f"latent store {dataset.root} holds latents {dataset.latent_shape} with {dataset.num_classes} classes, but the "
+                f"model expects {latent_shape} with {m.num_classes} (model.in_channels, model.input_size, model.num_classes)"
+            )
+        stats = dataset.manifest
+    if latent_norm is not None:
+        normalization = LatentNormalization.from_state(latent_norm, m.in_channels)
+    elif cfg.data.latent_norm == "channel":
+        normalization = LatentNormalization(stats["channel_mean"], stats["channel_std"])
+    else:
+        normalization = LatentNormalization.identity(m.in_channels)
+    return NormalizedLatents(dataset, normalization)

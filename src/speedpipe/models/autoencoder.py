@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from speedpipe.io import atomic_path, sha256_tree
-from speedpipe.layout import Layout
+from speedpipe.layout import tiny_autoencoder_weights
 
 SD_VAE_SCALE = 0.18215
 
@@ -72,15 +72,11 @@ def load_pretrained_autoencoder(name_or_path: str, allow_download: bool = False)
         ) from None
 
 
-def tiny_weights_path(cfg) -> Path:
-    return Path(cfg.autoencoder.path or Layout.of(cfg).autoencoder_dir() / "model.safetensors")
-
-
 def open_autoencoder(cfg) -> tuple[AutoencoderKL, float, dict]:
     """(vae, scale_factor, identity) for the experiment's autoencoder config."""
     ae = cfg.autoencoder
     if ae.name == "tiny":
-        path = tiny_weights_path(cfg)
+        path = tiny_autoencoder_weights(cfg)
         vae, scale = load_tiny_autoencoder(path)
         return vae, scale, {"name": "tiny", "sha256": sha256_tree(path)}
     source = ae.path or f"stabilityai/{ae.name}"

@@ -1,16 +1,188 @@
-"""Pipeline stages: each module's run(cfg) reads its input files and writes its outputs atomically.
+"""The stage registry: every pipeline stage's module, config phase, version and what it reads.
 
-A stage's version goes into its Snakemake params: bump it when the stage's behaviour changes so that
-Snakemake re-runs the stage (it does not notice edits to imported modules by itself).
+The CLI, the launcher, the experiment (speedpipe.workflow) and the Snakemake rules take the stages from here.
+
+- `reads`: the config keys (dotted; a section stands for all of its keys) whose values can change the stage's
+  output files (log.csv and checkpoints included; device, precision and tf32 too: they change the numbers). They
+  are its jobs' rerun triggers.
+- `uses`: keys the stage reads that cannot change its outputs: progress bars, the resume-checkpoint cadence, loader
+  workers, whether a download is allowed. Where the job runs (the launcher) and its threads are not config keys.
+
+A stage runs on a view of its config that holds exactly these keys (`view`): reading any other key stops it with an
+error naming the stage and the key, so no stage depends on a setting its jobs' params do not carry. A job's params
+are `params(stage, config)`: the stage's version and the read values that differ from the schema's defaults, so a
+key added to the code at its default changes no finished job's params. Changing a default, like any other change of
+a stage's behaviour, is a version bump. The full resolved config stays every stage's provenance (config.yaml beside
+its outputs); a checkpoint records the view its stage computed with (what a later stage rebuilds the model from).
 """
-STAGE_VERSIONS = {
-    "autoencoder": 1,
-    "encode": 1,
-    "classifier": 1,
-    "reference": 1,
-    "train": 2,  # 2: latent normalisation, checkpoints at exactly the evaluated steps, lr warm-up
-    "distill": 3,  # 2: TrigFlow data = σ_d · latents; 3: TrigFlow-native student, warm start
-    "sample": 3,  # 2: scm samplers return latents (÷ σ_d); 3: latent normalisation, class-row grids, trailing DDIM
-    "evaluate": 2,  # 2: label accuracy
-    "report": 2,  # 2: label accuracy, teacher samplers, distillation curve
-}
+import functools
+import importlib
+from dataclasses import dataclass
+from functools import lru_cache
+
+IDENTITY = ("experiment", "output_dir")  # the experiment's results folder: every stage's default paths
+IMAGES = ("data.name", "data.root", "data.image_size", "data.mnist_fit", "data.strict")  # data.images.open_image_dataset
+LATENTS = ("data.source", "data.synthetic_size", "data.latents_dir", "data.latent_norm", "data.random_flip")  # open_training_data
+
+
+def loop_uses(section: str) -> tuple[str, ...]:
+    """The keys of a long stage's resumable loop that do not change its results (speedpipe.loop)."""
+    return tuple(f"{section}.{key}" for key in ("progress", "resume_every_steps", "resume_every_minutes"))
+
+
+class UndeclaredRead(KeyError):
+    """A stage read a config key its registry entry does not declare (a defect of the code, not of the config)."""
+
+    def __str__(self):
+        return self.args[0]
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    phase: str | None  # the config-file phase sub-dict (train:, sample:) merged over the top level; None: none
+    version: int  # bump when the stage's behaviour changes: Snakemake re-runs its jobs (it does not see code edits)
+    reads: tuple[str, ...] = ()
+    uses: tuple[str, ...] = ()
+    config: str = "stage"  # stage: a speedpipe.config.Config | report: speedpipe.workflow.Experiment.report_config()
+
+    @property
+    def module(self) -> str:
+        return f"speedpipe.stages.{self.name}"
+
+    def view(self, config) -> "DictConfig":  # noqa: F821
+        """The config as the stage sees it: only its reads and uses, read-only; another key raises."""
+        from omegaconf import OmegaConf
+
+        plain = _plain(config)
+        if self.config == "report":
+            picked = plain
+        else:
+            picked = {}
+            for key in (*self.reads, *self.uses):
+                _put(picked, key, _get(plain, key, self.name))
+        view = OmegaConf.create(picked)
+        OmegaConf.set_struct(view, True)
+        OmegaConf.set_readonly(view, True)
+        return view
+
+    def params(self, config) -> dict:
+        """What a job of this stage carries as Snakemake params: version and read values that differ from the defaults."""
+        plain, defaults = _plain(config), _defaults(self.config)
+        if self.config == "report":
+            leaves = _leaves(plain)
+        else:
+            leaves = {}
+            for key in self.reads:
+                value = _get(plain, key, self.name)
+                leaves.update(_leaves(value, key) if isinstance(value, dict) else {key: value})
+            leaves = {k: v for k, v in leaves.items() if k not in self.uses}
+        return {"version": self.version, "reads": {k: v for k, v in leaves.items() if k not in defaults or defaults[k] != v}}
+
+    def run(self, config):
+        """Run the stage on a resolved config (plain values or a DictConfig)."""
+        return importlib.import_module(self.module).run(config)
+
+    def entry(self, run):
+        """Decorate a stage module's `run(cfg, provenance)`: called with a full config, it runs on the stage's view
+        with the full config as provenance, and a read of an undeclared key raises UndeclaredRead."""
+        from omegaconf import OmegaConf
+        from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+        @functools.wraps(run)
+        def run_on_view(config):
+            full = OmegaConf.create(_plain(config))
+            try:
+                return run(self.view(full), full)
+            except (ConfigAttributeError, ConfigKeyError) as err:
+                key = getattr(err, "full_key", None)
+                if self.config == "report" or not key or OmegaConf.select(full, key, default=_ABSENT) is _ABSENT:
+                    raise
+                raise UndeclaredRead(f"stage {self.name!r} read the config key {key!r}, which its registry entry "
+                                     f"(speedpipe.stages.STAGES) does not declare: add it to its reads (it can change "
+                                     f"the outputs) or to its uses") from None
+
+        return run_on_view
+
+
+_ABSENT = object()
+
+STAGES = {s.name: s for s in (
+    Stage("autoencoder", None, 1,
+          reads=(*IDENTITY, "seed", *IMAGES, "autoencoder.name", "autoencoder.block_out_channels", "autoencoder.latent_channels",
+                 "autoencoder.steps", "autoencoder.batch_size", "autoencoder.lr", "autoencoder.kl_weight", "autoencoder.log_every",
+                 "autoencoder.ckpt_every"),
+          uses=loop_uses("autoencoder")),
+    Stage("encode", None, 1,
+          reads=(*IDENTITY, "seed", *IMAGES, "data.latents_dir", "autoencoder.name", "autoencoder.path", "encode.mode",
+                 "encode.shard_size", "encode.dtype", "encode.batch_size", "encode.device", "encode.precision"),
+          uses=("autoencoder.allow_download", "encode.num_workers", "encode.progress")),
+    Stage("classifier", None, 1,
+          reads=(*IDENTITY, "seed", *IMAGES, "eval.classifier_steps", "eval.classifier_batch_size", "eval.classifier_lr")),
+    Stage("reference", None, 1,
+          reads=(*IDENTITY, *IMAGES, "eval.extractor", "eval.inception_weights", "eval.classifier_weights", "eval.reference",
+                 "eval.reference_npz", "eval.reference_max_images", "eval.batch_size", "eval.device"),
+          uses=("eval.num_workers",)),
+    Stage("train", "train", 2,
+          reads=(*IDENTITY, "seed", "method", *LATENTS, "model", "diffusion", "optim", "trainer"),
+          uses=loop_uses("trainer")),
+    Stage("distill", "train", 3,
+          reads=(*IDENTITY, "seed", *LATENTS, "distill"),
+          uses=loop_uses("distill")),
+    Stage("sample", "sample", 3,
+          reads=(*IDENTITY, "autoencoder.name", "autoencoder.path", "sampling"),
+          uses=("autoencoder.allow_download", "sampling.progress")),
+    Stage("evaluate", None, 2,
+          reads=(*IDENTITY, "eval.samples", "eval.out", "eval.metrics", "eval.label_accuracy", "eval.batch_size",
+                 "eval.kid_subset_size", "eval.extractor", "eval.inception_weights", "eval.classifier_weights", "eval.reference",
+                 "eval.device")),
+    Stage("report", None, 2, config="report"),
+)}
+
+
+def _plain(config) -> dict:
+    from omegaconf import DictConfig, OmegaConf
+
+    return OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else config
+
+
+def _get(plain: dict, key: str, stage: str):
+    node = plain
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise KeyError(f"stage {stage!r} declares the config key {key!r}, which the config does not have")
+        node = node[part]
+    return node
+
+
+def _put(tree: dict, key: str, value):
+    *parents, leaf = key.split(".")
+    for part in parents:
+        tree = tree.setdefault(part, {})
+    tree[leaf] = value
+
+
+def _leaves(value: dict, prefix: str = "") -> dict:
+    """{dotted key: value} of every non-mapping value of a nested mapping (lists are values)."""
+    out = {}
+    for k, v in value.items():
+        dotted = f"{prefix}.{k}" if prefix else str(k)
+        out.update(_leaves(v, dotted) if isinstance(v, dict) and v else {dotted: v})
+    return out
+
+
+@lru_cache(maxsize=None)
+def _default_leaves(kind: str) -> tuple:
+    if kind == "report":  # the experiment file's documented defaults (its JSON schema)
+        from speedpipe.workflow import schema_defaults
+
+        return tuple(_leaves({"pipeline": schema_defaults()}).items())
+    from omegaconf import OmegaConf
+
+    from speedpipe.config import Config
+
+    return tuple(_leaves(OmegaConf.to_container(OmegaConf.structured(Config))).items())
+
+
+def _defaults(kind: str) -> dict:
+    return dict(_default_leaves(kind))

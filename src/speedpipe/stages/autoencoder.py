@@ -6,7 +6,6 @@ log.csv and resumable ckpt-*.pt (speedpipe.loop). Loss: MSE + L1 reconstruction 
 batch by batch (memory independent of the dataset size); unreadable files are skipped and counted in metrics.json.
 """
 import json
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -21,10 +20,7 @@ from speedpipe.io import atomic_path, atomic_write_text
 from speedpipe.layout import Layout
 from speedpipe.loop import Cadence, ResumableLoop
 from speedpipe.models.autoencoder import save_tiny_autoencoder, tiny_autoencoder_config
-
-
-def out_dir_for(cfg) -> Path:
-    return Layout.of(cfg).autoencoder_dir()
+from speedpipe.stages import STAGES
 
 
 def psnr(mse: float) -> float:
@@ -40,11 +36,12 @@ def measure_scale_factor(vae, batches) -> float:
     return 1.0 / torch.cat([vae.encode(x).latent_dist.sample(generator=g) for x, _ in batches]).std().item()
 
 
-def run(cfg):
+@STAGES["autoencoder"].entry
+def run(cfg, provenance):
     ae = cfg.autoencoder
     if ae.name != "tiny":
         raise ConfigError(f"config key 'autoencoder.name': the autoencoder stage trains only 'tiny', not {ae.name!r}")
-    out = out_dir_for(cfg)
+    out = Layout.of(cfg).autoencoder_dir()
     torch.manual_seed(cfg.seed)
     dataset = open_image_dataset(cfg.data)
     read = BatchReader(dataset)
@@ -58,7 +55,7 @@ def run(cfg):
                          {"model": vae, "opt": opt, "data_order": order}, {"sample_gen": sample_gen}, DistEnv(),
                          ["step", "loss", "rec", "kl", "steps_per_s"], what="autoencoder", progress=ae.progress)
     loop.resume()
-    save_config(cfg, out / "config.yaml")
+    save_config(provenance, out / "config.yaml")
 
     def forward(step):
         x, _ = read(train_idx[order.next_global_batch()])

@@ -16,9 +16,11 @@ from speedpipe.data.order import EpochBatches
 from speedpipe.io import atomic_path, atomic_write_text
 from speedpipe.layout import Layout
 from speedpipe.models.classifier import DigitClassifier
+from speedpipe.stages import STAGES
 
 
-def run(cfg):
+@STAGES["classifier"].entry
+def run(cfg, provenance):
     e = cfg.eval
     out = Layout.of(cfg).classifier_dir()
     torch.manual_seed(cfg.seed)

@@ -11,7 +11,6 @@ logvar head, optimizer, RNG, data order, the teacher's config and latent normali
 config.yaml. Resumable and bit-identical on CPU, DDP over the global batch like the train stage.
 """
 import copy
-from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
@@ -21,32 +20,21 @@ from speedpipe.checkpoint import load_checkpoint
 from speedpipe.config import ConfigError, save_config, to_plain
 from speedpipe.consistency.scd import LogvarHead, SCDLoss, TrigFlowDiffusionLoss, sample_time
 from speedpipe.consistency.trigflow import TrigFlowStudent, TrigFlowTeacher
+from speedpipe.data.latents import open_training_data
 from speedpipe.data.order import EpochBatches, rank_slice
 from speedpipe.diffusion import create_diffusion
 from speedpipe.distributed import setup_device, shutdown
-from speedpipe.layout import Layout
+from speedpipe.layout import distill_run_dir
 from speedpipe.loop import Cadence, ResumableLoop
-from speedpipe.stages.train import build_model, open_training_data, update_ema
+from speedpipe.models.dit import build_model
+from speedpipe.stages import STAGES
+from speedpipe.training import update_ema
 
 LOG_COLUMNS = ["step", "objective", "loss", "mse", "tangent_norm", "logvar", "skipped", "steps_per_s"]
 
 
-def run_dir_for(cfg) -> Path:
-    if cfg.distill.run_dir:
-        return Path(cfg.distill.run_dir)
-    return Layout.of(cfg).distill_dir(Path(cfg.distill.teacher).parent.name)
-
-
 def total_steps(d) -> int:
     return d.warm_start_steps + d.steps
-
-
-def student_from_checkpoint(state: dict, use_ema: bool = True) -> TrigFlowStudent:
-    """The distilled student of a distill checkpoint (its EMA weights by default)."""
-    net = build_model(OmegaConf.create(state["teacher_config"]))
-    net.load_state_dict(state["ema" if use_ema else "model"])
-    d = state["config"]["distill"]
-    return TrigFlowStudent(net.eval(), d["sigma_d"], d["time_scale"])
 
 
 class _StudentWithHead(torch.nn.Module):
@@ -60,14 +48,15 @@ class _StudentWithHead(torch.nn.Module):
         return objective(self.student, self.logvar_head, x0, z, t, y, step)
 
 
-def run(cfg):
+@STAGES["distill"].entry
+def run(cfg, provenance):
     d = cfg.distill
     if not d.teacher:
         raise ConfigError("config key 'distill.teacher': required (a ckpt-*.pt of a train run)")
     device, env = setup_device(d.device, "distill.device")
     if d.global_batch_size % env.world_size:
         raise ConfigError(f"config key 'distill.global_batch_size': {d.global_batch_size} is not divisible by {env.world_size} ranks")
-    run_dir = run_dir_for(cfg)
+    run_dir = distill_run_dir(cfg)
     torch.manual_seed(cfg.seed * env.world_size + env.rank)
 
     teacher_state = load_checkpoint(d.teacher)
@@ -101,7 +90,7 @@ def run(cfg):
                              "objective": "warm_start" if step <= d.warm_start_steps else "scd"})
     loop.resume()
     if env.is_main:
-        save_config(cfg, run_dir / "config.yaml")
+        save_config(provenance, run_dir / "config.yaml")
     net_ddp = DDP(trained, device_ids=[device.index] if device.type == "cuda" else None) if env.world_size > 1 else trained
     model_params, ema_params = list(student.net.parameters()), list(ema.parameters())
     mine = lambda v: None if v is None else rank_slice(v, env.rank, env.world_size)  # noqa: E731

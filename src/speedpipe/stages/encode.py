@@ -10,7 +10,6 @@ import json
 import math
 import time
 from pathlib import Path
-
 import numpy as np
 import torch
 from safetensors import safe_open
@@ -21,12 +20,9 @@ from speedpipe.data.images import DataError, open_image_dataset
 from speedpipe.data.latents import mmap_safetensors, shard_name
 from speedpipe.distributed import barrier, setup_device, shutdown
 from speedpipe.io import atomic_path, atomic_write_text, sha256_file
-from speedpipe.layout import Layout
+from speedpipe.layout import latents_dir
 from speedpipe.models.autoencoder import encode_posterior, open_autoencoder
-
-
-def latents_dir_for(cfg) -> Path:
-    return Path(cfg.data.latents_dir or Layout.of(cfg).latents_dir())
+from speedpipe.stages import STAGES
 
 
 class _Indexed(torch.utils.data.Dataset):
@@ -78,16 +74,17 @@ def encode_shard(vae, scale, dataset, indices, cfg, device, generator):
     return tensors, skipped
 
 
-def run(cfg):
+@STAGES["encode"].entry
+def run(cfg, provenance):
     device, env = setup_device(cfg.encode.device, "encode.device")
-    out = latents_dir_for(cfg)
+    out = latents_dir(cfg)
     dataset = open_image_dataset(cfg.data)
     vae, scale, identity = open_autoencoder(cfg)
     vae = vae.to(device)
     provenance = {"dataset": dataset.fingerprint(), "encoder": identity, "mode": cfg.encode.mode,
                   "dtype": cfg.encode.dtype, "shard_size": cfg.encode.shard_size}
     if env.is_main:
-        save_config(cfg, out / "config.yaml")
+        save_config(provenance, out / "config.yaml")
 
     manifest = out / "manifest.json"
     recorded = {sh["file"]: sh["sha256"] for sh in json.loads(manifest.read_text())["shards"]} if manifest.is_file() else {}

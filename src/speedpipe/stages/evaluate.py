@@ -15,18 +15,8 @@ from speedpipe.config import ConfigError
 from speedpipe.fidelity import (EvaluationError, LAYERS, UInt8Images, classifier_weights_path, compute_metrics, extract_features,
                                 label_accuracy, use_cuda, weights_for)
 from speedpipe.io import atomic_write_text, safe_torch_load
-from speedpipe.stages.reference import reference_path_for
-
-
-def metrics_path_for(cfg) -> Path:
-    if cfg.eval.out:
-        return Path(cfg.eval.out)
-    samples = Path(cfg.eval.samples)
-    parts = list(samples.parts)
-    if "samples" not in parts:
-        raise ConfigError(f"config key 'eval.out': required when the samples path {samples} has no samples/ folder")
-    parts[len(parts) - 1 - parts[::-1].index("samples")] = "metrics"
-    return Path(*parts).with_suffix(".json")
+from speedpipe.layout import metrics_path, reference_path
+from speedpipe.stages import STAGES
 
 
 def load_samples(path) -> tuple[np.ndarray, np.ndarray | None, str]:
@@ -47,18 +37,19 @@ def load_samples(path) -> tuple[np.ndarray, np.ndarray | None, str]:
     return images, labels, hashlib.sha256(images.tobytes()).hexdigest()
 
 
-def run(cfg):
+@STAGES["evaluate"].entry
+def run(cfg, provenance):
     e = cfg.eval
     if not e.samples:
         raise ConfigError("config key 'eval.samples': required (a samples npz)")
-    out = metrics_path_for(cfg)
+    out = metrics_path(cfg)
     images, labels, digest = load_samples(e.samples)
     if e.label_accuracy and labels is None:
         raise EvaluationError(f"{e.samples}: eval.label_accuracy needs the labels the samples were generated for (arr_1)")
     weights = weights_for(cfg)
-    reference = safe_torch_load(reference_path_for(cfg))
+    reference = safe_torch_load(reference_path(cfg))
     if reference["identity"]["extractor"] != e.extractor:
-        raise EvaluationError(f"{reference_path_for(cfg)} holds {reference['identity']['extractor']} statistics, not {e.extractor}")
+        raise EvaluationError(f"{reference_path(cfg)} holds {reference['identity']['extractor']} statistics, not {e.extractor}")
     features = extract_features(images, e.extractor, weights, e.metrics, e.batch_size, use_cuda(e.device))
     metrics = compute_metrics(features, reference, e.extractor, e.metrics, e.kid_subset_size)
     per_class = None
@@ -76,7 +67,7 @@ def run(cfg):
         "num_samples": len(images),
         "samples": str(e.samples),
         "samples_sha256": digest,
-        "reference": {**reference["identity"], "count": reference["count"], "path": str(reference_path_for(cfg))},
+        "reference": {**reference["identity"], "count": reference["count"], "path": str(reference_path(cfg))},
         "extractor": e.extractor,
         "nfe_per_image": sampling.get("nfe_per_image"),
         "sampling_seconds": sampling.get("seconds"),

@@ -22,14 +22,11 @@ from speedpipe.data.images import open_image_dataset, to_uint8
 from speedpipe.distributed import setup_device, shutdown
 from speedpipe.fidelity import LAYERS, EvaluationError, UInt8Images, stream_features, use_cuda, weights_for
 from speedpipe.io import atomic_torch_save, sha256_tree
-from speedpipe.layout import Layout
+from speedpipe.layout import reference_path
 from speedpipe.models.classifier import DigitClassifier
+from speedpipe.stages import STAGES
 
 FID_DIMS = {"inception-v3-compat": 2048, "classifier": DigitClassifier.feature_dim}
-
-
-def reference_path_for(cfg) -> Path:
-    return Path(cfg.eval.reference or Layout.of(cfg).reference(cfg.eval.extractor))
 
 
 class RealImages(torch.utils.data.Dataset):
@@ -73,7 +70,8 @@ def load_adm_batch(path, extractor: str) -> tuple[np.ndarray, np.ndarray, np.nda
     return mu, sigma, images
 
 
-def run(cfg):
+@STAGES["reference"].entry
+def run(cfg, provenance):
     device, env = setup_device(cfg.eval.device, "eval.device")
     weights = weights_for(cfg)
     cuda = device.type == "cuda" or use_cuda(cfg.eval.device)
@@ -108,6 +106,6 @@ def run(cfg):
             "count": count,
             "skipped": len(skipped),
             "identity": {"source": source, "extractor": cfg.eval.extractor, "extractor_sha256": sha256_tree(weights)},
-        }, reference_path_for(cfg))
+        }, reference_path(cfg))
     shutdown(env)
-    return reference_path_for(cfg)
+    return reference_path(cfg)

@@ -25,6 +25,7 @@ from speedpipe.diffusion import create_diffusion  # noqa: E402
 from speedpipe.diffusion.timesteps import build_sampler, build_weighting  # noqa: E402
 from speedpipe.io import atomic_path, atomic_write_text  # noqa: E402
 from speedpipe.layout import Layout  # noqa: E402
+from speedpipe.stages import STAGES  # noqa: E402
 
 METRIC_KEYS = {"frechet_inception_distance": "FID", "label_accuracy": "label acc.", "kernel_inception_distance_mean": "KID",
                "inception_score_mean": "IS", "precision": "precision", "recall": "recall"}
@@ -166,7 +167,8 @@ def grid_panels(df, layout: Layout, name: str, rows: list[list[tuple[str, int, s
     save_figure(fig, layout, name)
 
 
-def run(cfg):
+@STAGES["report"].entry
+def run(cfg, provenance):
     cfg = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
     pipe, layout = cfg["pipeline"], Layout(Path(cfg["root"]))
     df = load_metrics(cfg["evaluations"])
@@ -204,14 +206,14 @@ def run(cfg):
         diffusion = create_diffusion(noise_schedule=dcfg["noise_schedule"], diffusion_steps=dcfg["diffusion_steps"])
         sampler = build_sampler(dcfg["timestep_sampler"]["name"], diffusion, **named_params(dcfg["timestep_sampler"]))
         weights = build_weighting(dcfg["loss_weighting"]["name"], diffusion, **named_params(dcfg["loss_weighting"]))
-        axes[0].plot(sampler.distribution(cfg["train_config"]["trainer"]["global_batch_size"]).numpy(), label=m)
+        axes[0].plot(sampler.distribution(cfg["train"]["global_batch_size"]).numpy(), label=m)
         axes[1].plot(weights.numpy(), label=m)
     axes[0].set(xlabel="timestep t", ylabel="sampling probability", title="timestep sampling")
     axes[1].set(xlabel="timestep t", ylabel="MSE weight w_t", title="loss weighting")
     axes[0].legend(fontsize=7, ncol=2 if len(methods) > 6 else 1)
     save_figure(fig, layout, "timestep_methods")
 
-    first_seed, classes = pipe["seeds"][0], cfg["train_config"]["model"]["num_classes"]
+    first_seed, classes = pipe["seeds"][0], cfg["train"]["num_classes"]
     runs = {r["method"]: r["name"] for r in cfg["train_runs"] if r["seed"] == first_seed}
     grid_panels(df, layout, "samples_per_method",
                 [[(runs[m], s, pipe["curve_sampler"], f"{m}, {s} it,") for s in pipe["eval_steps"]] for m in methods], classes)
@@ -245,16 +247,34 @@ def run(cfg):
             ax.legend(fontsize=7)
         save_figure(fig, layout, "distillation")
 
-    atomic_write_text(layout.readme(), experiment_readme(cfg, tables, scm, df))
+    usage = usage_tables(cfg["usage"])
+    write_table(layout, "usage", "Where the time went: each job's wall time, CPU time (its process and the processes it "
+                "started) and peak memory where it ran, then per stage.", *usage)
+    atomic_write_text(layout.readme(), experiment_readme(cfg, tables, scm, df, usage))
     return layout.root
 
 
-def experiment_readme(cfg, tables: dict, scm, df) -> str:
+def usage_tables(records) -> tuple[tuple[str, str, pd.DataFrame], tuple[str, str, pd.DataFrame]]:
+    """(per job, per stage) tables of the jobs' resource records (speedpipe.launch.run_recording_usage)."""
+    jobs = []
+    for r in records:
+        u = json.loads(Path(r["path"]).read_text())
+        jobs.append({"rule": r["rule"], "job": r["job"], "stage": "+".join(dict.fromkeys(u["stages"])), "host": u["host"],
+                     "wall s": u["wall_s"], "CPU s": u["cpu_s"], "peak RSS MB": u["peak_rss_mb"]})
+    jobs = pd.DataFrame(jobs)
+    stages = jobs.groupby("stage", sort=False).agg(jobs=("rule", "size"), **{"wall s": ("wall s", "sum"), "CPU s": ("CPU s", "sum"),
+                                                                             "max peak RSS MB": ("peak RSS MB", "max")}).reset_index()
+    stages.loc[len(stages)] = {"stage": "all", "jobs": len(jobs), "wall s": jobs["wall s"].sum(), "CPU s": jobs["CPU s"].sum(),
+                               "max peak RSS MB": jobs["peak RSS MB"].max()}
+    return ("", "Per job", jobs.round(1)), ("_per_stage", "Per stage (wall s summed over the stage's jobs)", stages.round(1))
+
+
+def experiment_readme(cfg, tables: dict, scm, df, usage) -> str:
     import diffusers
     import snakemake
     import torch_fidelity
 
-    pipe, d = cfg["pipeline"], cfg["distill_config"]
+    pipe, d = cfg["pipeline"], cfg["distill"]
     methods = "; ".join(f"`{m}` ({Path(c['config']).name}{' + ' + ', '.join(c['overrides']) if c['overrides'] else ''})"
                         for m, c in cfg["methods"].items())
     sections = "\n".join(f"""### Table `{name}`
@@ -302,7 +322,16 @@ interpolation of the mean FID curves) and the final values, mean ± std over see
 Every metric of every run: `tables/metrics.md`. Figures: `figures/training_loss.png`, `figures/timestep_methods.png`,
 `figures/samples_per_method.png`.
 {scm_section}
+## Where the time went
+
+{usage[1][2].to_markdown(index=False)}
+
+Per job: `tables/usage.md` (each job's own record, written where it ran; the sum of wall times exceeds the run's wall
+time where jobs ran side by side).
+
 ## Experiment file
+
+Its launcher settings are left out: where the jobs ran changes no result.
 
 ```yaml
 {json.dumps(pipe, indent=2)}

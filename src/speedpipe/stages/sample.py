@@ -9,7 +9,6 @@ Generated latents are mapped back through the checkpoint's latent normalisation 
 import json
 import re
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,22 +23,10 @@ from speedpipe.diffusion import create_diffusion
 from speedpipe.diffusion.gaussian import cfg_model_fn
 from speedpipe.distributed import barrier, setup_device, shutdown
 from speedpipe.io import atomic_path, atomic_write_text
-from speedpipe.layout import Layout
+from speedpipe.layout import samples_path
 from speedpipe.models.autoencoder import decode_latents, open_autoencoder
-from speedpipe.stages.train import build_model
-
-CKPT_STEP = re.compile(r"ckpt-(\d{7})\.pt$")
-
-
-def samples_path_for(cfg) -> Path:
-    s = cfg.sampling
-    if s.out:
-        return Path(s.out)
-    ckpt = Path(s.checkpoint)
-    step = CKPT_STEP.search(ckpt.name)
-    if step is None:
-        raise ConfigError(f"config key 'sampling.out': required when the checkpoint name {ckpt.name} is not ckpt-NNNNNNN.pt")
-    return Layout.of(cfg).samples(ckpt.parent.name, int(step.group(1)), s.sampler)
+from speedpipe.models.dit import build_model
+from speedpipe.stages import STAGES
 
 
 def make_labels(n: int, num_classes: int, mode: str, seed: int) -> torch.Tensor:
@@ -103,7 +90,7 @@ def build_sampler_for(state, cfg, device):
     """The latent sampler for a checkpoint: diffusion samplers for train runs, consistency ones for sCD runs."""
     if cfg.sampling.sampler.startswith("scm"):
         from speedpipe.consistency.scd import ConsistencySampler
-        from speedpipe.stages.distill import student_from_checkpoint
+        from speedpipe.consistency.trigflow import student_from_checkpoint
 
         if "teacher_config" not in state:
             raise ConfigError(f"config key 'sampling.sampler': {cfg.sampling.sampler} needs a distill checkpoint, "
@@ -119,12 +106,13 @@ def build_sampler_for(state, cfg, device):
 
 
 @torch.no_grad()
-def run(cfg):
+@STAGES["sample"].entry
+def run(cfg, provenance):
     s = cfg.sampling
     if not s.checkpoint:
         raise ConfigError("config key 'sampling.checkpoint': required (a ckpt-*.pt of a train or distill run)")
     device, env = setup_device(s.device, "sampling.device")
-    out = samples_path_for(cfg)
+    out = samples_path(cfg)
     state = load_checkpoint(s.checkpoint)
     sampler = build_sampler_for(state, cfg, device)
     normalization = LatentNormalization.from_state(state.get("latent_norm"), sampler.latent_shape[0])
@@ -172,6 +160,6 @@ def run(cfg):
             "seconds": seconds, "seconds_per_image": seconds * env.world_size / s.num_samples, "device": str(device),
         }
         atomic_write_text(out.with_suffix(".json"), json.dumps(info, indent=2))
-        save_config(cfg, out.with_suffix(".yaml"))
+        save_config(provenance, out.with_suffix(".yaml"))
     shutdown(env)
     return out
