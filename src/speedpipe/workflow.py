@@ -491,17 +491,19 @@ class Experiment:
         return cfg
 
     def report_config(self) -> dict:
-        """What the report reads: the experiment file (without its launcher settings: where jobs ran changes no
-        result), its runs, evaluations and tables with their paths, each method's diffusion settings, the few train and
+        """What the report reads: the experiment file (without its launcher settings and the overrides of keys no stage
+        result depends on, such as progress bars: they change no result, so they do not re-run the report), its runs, evaluations and tables with their paths, each method's diffusion settings, the few train and
         distill settings it shows, and every job's resource record."""
         first_seed = self.pipe["seeds"][0]
         method_cfgs = {m: self.stage_config("train", self.train_runs[train_run_name(m, first_seed)]) for m in self.methods}
         train = method_cfgs[next(iter(self.methods))]
         distill = self.stage_config("distill", next(iter(self.distill_runs.values())))["distill"] if self.distill_runs else None
+        pipeline = {k: v for k, v in self.pipe.items() if k != "launcher"}
+        pipeline["overrides"] = {stage: _affecting(stage, items) for stage, items in self.pipe["overrides"].items()}
         return {
-            "pipeline": {k: v for k, v in self.pipe.items() if k != "launcher"},
+            "pipeline": pipeline,
             "root": str(self.layout.root),
-            "methods": {m.name: {"config": m.config, "overrides": list(m.overrides)} for m in self.methods.values()},
+            "methods": {m.name: {"config": m.config, "overrides": _affecting("train", m.overrides)} for m in self.methods.values()},
             "train_runs": [{"name": r.name, "method": r.method.name, "seed": r.seed, "log": str(r.log)}
                            for r in self.train_runs.values()],
             "distill_runs": [{"name": d.name, "teacher": d.teacher.name} for d in self.distill_runs.values()],
@@ -553,6 +555,11 @@ class Experiment:
 
 
 _file_values = functools.lru_cache(maxsize=None)(file_values)
+
+
+def _affecting(stage: str, overrides) -> list[str]:
+    """The overrides of a stage that can change its results: those of keys the stage only uses are left out."""
+    return [o for o in overrides if parse_override(o)[0] not in STAGES[stage].uses]
 
 
 def _shown(path: Path) -> str:

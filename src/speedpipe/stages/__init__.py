@@ -91,14 +91,15 @@ class Stage:
 
         @functools.wraps(run)
         def run_on_view(config):
+            stage = STAGES[self.name]  # the registry's entry when the stage runs
             full = OmegaConf.create(_plain(config))
             try:
-                return run(self.view(full), full)
+                return run(stage.view(full), full)
             except (ConfigAttributeError, ConfigKeyError) as err:
                 key = getattr(err, "full_key", None)
-                if self.config == "report" or not key or OmegaConf.select(full, key, default=_ABSENT) is _ABSENT:
+                if stage.config == "report" or not key or OmegaConf.select(full, key, default=_ABSENT) is _ABSENT:
                     raise
-                raise UndeclaredRead(f"stage {self.name!r} read the config key {key!r}, which its registry entry "
+                raise UndeclaredRead(f"stage {stage.name!r} read the config key {key!r}, which its registry entry "
                                      f"(speedpipe.stages.STAGES) does not declare: add it to its reads (it can change "
                                      f"the outputs) or to its uses") from None
 

@@ -331,7 +331,7 @@ time where jobs ran side by side).
 
 ## Experiment file
 
-Its launcher settings are left out: where the jobs ran changes no result.
+Its launcher settings and the overrides of settings that change no result (progress bars, resume cadence) are left out.
 
 ```yaml
 {json.dumps(pipe, indent=2)}
