@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-REPO = Path(snakemake.scriptdir).parents[1]  # noqa: F821 (injected by Snakemake)
+REPO = Path(__file__).resolve().parents[2]  # Snakemake sets __file__ to this script in the repository
 sys.path.insert(0, str(REPO / "src"))
 log = open(snakemake.log[0], "w", buffering=1)  # noqa: F821
 os.dup2(log.fileno(), 1)  # this process and every process it starts write to the log
