@@ -5,6 +5,7 @@
 #   snakemake --profile slurm/profile --configfile ...      # many jobs at once on a cluster
 from snakemake.utils import min_version
 
+from speedpipe import preflight
 from speedpipe.workflow import Experiment, alternation
 
 min_version("9.0")
@@ -20,6 +21,14 @@ EXP = Experiment(config, base_dir=workflow.basedir)  # validated against workflo
 LAYOUT = EXP.layout
 for message in EXP.overridden_values():
     logger.warning(f"speedpipe: {message}")
+PROBLEMS = preflight.problems(EXP)  # missing inputs, batches larger than the data, guidance without a null class
+for message in PROBLEMS:
+    logger.warning(f"speedpipe: {message}")
+
+
+onstart:
+    if PROBLEMS:  # a dry run or --lint only warns; a run stops here, before any job starts
+        raise preflight.refusal(EXP, PROBLEMS)
 
 
 wildcard_constraints:

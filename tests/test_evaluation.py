@@ -9,11 +9,11 @@ from PIL import Image
 
 from conftest import run_python
 from speedpipe.config import load_config
-from speedpipe.fidelity import EvaluationError, UInt8Images, extract_features, fidelity_kwargs, label_accuracy
+from speedpipe.fidelity import EvaluationError, UInt8Images, fidelity_kwargs, label_accuracy, stream_features
 from speedpipe.models.autoencoder import save_tiny_autoencoder, tiny_autoencoder_config
 from speedpipe.models.classifier import ClassifierFeatureExtractor
 from speedpipe.stages import evaluate, reference, sample, train
-from speedpipe.stages.sample import write_npz
+from speedpipe.data.samples import write_npz
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +36,14 @@ def digits():
     return to_uint8(Mnist5k(32).images[:500]).numpy()  # the first 500 real digits, all zeros (the reference of the tests), uint8 NHWC
 
 
+def features_of(images, *args):
+    """{layer: features} of uint8 NHWC images."""
+    return stream_features(UInt8Images(images), *args)[0]
+
+
 def _fid(a, b, weights):
-    fa = extract_features(a, "classifier", weights, ["fid"])["features"].numpy()
-    fb = extract_features(b, "classifier", weights, ["fid"])["features"].numpy()
+    fa = features_of(a, "classifier", weights, ["fid"])["features"].numpy()
+    fb = features_of(b, "classifier", weights, ["fid"])["features"].numpy()
     from torch_fidelity.metric_fid import fid_statistics_to_metric
 
     stats = lambda f: {"mu": f.mean(0), "sigma": np.cov(f, rowvar=False)}  # noqa: E731
@@ -57,7 +62,7 @@ def test_fid_is_zero_on_itself_and_grows_with_noise(digits, classifier_weights):
 
 def test_classifier_extractor_is_registered(classifier_weights, digits):
     assert ClassifierFeatureExtractor.NAME in torch_fidelity.registry.FEATURE_EXTRACTORS_REGISTRY
-    feats = extract_features(digits[:7], "classifier", classifier_weights, ["fid", "isc"])
+    feats = features_of(digits[:7], "classifier", classifier_weights, ["fid", "isc"])
     assert feats["features"].shape == (7, 128) and feats["logits"].shape == (7, 10)
 
 
@@ -118,7 +123,7 @@ def test_stage_label_accuracy_counts_mislabelled_samples(tmp_path, classifier_we
         write_npz(samples, digits, given)
         out = evaluate.run(load_config(path, overrides + [f"eval.samples={samples}", "eval.label_accuracy=true"]))
         scores[name] = json.loads(out.read_text())
-    predicted = extract_features(digits, "classifier", classifier_weights, ["isc"])["logits"].argmax(1).numpy()
+    predicted = features_of(digits, "classifier", classifier_weights, ["isc"])["logits"].argmax(1).numpy()
     expected = {"true": (predicted == labels).mean(), "shifted": (predicted == (labels + 1) % 10).mean()}
     assert {k: v["metrics"]["label_accuracy"] for k, v in scores.items()} == pytest.approx(expected)
     assert expected["true"] > 0.3 and expected["shifted"] < expected["true"] - 0.2

@@ -85,11 +85,6 @@ def extractor_kwargs(extractor: str, weights: Path, cuda: bool) -> dict:
                            cuda=cuda, verbose=False)
 
 
-def extract_features(images: np.ndarray, extractor: str, weights: Path, metrics, batch_size=100, cuda=False) -> dict:
-    """{layer: features [N, D]} (as torch-fidelity extracts them) for the layers the metrics need."""
-    return stream_features(UInt8Images(images), extractor, weights, metrics, batch_size, cuda)[0]
-
-
 def _readable(items):
     """Collate (index, uint8 CHW tensor or None) items: the readable images stacked, and the unreadable indices."""
     kept = [image for _, image in items if image is not None]
@@ -98,15 +93,17 @@ def _readable(items):
 
 def stream_features(dataset, extractor: str, weights: Path, metrics, batch_size=100, cuda=False, num_workers=0):
     """({layer: features [N, D]}, skipped indices) of a dataset of (index, uint8 CHW image or None) items, or of
-    uint8 CHW images, batch by batch: memory holds the features, never the images (torch-fidelity's own loop,
-    get_featuresdict_from_dataset, with decoding in worker processes and unreadable items skipped and counted)."""
+    uint8 CHW images, batch by batch (torch-fidelity's own loop, get_featuresdict_from_dataset, with decoding in worker
+    processes and unreadable items skipped and counted). Memory holds the features, never the images: each batch's
+    features are copied into one [N, D] buffer per layer, so nothing of a batch's buffers is kept (a kept view, or
+    many small kept tensors between freed activations, holds on to memory that grows with N)."""
     layers = sorted({LAYERS[extractor][m] for m in metrics})
     kwargs = extractor_kwargs(extractor, weights, cuda)
     fe = create_feature_extractor(kwargs["feature_extractor"], layers, **kwargs)
-    indexed = dataset if not isinstance(dataset, UInt8Images) else _Indexed(dataset)
+    indexed = _Indexed(dataset) if isinstance(dataset, UInt8Images) else dataset
     loader = torch.utils.data.DataLoader(indexed, batch_size=batch_size, num_workers=num_workers, collate_fn=_readable,
                                          pin_memory=cuda)
-    parts, skipped = {layer: [] for layer in layers}, []
+    buffers, count, skipped = {}, 0, []
     torch.manual_seed(0)
     with no_tf32(), torch.no_grad():
         for batch, unreadable in loader:
@@ -115,10 +112,13 @@ def stream_features(dataset, extractor: str, weights: Path, metrics, batch_size=
                 continue
             features = fe.convert_features_tuple_to_dict(fe(batch.cuda(non_blocking=True) if cuda else batch))
             for layer, value in features.items():
-                parts[layer].append(value.cpu())
-    if not parts[layers[0]]:
+                if layer not in buffers:
+                    buffers[layer] = torch.empty((len(indexed), *value.shape[1:]), dtype=value.dtype)
+                buffers[layer][count : count + len(value)] = value
+            count += len(batch)
+    if not count:
         raise EvaluationError(f"no readable images among {len(skipped)}")
-    return {layer: torch.cat(v) for layer, v in parts.items()}, skipped
+    return {layer: b[:count].clone() if count < len(b) else b for layer, b in buffers.items()}, skipped
 
 
 class _Indexed(torch.utils.data.Dataset):
@@ -132,28 +132,52 @@ class _Indexed(torch.utils.data.Dataset):
         return i, self.dataset[i]
 
 
-def compute_metrics(sample_feats: dict, reference: dict, extractor: str, metrics, kid_subset_size=1000) -> dict:
-    """torch-fidelity's metric functions on stored features; FID against the reference mu/sigma."""
-    layers, out = LAYERS[extractor], {}
+PRC_NEIGHBORHOOD = DEFAULTS["prc_neighborhood"]  # k of the k-NN manifolds of precision and recall
+ISC_SPLITS = DEFAULTS["isc_splits"]
+
+
+def compute_metrics(sample_feats: dict, reference: dict, extractor: str, metrics, kid_subset_size=1000) -> tuple[dict, dict, dict]:
+    """(metrics, the settings they were computed with, {metric: why it was left out}) from torch-fidelity's metric
+    functions on stored features; FID against the reference mu/sigma. A metric the sample count does not support is
+    computed with a setting it supports (IS with fewer splits, KID with a smaller subset) or left out with the reason:
+    never NaN."""
+    layers, out, settings, unavailable = LAYERS[extractor], {}, {}, {}
     n = len(next(iter(sample_feats.values())))
-    if "fid" in metrics:
-        ref_stats = {"mu": reference["mu"].numpy(), "sigma": reference["sigma"].numpy()}
-        stats = fid_features_to_statistics(sample_feats[layers["fid"]])
-        stats = {k: v.astype(ref_stats[k].dtype) for k, v in stats.items()}  # an ADM batch stores float64 mu
-        out.update(fid_statistics_to_metric(stats, ref_stats, verbose=False))
     ref_feats = reference.get("features") or {}
+    if "fid" in metrics:
+        if n < 2:
+            unavailable["fid"] = f"{n} sample: a covariance needs at least 2"
+        else:
+            ref_stats = {"mu": reference["mu"].numpy(), "sigma": reference["sigma"].numpy()}
+            stats = fid_features_to_statistics(sample_feats[layers["fid"]])
+            stats = {k: v.astype(ref_stats[k].dtype) for k, v in stats.items()}  # an ADM batch stores float64 mu
+            out.update(fid_statistics_to_metric(stats, ref_stats, verbose=False))
     for metric in ("kid", "prc"):
         if metric in metrics and layers[metric] not in ref_feats:
             raise EvaluationError(f"{metric}: the reference holds no features (an imported ADM batch has only mu/sigma)")
     if "kid" in metrics:
         subset = min(kid_subset_size, n, len(ref_feats[layers["kid"]]))
-        out.update(kid_features_to_metric(sample_feats[layers["kid"]], ref_feats[layers["kid"]],
-                                          **fidelity_kwargs(kid_subset_size=subset, verbose=False)))
+        if subset < 2:
+            unavailable["kid"] = f"subsets of {subset} sample: an MMD estimate needs at least 2"
+        else:
+            out.update(kid_features_to_metric(sample_feats[layers["kid"]], ref_feats[layers["kid"]],
+                                              **fidelity_kwargs(kid_subset_size=subset, verbose=False)))
+            settings["kid_subset_size"] = subset
     if "isc" in metrics:
-        out.update(isc_features_to_metric(sample_feats[layers["isc"]]))
+        splits = min(ISC_SPLITS, n // 2)  # at least 2 samples per split (an empty split would give NaN)
+        if splits < 1:
+            unavailable["isc"] = f"{n} sample: a split needs at least 2"
+        else:
+            out.update(isc_features_to_metric(sample_feats[layers["isc"]], splits=splits))
+            settings["isc_splits"] = splits
     if "prc" in metrics:
-        out.update(prc_features_to_metric(sample_feats[layers["prc"]], ref_feats[layers["prc"]], **fidelity_kwargs(verbose=False)))
-    return {k: float(v) for k, v in out.items()}
+        smallest = min(n, len(ref_feats[layers["prc"]]))
+        if smallest <= PRC_NEIGHBORHOOD:
+            unavailable["prc"] = f"{smallest} samples: the {PRC_NEIGHBORHOOD}-nearest-neighbour manifolds need more"
+        else:
+            out.update(prc_features_to_metric(sample_feats[layers["prc"]], ref_feats[layers["prc"]], **fidelity_kwargs(verbose=False)))
+    settings["prc_neighborhood"] = PRC_NEIGHBORHOOD
+    return {k: float(v) for k, v in out.items()}, settings, unavailable
 
 
 def label_accuracy(logits: torch.Tensor, labels: np.ndarray, num_classes: int) -> dict:

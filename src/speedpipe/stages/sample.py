@@ -19,6 +19,7 @@ from speedpipe.checkpoint import load_checkpoint
 from speedpipe.config import ConfigError, save_config
 from speedpipe.data.images import to_uint8
 from speedpipe.data.latents import LatentNormalization
+from speedpipe.data.samples import write_npz
 from speedpipe.diffusion import create_diffusion
 from speedpipe.diffusion.gaussian import cfg_model_fn
 from speedpipe.distributed import barrier, setup_device, shutdown
@@ -33,11 +34,6 @@ def make_labels(n: int, num_classes: int, mode: str, seed: int) -> torch.Tensor:
     if mode == "balanced":
         return torch.arange(n) % num_classes
     return torch.randint(0, num_classes, (n,), generator=torch.Generator().manual_seed(seed))
-
-
-def write_npz(path, images: np.ndarray, labels: np.ndarray):
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, arr_0=images, arr_1=labels)
 
 
 def class_grid(images: np.ndarray, labels: np.ndarray, rows: int = 10, cols: int = 10) -> np.ndarray:

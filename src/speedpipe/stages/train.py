@@ -47,7 +47,7 @@ def run(cfg, provenance):
     sampler = build_sampler(cfg.diffusion.timestep_sampler.name, diffusion, **named_params(cfg.diffusion.timestep_sampler))
     mse_weight = build_weighting(cfg.diffusion.loss_weighting.name, diffusion, **named_params(cfg.diffusion.loss_weighting)).to(device)
     opt = make_optimizer(model, cfg.optim, device)
-    order = EpochBatches(len(dataset), tr.global_batch_size, cfg.seed)
+    order = EpochBatches(len(dataset), tr.global_batch_size, cfg.seed, key="trainer.global_batch_size")
     randomness = StepRandomness(
         cfg.seed, sampler, dataset.latent_shape, cfg.model.class_dropout_prob, cfg.data.random_flip,
         getattr(dataset, "samples_posterior", False), device,

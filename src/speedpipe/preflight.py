@@ -1,0 +1,133 @@
+"""What can be checked before a long job starts, checked when an experiment is planned (every `snakemake` call).
+
+Each check reads the resolved stage configs of the experiment's jobs and only what is cheap to read: file and folder
+existence, npz headers, the number of image files (remembered per folder state, see data.images.count_images). A
+problem names the config key, the value and what was expected, and every problem found is reported at once, before
+any job is submitted -- never after a teacher has trained.
+"""
+from pathlib import Path
+
+from speedpipe.config import ConfigError
+from speedpipe.workflow import Experiment, parse_sampler
+
+CACHE = Path(".snakemake") / "speedpipe-datasets"
+
+
+def problems(exp: Experiment) -> list[str]:
+    """Every problem of the experiment's inputs and settings that would stop one of its jobs."""
+    found = []
+    data = exp.stage_config("encode")
+    size = _dataset_size(data, found)
+    found += _missing_inputs(exp, data)
+    found += _batches_larger_than_the_data(exp, size)
+    found += _guidance_without_a_null_class(exp)
+    return found
+
+
+def refusal(exp: Experiment, found: list[str]) -> ConfigError:
+    return ConfigError(f"experiment {exp.pipe['experiment']!r}: {len(found)} problem(s) found before anything ran:\n- "
+                       + "\n- ".join(found))
+
+
+def _dataset_size(cfg: dict, found: list) -> int | None:
+    from speedpipe.data.images import DataError, Mnist5k, count_images
+
+    d = cfg["data"]
+    if d["name"] == "mnist5k":
+        return Mnist5k.size
+    if d["root"] is None:
+        found.append("config key 'data.root': required for data.name=image_folder (the folder of the images)")
+        return None
+    try:
+        return count_images(d["root"], CACHE if CACHE.parent.is_dir() else None)[0]
+    except DataError as err:
+        found.append(str(err))
+        return None
+
+
+def _missing_inputs(exp: Experiment, data: dict) -> list[str]:
+    """Weights files and folders the jobs read that are not there (nothing is downloaded at run time)."""
+    from speedpipe.fidelity import EvaluationError, inception_weights_path
+    from speedpipe.stages.reference import check_adm_batch
+
+    found = []
+    ae = data["autoencoder"]
+    if ae["name"] != "tiny" and not ae["allow_download"]:
+        source = ae["path"] or f"stabilityai/{ae['name']}"  # a local folder, else a Hugging Face hub id
+        if Path(source).is_dir():
+            if not (Path(source) / "config.json").is_file():
+                found.append(f"config key 'autoencoder.path': {source} holds no config.json: expected a diffusers "
+                             f"AutoencoderKL folder (save_pretrained: config.json and diffusion_pytorch_model.safetensors)")
+        else:
+            from huggingface_hub import try_to_load_from_cache
+
+            if not isinstance(try_to_load_from_cache(source, "config.json"), str):
+                found.append(f"config key 'autoencoder.path': {source!r} is neither a folder nor in the Hugging Face cache: "
+                             f"set autoencoder.path to an AutoencoderKL folder (save_pretrained), or download it on a "
+                             f"machine with network (huggingface-cli download {source})")
+    evaluate = exp.stage_config("evaluate", evaluation=exp.evaluations()[0])["eval"]
+    reference = exp.stage_config("reference")["eval"]
+    if exp.pipe["extractor"] == "inception-v3-compat":
+        try:
+            inception_weights_path(evaluate["inception_weights"])
+            inception_weights_path(reference["inception_weights"])
+        except EvaluationError as err:
+            found.append(f"config key 'eval.inception_weights': {err}")
+    if reference["reference_npz"]:
+        try:
+            check_adm_batch(reference["reference_npz"], reference["extractor"])
+        except EvaluationError as err:
+            found.append(str(err))
+    first_runs = {run.method.name: run for run in reversed(exp.train_runs.values())}
+    for method, run in first_runs.items():
+        init_from = exp.stage_config("train", run)["model"]["init_from"]
+        if init_from and not Path(init_from).is_file():
+            found.append(f"methods.{method}: config key 'model.init_from': {init_from} does not exist")
+    return found
+
+
+def _batches_larger_than_the_data(exp: Experiment, size: int | None) -> list[str]:
+    """Every batch drawn from the dataset must fit in it (the autoencoder and classifier train on 9 in 10 images)."""
+    if size is None:
+        return []
+    from speedpipe.data.images import held_out
+
+    found, training_split = [], len(held_out(size)[0])
+    batches = []
+    if exp.runs_stage("autoencoder"):
+        batches.append(("autoencoder", "autoencoder.batch_size", exp.stage_config("autoencoder")["autoencoder"]["batch_size"], training_split))
+    if exp.runs_stage("classifier"):
+        batches.append(("classifier", "eval.classifier_batch_size", exp.stage_config("classifier")["eval"]["classifier_batch_size"],
+                        training_split))
+    for run in exp.train_runs.values():
+        batches.append((f"train run {run.name}", "trainer.global_batch_size",
+                        exp.stage_config("train", run)["trainer"]["global_batch_size"], size))
+    for student in exp.distill_runs.values():
+        batches.append((f"sCD of {student.teacher.name}", "distill.global_batch_size",
+                        exp.stage_config("distill", student)["distill"]["global_batch_size"], size))
+    for job, key, batch, available in batches:
+        if batch > available:
+            found.append(f"{job}: config key '{key}': a batch of {batch} is larger than the {available} images it is drawn "
+                         f"from (the dataset has {size}); lower it to at most {available}")
+    return found
+
+
+def _guidance_without_a_null_class(exp: Experiment) -> list[str]:
+    """Classifier-free guidance needs the null-class row of the label embedding, which a DiT has only when it is
+    trained with label dropout (model.class_dropout_prob > 0)."""
+    found = []
+    for e in exp.evaluations():
+        if e.run.kind == "train" and parse_sampler(e.sampler)[1] != 1.0:
+            model = exp.stage_config("train", e.run)["model"]
+            if model["class_dropout_prob"] == 0:
+                found.append(f"sampler {e.sampler!r} of {e.run.name}: guidance needs a null class, and the method "
+                             f"{e.run.method.name!r} trains without label dropout (model.class_dropout_prob is 0): sample "
+                             f"it without -cfg, or train it with label dropout")
+    for student in exp.distill_runs.values():
+        scale = exp.stage_config("distill", student)["distill"]["cfg_scale"]
+        model = exp.stage_config("train", student.teacher)["model"]
+        if scale != 1.0 and model["class_dropout_prob"] == 0:
+            found.append(f"sCD of {student.teacher.name}: config key 'distill.cfg_scale' is {scale}, but guidance needs a "
+                         f"null class and the teacher trains without label dropout (model.class_dropout_prob is 0): set "
+                         f"distill.cfg_scale=1.0")
+    return sorted(set(found))
