@@ -243,23 +243,46 @@ def test_adm_reference_batch_import_and_its_validation(tmp_path, classifier_weig
             reference.run(load_config(path, [*overrides[:-1], f"eval.reference_npz={npz}"]))
 
 
-def test_reference_memory_does_not_grow_with_the_image_count(tmp_path, classifier_weights):
-    """Peak memory of the reference stage on 1,000 and 10,000 images differs by about the features themselves."""
+MEMORY_SCRIPT = ("import resource, sys; from speedpipe.config import load_config; from speedpipe.stages import {stage}; "
+                 "{stage}.run(load_config(sys.argv[1], sys.argv[2:])); print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+
+
+@pytest.fixture(scope="module")
+def photos_64(tmp_path_factory):
+    """5,000 64x64 PNG images in 10 class folders, and the same images as ADM samples npz files of 500 and 5,000."""
+    root = tmp_path_factory.mktemp("photos64")
     rng = np.random.default_rng(0)
-    tree = tmp_path / "imgs" / "c"
-    tree.mkdir(parents=True)
-    for i in range(10_000):
-        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tree / f"{i:05d}.png")
-    script = ("import resource, sys; from speedpipe.config import load_config; from speedpipe.stages import reference; "
-              "reference.run(load_config(sys.argv[1], sys.argv[2:])); print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
-    (tmp_path / "r.yaml").write_text(f"experiment: mem\noutput_dir: {tmp_path}\n")
+    images = rng.integers(0, 256, (5000, 64, 64, 3), dtype=np.uint8)
+    for c in range(10):
+        (root / "imgs" / f"c{c}").mkdir(parents=True)
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(root / "imgs" / f"c{i % 10}" / f"{i:05d}.png")
+    for n in (500, 5000):
+        write_npz(root / f"samples-{n}.npz", images[:n], np.arange(n) % 10)
+    return root
+
+
+def _peak_rss(stage, config, overrides) -> int:
+    result = run_python(["-c", MEMORY_SCRIPT.format(stage=stage), str(config), *overrides], timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return int(result.stdout.split()[-1]) * 1024
+
+
+@pytest.mark.parametrize("stage", ["reference", "evaluate"])
+def test_streaming_stages_memory_does_not_grow_with_the_image_count(stage, photos_64, classifier_weights, tmp_path):
+    """Peak memory of a stage on 500 and 5,000 64x64 images differs by about what it must keep, the features (a few MB):
+    keeping each batch's features as a tensor of its own grows it by ~110 kB per image (heap fragmentation around
+    them: +500 MB here), loading every sample and a bytes copy of them by 24 kB."""
+    config = tmp_path / "m.yaml"
+    config.write_text(f"experiment: mem\noutput_dir: {tmp_path}\n")
+    common = ["data.name=image_folder", f"data.root={photos_64 / 'imgs'}", "data.image_size=64", "eval.extractor=classifier",
+              f"eval.classifier_weights={classifier_weights}", f"eval.reference={tmp_path / 'stats.pt'}"]
+    if stage == "evaluate":
+        assert _peak_rss("reference", config, [*common, "eval.reference_max_images=500"]) > 0
     peaks = {}
-    for n in (1_000, 10_000):
-        result = run_python(["-c", script, str(tmp_path / "r.yaml"), "data.name=image_folder", f"data.root={tmp_path / 'imgs'}",
-                             "data.image_size=32", "eval.extractor=classifier", f"eval.classifier_weights={classifier_weights}",
-                             f"eval.reference_max_images={n}", f"eval.reference={tmp_path / f'stats-{n}.pt'}"], timeout=600)
-        assert result.returncode == 0, result.stderr[-3000:]
-        peaks[n] = int(result.stdout.split()[-1]) * 1024
-    features = 9_000 * (128 + 10) * 4  # the extra images' features (float32), a few MB
-    # loading the images, as the stage once did, would add 9,000 x 3 x 32 x 32 floats (110 MB)
-    assert peaks[10_000] - peaks[1_000] < features + 30e6, peaks
+    for n in (500, 5000):
+        own = [f"eval.reference_max_images={n}", f"eval.reference={tmp_path / f'stats-{n}.pt'}"] if stage == "reference" else \
+            [f"eval.samples={photos_64 / f'samples-{n}.npz'}", f"eval.out={tmp_path / f'metrics-{n}.json'}", "eval.metrics=[fid,kid,isc,prc]"]
+        peaks[n] = _peak_rss(stage, config, [*common, *own])
+    features = 4_500 * (128 + 10) * 4  # the extra images' features (float32): 2.5 MB
+    assert peaks[5000] - peaks[500] < features + 150e6, peaks  # the peak varies by about 50 MB from run to run
