@@ -108,7 +108,7 @@ def _batches_larger_than_the_data(exp: Experiment, size: int | None) -> list[str
     for job, key, batch, available in batches:
         if batch > available:
             found.append(f"{job}: config key '{key}': a batch of {batch} is larger than the {available} images it is drawn "
-                         f"from (the dataset has {size}); lower it to at most {available}")
+                         f"from (the dataset has {size} image files); lower it to at most {available}")
     return found
 
 

@@ -44,11 +44,19 @@ def load_metrics(evaluations) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def without_empty_columns(df: pd.DataFrame) -> pd.DataFrame:
+    """The table without the columns no evaluation has a value for (label accuracy of an unconditional model, a metric
+    the sample count could not support): they are left out, never printed as "nan"."""
+    empty = [c for c in df.columns if df[c].isna().all() or (df[c].astype(str) == "nan").all()]
+    return df.drop(columns=empty)
+
+
 def write_table(layout: Layout, name: str, caption: str, *parts: tuple[str, str, pd.DataFrame]):
-    """A table as CSV (one file per part: {name}{suffix}.csv), Markdown and LaTeX (every part, the caption above).
-    parts: (file name suffix, title, frame)."""
+    """A table as CSV (one file per part: {name}{suffix}.csv), Markdown and LaTeX (every part, the caption above),
+    without its empty columns. parts: (file name suffix, title, frame)."""
     markdown, latex = [caption], []
     for suffix, title, df in parts:
+        df = without_empty_columns(df)
         with atomic_path(layout.table(name + suffix, "csv")) as tmp:
             df.to_csv(tmp, index=False)
         markdown.append((f"**{title}**\n\n" if title else "") + df.to_markdown(index=False))
@@ -58,6 +66,7 @@ def write_table(layout: Layout, name: str, caption: str, *parts: tuple[str, str,
 
 
 def mean_std(series) -> str:
+    """'mean ± std' over seeds ('nan' when no run has the value: without_empty_columns then drops the column)."""
     return f"{series.mean():.2f} ± {series.std(ddof=0):.2f}" if len(series) > 1 else f"{series.mean():.2f}"
 
 
@@ -145,7 +154,7 @@ def scm_table(df, cfg) -> pd.DataFrame:
 
 
 def _scm_row(r, ref, ode) -> dict:
-    return {"NFE": int(r.nfe), "FID": round(r.FID, 3), "label acc.": round(r["label acc."], 3),
+    return {"NFE": int(r.nfe), "FID": round(r.FID, 3), "label acc.": round(r["label acc."], 3),  # NaN when unconditional
             "FID / teacher": round(r.FID / ref.FID, 3), "FID / ODE": round(r.FID / ode.FID, 3),
             "s/image": round(r.seconds_per_image, 5), "sampling speed-up": round(ref.seconds_per_image / r.seconds_per_image, 1)}
 
@@ -281,7 +290,7 @@ def experiment_readme(cfg, tables: dict, scm, df, usage) -> str:
 
 ![FID against iterations, table {name}](figures/{name}.png)
 
-{speedup.to_markdown(index=False)}
+{without_empty_columns(speedup).to_markdown(index=False)}
 
 FID and the other metrics at the table's iterations: `tables/{name}.md` (also `.csv`, `.tex`).
 """ for name, speedup in tables.items())
@@ -300,7 +309,7 @@ P_mean = {d['p_mean']}, P_std = {d['p_std']}, lr {d['lr']}); {pipe['final_sample
 
 ![teacher and sCM samples, one row per class](figures/teacher_vs_scm.png)
 
-{scm.to_markdown(index=False)}
+{without_empty_columns(scm).to_markdown(index=False)}
 """
     return f"""# Experiment `{pipe['experiment']}`
 
