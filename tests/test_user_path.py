@@ -144,3 +144,8 @@ def test_guidance_on_a_teacher_without_a_null_class_is_refused_when_planned(user
     assert result.returncode != 0 and not (tmp_path / "results").exists()
     assert "sampler 'ddpm10-cfg2' of speed-s0: guidance needs a null class" in result.stderr
     assert "model.class_dropout_prob is 0" in result.stderr
+
+
+def test_the_readme_shows_the_laptop_list_the_tests_run():
+    laptop = (REPO / "tests/data/laptop_try.yaml").read_text()
+    assert f"```yaml\n{laptop[laptop.index('top_level:'):]}```" in (REPO / "README.md").read_text()

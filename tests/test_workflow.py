@@ -174,7 +174,8 @@ def test_micro_run_on_slurm_survives_a_killed_snakemake(tmp_path):
     # SLURM jobs use no local cores: start every ready job at once, so the re-run reaches the training job while it runs
     second = snakemake(tmp_path, "--configfile", str(tmp_path / "micro.yaml"), "--rerun-incomplete", cores=8)
     assert second.returncode == 0, second.stderr[-5000:]
-    assert f"re-attaching to SLURM job {running[0]}" in second.stdout + second.stderr
+    train_logs = "".join(p.read_text() for p in (tmp_path / "results/micro/logs/train").glob("*.log"))  # the launcher's messages
+    assert f"re-attaching to SLURM job {running[0]}" in train_logs
     assert (tmp_path / "results/micro/README.md").exists()
     submitted_trains = {p.name for p in (tmp_path / "slurm").glob("train-*")}
     assert len(submitted_trains) == 2  # one job folder per training run: nothing was submitted twice

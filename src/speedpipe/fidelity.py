@@ -99,7 +99,11 @@ def stream_features(dataset, extractor: str, weights: Path, metrics, batch_size=
     many small kept tensors between freed activations, holds on to memory that grows with N)."""
     layers = sorted({LAYERS[extractor][m] for m in metrics})
     kwargs = extractor_kwargs(extractor, weights, cuda)
-    fe = create_feature_extractor(kwargs["feature_extractor"], layers, **kwargs)
+    try:
+        fe = create_feature_extractor(kwargs["feature_extractor"], layers, **kwargs)
+    except Exception as err:  # an unreadable or foreign weights file fails deep inside torch.load or load_state_dict
+        raise EvaluationError(f"{extractor} weights {weights}: not a loadable state dict of the extractor "
+                              f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'empty or cut-off file'})") from err
     indexed = _Indexed(dataset) if isinstance(dataset, UInt8Images) else dataset
     loader = torch.utils.data.DataLoader(indexed, batch_size=batch_size, num_workers=num_workers, collate_fn=_readable,
                                          pin_memory=cuda)
