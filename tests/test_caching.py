@@ -293,3 +293,21 @@ def test_a_key_added_to_the_code_at_its_default_changes_no_params(monkeypatch):
         assert STAGES["train"].params(flagged)["reads"]["trainer.new_flag"] is True  # set: a rerun trigger
     finally:
         stages._default_leaves.cache_clear()
+
+
+def test_the_full_resolved_config_is_saved_beside_every_output(micro_run):
+    """The provenance is the whole config the job resolved, not the part its stage reads."""
+    import torch
+
+    from speedpipe.workflow import Experiment
+
+    root = micro_run / "results" / "micro"
+    exp = Experiment(yaml.safe_load((micro_run / "micro.yaml").read_text()))
+    expected = {"latents/config.yaml": exp.stage_config("encode"),
+                "train/speed-s0/config.yaml": exp.stage_config("train", exp.train_runs["speed-s0"]),
+                "distill/speed-s0/config.yaml": exp.stage_config("distill", exp.distill_runs["scm-speed-s0"]),
+                "samples/speed-s0/0000004/ddim5.yaml": exp.stage_config("sample", evaluation=next(
+                    e for e in exp.evaluations() if e.run.name == "speed-s0" and e.step == 4 and e.sampler == "ddim5"))}
+    for path, config in expected.items():
+        assert yaml.safe_load((root / path).read_text()) == config, path
+    assert torch.load(root / "train/speed-s0/ckpt-0000004.pt", weights_only=True)["config"] == expected["train/speed-s0/config.yaml"]

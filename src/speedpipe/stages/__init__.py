@@ -12,8 +12,8 @@ A stage runs on a view of its config that holds exactly these keys (`view`): rea
 error naming the stage and the key, so no stage depends on a setting its jobs' params do not carry. A job's params
 are `params(stage, config)`: the stage's version and the read values that differ from the schema's defaults, so a
 key added to the code at its default changes no finished job's params. Changing a default, like any other change of
-a stage's behaviour, is a version bump. The full resolved config stays every stage's provenance (config.yaml beside
-its outputs); a checkpoint records the view its stage computed with (what a later stage rebuilds the model from).
+a stage's behaviour, is a version bump. The full resolved config stays every stage's provenance: config.yaml beside
+its outputs, and the config a checkpoint carries (what a later stage rebuilds the model from).
 """
 import functools
 import importlib

@@ -84,7 +84,7 @@ def run(cfg, provenance):
                          {"model": student.net, "logvar_head": trained.logvar_head, "ema": ema, "opt": opt, "data_order": order},
                          {"batch_gen": batch_gen}, env, LOG_COLUMNS, what="distill", progress=d.progress,
                          nonfinite="skip" if d.skip_nonfinite else "stop",
-                         checkpoint_extra=lambda: {"config": to_plain(cfg), "teacher_config": teacher_state["config"],
+                         checkpoint_extra=lambda: {"config": to_plain(provenance), "teacher_config": teacher_state["config"],
                                                    "latent_norm": teacher_state.get("latent_norm")},
                          log_fields=lambda step, mean, steps_per_s: {
                              "objective": "warm_start" if step <= d.warm_start_steps else "scd"})

@@ -81,8 +81,8 @@ def run(cfg, provenance):
     dataset = open_image_dataset(cfg.data)
     vae, scale, identity = open_autoencoder(cfg)
     vae = vae.to(device)
-    provenance = {"dataset": dataset.fingerprint(), "encoder": identity, "mode": cfg.encode.mode,
-                  "dtype": cfg.encode.dtype, "shard_size": cfg.encode.shard_size}
+    made_by = {"dataset": dataset.fingerprint(), "encoder": identity, "mode": cfg.encode.mode,  # what each shard records
+               "dtype": cfg.encode.dtype, "shard_size": cfg.encode.shard_size}
     if env.is_main:
         save_config(provenance, out / "config.yaml")
 
@@ -97,7 +97,7 @@ def run(cfg, provenance):
     for i in tqdm(mine, desc=f"encode (rank {env.rank})", disable=not (cfg.encode.progress and env.is_main)):
         path = out / shard_name(i)
         if path.exists():
-            _check_provenance(path, provenance)
+            _check_made_by(path, made_by)
             _check_recorded_checksum(path, recorded)
             continue
         indices = range(i * size, min((i + 1) * size, len(dataset)))
@@ -105,7 +105,7 @@ def run(cfg, provenance):
         tensors, skipped = encode_shard(vae, scale, dataset, indices, cfg, device, generator)
         with atomic_path(path) as tmp:
             # One metadata key: safetensors writes metadata from a hash map, so several keys would be in random order.
-            info = {**provenance, "skipped": skipped, "first_index": indices[0]}
+            info = {**made_by, "skipped": skipped, "first_index": indices[0]}
             save_file(tensors, str(tmp), metadata={"speedpipe": json.dumps(info, sort_keys=True)})
         encoded += len(indices)
     seconds = time.perf_counter() - start
@@ -120,9 +120,9 @@ def run(cfg, provenance):
     return out
 
 
-def _check_provenance(path, provenance):
+def _check_made_by(path, made_by):
     meta = _shard_info(path)
-    stale = [k for k, v in provenance.items() if meta.get(k) != v]
+    stale = [k for k, v in made_by.items() if meta.get(k) != v]
     if stale:
         raise DataError(f"{path} was written with a different {', '.join(stale)}; delete {path.parent} to re-encode")
 
