@@ -12,6 +12,7 @@ difference is about that plus run-to-run noise (tens of MB: the process starts a
 """
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -92,6 +93,7 @@ def main():
                    "autoencoder": ["autoencoder.name=tiny", "autoencoder.steps=50", "autoencoder.batch_size=16",
                                    "autoencoder.block_out_channels=[16,32,32]", "autoencoder.progress=false"]}[stage]
             folder = root if stage in ("reference", "evaluate") else images(work / f"n{n}", args.size, n)  # a dataset of n images
+            shutil.rmtree(work / f"latents-{n}", ignore_errors=True)  # encode keeps the shards it finds
             peaks[n] = peak_rss_mb(stage, config, ["data.name=image_folder", f"data.root={folder}", f"data.image_size={args.size}", *own])
         a, b = args.counts
         rows.append({"stage": stage, "image size": args.size, "images": f"{a} / {b}", "peak RSS MB": f"{peaks[a]:.0f} / {peaks[b]:.0f}",

@@ -1,12 +1,19 @@
-"""Mutation check of the core maths: apply small mutations one at a time and report which the test suite misses.
+"""Mutation check: apply small defects one at a time and report which the test suite misses.
 
-    python tests/mutation_check.py                 # every mutation (about 20 minutes on 2 cores)
+    python tests/mutation_check.py                 # every mutation: the formulas', then one per setting
     python tests/mutation_check.py --only sCD       # the mutations whose name contains "sCD"
+    python tests/mutation_check.py --keys           # the setting mutations only
 
-Each mutation edits one line of a copy of src/ (the checkout is never touched) and runs the tests that cover that
-module, stopping at the first failure. A mutation that leaves them green "survives": either a test is missing or
-the mutation does not change behaviour (an equivalent mutant); the README lists the survivors with the reason.
-Not part of `make test` (it runs the suite dozens of times).
+Formula mutations edit one line of a copy of src/ (the checkout is never touched) and run the tests that cover that
+module, stopping at the first failure. Setting mutations are generated from the stage registry (speedpipe.stages): for
+every key a stage reads, the stage sees that key at its default -- injected where the stage reads its config
+(`Stage.view`, patched by a sitecustomize module on the PYTHONPATH of every process of the run, Snakemake's jobs
+included), so the saved provenance config still shows the value asked for -- and the key's test in
+tests/test_settings.py runs (the covering test of a key is that one test: a few seconds, where the whole suite would
+take 20 minutes a key). A key added to a stage's reads is covered by construction; a key whose value in that test is
+already the default is not mutated by this and counts as not pinned. A mutation that leaves its tests green
+"survives": either a test is missing or the mutation does not change behaviour (an equivalent mutant); the script
+prints the keys no test pins, the README lists the survivors with the reason. Not part of `make test`.
 """
 import argparse
 import os
@@ -103,6 +110,43 @@ MUTATIONS = [
 ]
 
 
+# Injected into every Python process of a setting mutation (SPEEDPIPE_KEY_MUTATION="stage:key"): the stage's view of
+# its config holds the key's default instead of its value.
+SITECUSTOMIZE = """
+import os
+_spec = os.environ.get("SPEEDPIPE_KEY_MUTATION")
+if _spec:
+    from omegaconf import OmegaConf
+    from speedpipe import stages
+    from speedpipe.stages import _defaults, _get, _put
+    _stage, _key = _spec.split(":", 1)
+    _view = stages.Stage.view
+    def view(self, config):
+        v = _view(self, config)
+        if self.name != _stage:
+            return v
+        plain = OmegaConf.to_container(v)
+        _put(plain, _key, _defaults("stage")[_key])
+        mutated = OmegaConf.create(plain)
+        OmegaConf.set_struct(mutated, True)
+        OmegaConf.set_readonly(mutated, True)
+        return mutated
+    stages.Stage.view = view
+"""
+
+
+def run_key_mutation(stage: str, key: str, scratch: Path) -> tuple[bool, float, str]:
+    """The key's test in tests/test_settings.py with the stage reading the key's default."""
+    env = {**os.environ, "PYTHONPATH": f"{scratch / 'inject'}:{scratch / 'src'}", "OMP_NUM_THREADS": "2",
+           "SPEEDPIPE_KEY_MUTATION": f"{stage}:{key}", "SPEEDPIPE_SETTINGS_INPUTS": str(scratch / "inputs")}
+    start = time.time()
+    node = f"tests/test_settings.py::test_a_setting_changes_what_its_stage_writes[{stage}:{key}]"
+    result = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", node], cwd=scratch, env=env,
+                            capture_output=True, text=True)
+    failed = [line for line in result.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]
+    return result.returncode not in (0, 5), time.time() - start, failed[0] if failed else result.stdout.strip().splitlines()[-1]
+
+
 def run_mutation(name, rel, old, new, tests, scratch: Path) -> tuple[bool, float, str]:
     target = scratch / "src" / "speedpipe" / rel
     original = target.read_text()
@@ -120,23 +164,66 @@ def run_mutation(name, rel, old, new, tests, scratch: Path) -> tuple[bool, float
         target.write_text(original)
 
 
+def setting_mutations() -> tuple[list[tuple[str, str]], dict[str, str]]:
+    """(stage, key) of every key the registry says a stage reads, and the keys with no test (with the reason)."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from test_settings import NOT_ON_CPU, NOT_RUN, READ
+
+    return READ, {**{k: f"not pinnable on CPU: {why}" for k, why in NOT_ON_CPU.items()}, **{k: f"not pinned: {why}" for k, why in NOT_RUN.items()}}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default="", help="run only mutations whose name contains this text")
+    ap.add_argument("--keys", action="store_true", help="run the setting mutations only")
     args = ap.parse_args()
-    chosen = [m for m in MUTATIONS if args.only in m[0]]
+    formulas = [] if args.keys else [m for m in MUTATIONS if args.only in m[0]]
+    keys, unpinnable = setting_mutations()
+    keys = [(s, k) for s, k in keys if args.only in f"{s}:{k}"]
+    started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(tmp)
         shutil.copytree(REPO / "src", scratch / "src", ignore=shutil.ignore_patterns("*.egg-info", "__pycache__"))
         shutil.copytree(REPO / "tests", scratch / "tests", ignore=shutil.ignore_patterns("__pycache__"))
-        for entry in ("main.py", "configs"):
+        for entry in ("main.py", "configs", "workflow", "Snakefile"):
             (shutil.copytree if (REPO / entry).is_dir() else shutil.copy)(REPO / entry, scratch / entry)
-        killed = 0
-        for name, rel, old, new, tests in chosen:
+        (scratch / "inject").mkdir()
+        (scratch / "inject" / "sitecustomize.py").write_text(SITECUSTOMIZE)
+        if keys:  # the settings tests' inputs, made once by the unchanged code (its check of the cases, too)
+            made = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                                   "tests/test_settings.py::test_every_read_key_has_a_case",
+                                   "tests/test_settings.py::test_a_setting_changes_what_its_stage_writes[train:seed]"],
+                                  cwd=scratch, capture_output=True, text=True,
+                                  env={**os.environ, "PYTHONPATH": str(scratch / "src"), "SPEEDPIPE_SETTINGS_INPUTS": str(scratch / "inputs")})
+            if made.returncode != 0:
+                raise SystemExit(f"the settings tests fail without a mutation:\n{made.stdout[-3000:]}")
+        killed, by_module = 0, {}
+        for name, rel, old, new, tests in formulas:
             caught, seconds, by = run_mutation(name, rel, old, new, tests, scratch)
             killed += caught
+            by_module.setdefault(f"formulas {rel}", []).append(caught)
             print(f"{'killed  ' if caught else 'SURVIVED'} {seconds:6.1f}s  {name:55s} {by[:90]}", flush=True)
-    print(f"{killed} of {len(chosen)} mutations killed ({killed / len(chosen):.0%})")
+        unpinned = []
+        for stage, key in keys:
+            if key in unpinnable:
+                print(f"{'listed  '}    --   {stage + ':' + key:55s} {unpinnable[key][:90]}", flush=True)
+                by_module.setdefault(f"settings {stage}", []).append(None)
+                continue
+            caught, seconds, by = run_key_mutation(stage, key, scratch)
+            killed += caught
+            by_module.setdefault(f"settings {stage}", []).append(caught)
+            unpinned += [] if caught else [f"{stage}:{key}"]
+            print(f"{'killed  ' if caught else 'SURVIVED'} {seconds:6.1f}s  {stage + ':' + key + ' read as its default':55s} {by[:90]}",
+                  flush=True)
+    run = len(formulas) + sum(1 for s, k in keys if k not in unpinnable)
+    print(f"\n{killed} of {run} mutations killed ({killed / max(run, 1):.0%}) in {(time.time() - started) / 60:.1f} min; "
+          f"{sum(1 for s, k in keys if k in unpinnable)} setting(s) listed without a mutation run")
+    print("\n| module | killed | run | listed |\n|---|---|---|---|")
+    for module, results in by_module.items():
+        print(f"| {module} | {sum(1 for r in results if r)} | {sum(1 for r in results if r is not None)} | "
+              f"{sum(1 for r in results if r is None)} |")
+    if unpinned:
+        print("\nkeys no test pins: " + ", ".join(unpinned))
 
 
 if __name__ == "__main__":

@@ -138,6 +138,7 @@ class _Indexed(torch.utils.data.Dataset):
 
 PRC_NEIGHBORHOOD = DEFAULTS["prc_neighborhood"]  # k of the k-NN manifolds of precision and recall
 ISC_SPLITS = DEFAULTS["isc_splits"]
+PRC_BLOCK = 1000
 
 
 def compute_metrics(sample_feats: dict, reference: dict, extractor: str, metrics, kid_subset_size=1000) -> tuple[dict, dict, dict]:
@@ -179,7 +180,10 @@ def compute_metrics(sample_feats: dict, reference: dict, extractor: str, metrics
         if smallest <= PRC_NEIGHBORHOOD:
             unavailable["prc"] = f"{smallest} samples: the {PRC_NEIGHBORHOOD}-nearest-neighbour manifolds need more"
         else:
-            out.update(prc_features_to_metric(sample_feats[layers["prc"]], ref_feats[layers["prc"]], **fidelity_kwargs(verbose=False)))
+            # k-NN distances in blocks of PRC_BLOCK rows (torch-fidelity's save_cpu_ram path): memory grows as N x PRC_BLOCK,
+            # where the full matrices need N x N (3 GB more at 15,000 samples)
+            out.update(prc_features_to_metric(sample_feats[layers["prc"]], ref_feats[layers["prc"]],
+                                              **fidelity_kwargs(save_cpu_ram=True, prc_batch_size=PRC_BLOCK, verbose=False)))
     settings["prc_neighborhood"] = PRC_NEIGHBORHOOD
     return {k: float(v) for k, v in out.items()}, settings, unavailable
 

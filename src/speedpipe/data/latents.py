@@ -144,9 +144,9 @@ class NormalizedLatents:
         return self.normalization.normalize(x), y
 
 
-def open_training_data(cfg, model_cfg=None, latent_norm: dict | None = None) -> NormalizedLatents:
-    """The latent dataset of cfg.data, checked against the model (cfg.model, or a teacher's model_cfg), normalised
-    per data.latent_norm, or with a teacher checkpoint's `latent_norm` when given (sCD sees the teacher's data)."""
+def open_training_data(cfg, model_cfg=None, normalization: LatentNormalization | None = None) -> NormalizedLatents:
+    """The latent dataset of cfg.data, checked against the model (cfg.model, or a teacher's model_cfg), normalised with
+    the given normalization (sCD: its teacher's, so that it sees the teacher's data) or else per data.latent_norm."""
     from speedpipe.config import ConfigError
     from speedpipe.layout import latents_dir
 
@@ -165,10 +165,7 @@ def open_training_data(cfg, model_cfg=None, latent_norm: dict | None = None) -> 
                 f"model expects {latent_shape} with {m.num_classes} (model.in_channels, model.input_size, model.num_classes)"
             )
         stats = dataset.manifest
-    if latent_norm is not None:
-        normalization = LatentNormalization.from_state(latent_norm, m.in_channels)
-    elif cfg.data.latent_norm == "channel":
-        normalization = LatentNormalization(stats["channel_mean"], stats["channel_std"])
-    else:
-        normalization = LatentNormalization.identity(m.in_channels)
+    if normalization is None:
+        normalization = (LatentNormalization(stats["channel_mean"], stats["channel_std"]) if cfg.data.latent_norm == "channel"
+                         else LatentNormalization.identity(m.in_channels))
     return NormalizedLatents(dataset, normalization)

@@ -127,8 +127,8 @@ STAGES = {s.name: s for s in (
     Stage("train", "train", 2,
           reads=(*IDENTITY, "seed", "method", *LATENTS, "model", "diffusion", "optim", "trainer"),
           uses=loop_uses("trainer")),
-    Stage("distill", "train", 3,
-          reads=(*IDENTITY, "seed", *LATENTS, "distill"),
+    Stage("distill", "train", 3,  # the latents normalised as its teacher's were (the teacher checkpoint's latent_norm)
+          reads=(*IDENTITY, "seed", *(k for k in LATENTS if k != "data.latent_norm"), "distill"),
           uses=loop_uses("distill")),
     Stage("sample", "sample", 3,
           reads=(*IDENTITY, "autoencoder.name", "autoencoder.path", "sampling"),

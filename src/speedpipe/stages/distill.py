@@ -20,7 +20,7 @@ from speedpipe.checkpoint import load_checkpoint
 from speedpipe.config import ConfigError, save_config, to_plain
 from speedpipe.consistency.scd import LogvarHead, SCDLoss, TrigFlowDiffusionLoss, sample_time
 from speedpipe.consistency.trigflow import TrigFlowStudent, TrigFlowTeacher
-from speedpipe.data.latents import open_training_data
+from speedpipe.data.latents import LatentNormalization, open_training_data
 from speedpipe.data.order import EpochBatches, rank_slice
 from speedpipe.diffusion import create_diffusion
 from speedpipe.distributed import setup_device, shutdown
@@ -76,7 +76,8 @@ def run(cfg, provenance):
     warm_start = TrigFlowDiffusionLoss(teacher, d.warm_start_target, d.precision)
     scd = SCDLoss(teacher, d.tangent_warmup, d.tangent_c, d.precision)
 
-    dataset = open_training_data(cfg, teacher_cfg.model, teacher_state.get("latent_norm"))
+    dataset = open_training_data(cfg, teacher_cfg.model,
+                                 LatentNormalization.from_state(teacher_state.get("latent_norm"), teacher_cfg.model.in_channels))
     order = EpochBatches(len(dataset), d.global_batch_size, cfg.seed, key="distill.global_batch_size")
     batch_gen = torch.Generator().manual_seed(cfg.seed)
     loop = ResumableLoop(run_dir, Cadence(total_steps(d), d.log_every, d.ckpt_every, (d.warm_start_steps, *d.ckpt_steps),

@@ -48,12 +48,13 @@ def _collate(items):
 
 
 def encode_shard(vae, scale, dataset, indices, cfg, device, generator):
-    """Encode one shard's items: tensors to store, and the paths of skipped (unreadable) files."""
+    """Encode one shard's items: tensors to store, and the paths of skipped (unreadable) files. Each batch's latents
+    are copied into buffers of the shard's size (nothing of a batch's own tensors is kept: see fidelity.stream_features)."""
     enc = cfg.encode
     loader = torch.utils.data.DataLoader(_Indexed(dataset, indices), batch_size=enc.batch_size,
                                          num_workers=enc.num_workers, collate_fn=_collate)
     store_dtype = torch.float16 if enc.dtype == "fp16" else torch.float32
-    parts, labels, skipped = {}, [], []
+    buffers, count, skipped = {}, 0, []
     for images, batch_labels, batch_skipped in loader:
         skipped += [dataset.path(i) for i in batch_skipped]
         if images is None:
@@ -63,15 +64,18 @@ def encode_shard(vae, scale, dataset, indices, cfg, device, generator):
             mean, std = encode_posterior(vae, torch.cat([x, x.flip(-1)]), scale)
         mean, std = (v.float().unflatten(0, (2, -1)).transpose(0, 1) for v in (mean, std))  # [n, 2, C, H, W]
         if enc.mode == "flip":
-            z = mean + std * torch.randn(mean.shape, generator=generator, device=mean.device)
-            parts.setdefault("latents", []).append(z.to(store_dtype).cpu())
+            batch = {"latents": mean + std * torch.randn(mean.shape, generator=generator, device=mean.device)}
         else:
-            parts.setdefault("mean", []).append(mean.to(store_dtype).cpu())
-            parts.setdefault("std", []).append(std.to(store_dtype).cpu())
-        labels.append(batch_labels)
-    tensors = {k: torch.cat(v) for k, v in parts.items()}
-    tensors["labels"] = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
-    return tensors, skipped
+            batch = {"mean": mean, "std": std}
+        batch["labels"] = batch_labels
+        for key, value in batch.items():
+            if key not in buffers:
+                buffers[key] = torch.empty((len(indices), *value.shape[1:]), dtype=torch.long if key == "labels" else store_dtype)
+            buffers[key][count : count + len(value)] = value
+        count += len(batch_labels)
+    if not buffers:
+        return {"labels": torch.zeros(0, dtype=torch.long)}, skipped
+    return {k: v[:count].clone() if count < len(v) else v for k, v in buffers.items()}, skipped
 
 
 @STAGES["encode"].entry

@@ -1,0 +1,391 @@
+"""Every setting a stage reads changes what it writes.
+
+For every stage of the registry (speedpipe.stages) and every config key it reads (its `reads`, sections expanded to
+their keys), the stage runs twice on tiny inputs, in its own sandbox folder: with the case's context, then with the key
+changed to another valid value. What it writes must differ: a file's content (checkpoint tensors, latents, samples,
+metrics, logs; provenance files, timings and the sandbox's own path left out) or where it writes; a stage that stops
+counts by its error. A stage that ignored the key -- or read its default instead -- writes the same twice:
+`python tests/mutation_check.py --keys` injects exactly that defect, key by key, where the stage reads its config
+(`Stage.view`), and runs that key's test here. A key added to a stage's reads without a case below fails
+`test_every_read_key_has_a_case`, so it is covered by construction. The few keys whose change cannot show on a CPU are
+listed in NOT_ON_CPU with the reason, and checked to change nothing here.
+"""
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from conftest import REPO
+from speedpipe.config import Config, load_config
+from speedpipe.stages import STAGES, _leaves
+
+NOT_ON_CPU = {  # (stage, key) -> why its change cannot show on a CPU (tests assert that it indeed changes nothing here)
+    ("train", "trainer.device"): "auto is the CPU on a machine without CUDA",
+    ("train", "trainer.tf32"): "TF32 matmuls exist only on CUDA",
+    ("distill", "distill.device"): "auto is the CPU on a machine without CUDA",
+    ("encode", "encode.device"): "auto is the CPU on a machine without CUDA",
+    ("sample", "sampling.device"): "auto is the CPU on a machine without CUDA",
+    ("reference", "eval.device"): "auto is the CPU on a machine without CUDA",
+    ("evaluate", "eval.device"): "auto is the CPU on a machine without CUDA",
+    ("encode", "encode.batch_size"): "the CPU's convolutions give each image the same bits in any batch; cuDNN picks its "
+                                     "algorithms by batch size",
+    ("reference", "eval.batch_size"): "the CPU's convolutions give each image the same bits in any batch; cuDNN picks its "
+                                      "algorithms by batch size",
+}
+NOT_RUN = {  # key -> why it has no test here (the mutation check lists it as not pinned, with this reason)
+    "trainer.compile": "torch.compile of the DiT takes minutes on this CPU; its effect (rounding) is measured by "
+                       "benchmarks/train_step.py --compile on a GPU",
+}
+
+
+def _photos(folder, seed, count=24, broken=False):
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        path = folder / f"c{i % 3}" / f"{i:03d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (20, 18, 3), dtype=np.uint8)).save(path)
+    if broken:
+        (folder / "c0" / "broken.png").write_bytes(b"not a png")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def inputs(tmp_path_factory):
+    """Everything the stages read, made once by the stages themselves. With SPEEDPIPE_SETTINGS_INPUTS (the mutation
+    check sets it), made in that folder once, by the unchanged code, and reused: a mutated stage never makes the inputs
+    of its own test."""
+    import os
+
+    shared = os.environ.get("SPEEDPIPE_SETTINGS_INPUTS")
+    if shared and (Path(shared) / "inputs.json").is_file():
+        return {k: Path(v) for k, v in json.loads((Path(shared) / "inputs.json").read_text()).items()}
+    root = Path(shared) if shared else tmp_path_factory.mktemp("settings")
+    paths = make_inputs(root)
+    (root / "inputs.json").write_text(json.dumps({k: str(v) for k, v in paths.items()}))
+    return paths
+
+
+def make_inputs(root) -> dict:
+    root.mkdir(parents=True, exist_ok=True)
+    from diffusers import AutoencoderKL
+
+    from speedpipe.models.autoencoder import save_tiny_autoencoder, tiny_autoencoder_config
+    from speedpipe.models.dit import DiT_models
+
+    paths = {"root": root, "A": _photos(root / "A", 0), "B": _photos(root / "B", 1), "S": _photos(root / "S", 2, broken=True)}
+    for name, seed in (("ae_A", 0), ("ae_B", 1)):
+        torch.manual_seed(seed)
+        save_tiny_autoencoder(AutoencoderKL(**tiny_autoencoder_config([8, 8, 8], 4)), 0.8, root / f"{name}.safetensors")
+        paths[name] = root / f"{name}.safetensors"
+    torch.manual_seed(123)  # not the train stage's own initialisation (seed 0)
+    torch.save(DiT_models["DiT-T/4"](input_size=8, in_channels=4, num_classes=3).state_dict(), root / "init.pt")
+    paths["init"] = root / "init.pt"
+    base = root / "base.yaml"
+    base.write_text(yaml.safe_dump(BASE, sort_keys=False))
+    paths["base"] = base
+
+    def stage(name, *overrides):
+        cfg = load_config(base, [f"output_dir={root / 'made'}", *overrides], phase=STAGES[name].phase)
+        return STAGES[name].run(cfg)
+
+    for store, images in (("store_A", "A"), ("store_B", "B")):
+        paths[store] = stage("encode", f"data.root={paths[images]}", f"autoencoder.path={paths['ae_A']}",
+                             f"data.latents_dir={root / store}")
+    latents = ["data.source=latents", f"data.latents_dir={paths['store_A']}", "model.name=DiT-T/2", "model.input_size=4"]
+    for teacher, seed in (("teacher_A", 0), ("teacher_B", 1)):
+        run_dir = stage("train", *latents, f"seed={seed}", f"trainer.run_dir={root / teacher}")
+        paths[teacher] = run_dir / "ckpt-0000002.pt"
+    state = torch.load(paths["teacher_A"], weights_only=True)
+    state["ema"] = {k: v * float("nan") for k, v in state["ema"].items()}
+    torch.save(state, root / "teacher_nan.pt")
+    paths["teacher_nan"] = root / "teacher_nan.pt"
+    paths["student"] = stage("distill", *DISTILL, f"distill.teacher={paths['teacher_A']}", f"data.latents_dir={paths['store_A']}",
+                             f"distill.run_dir={root / 'student'}") / "ckpt-0000002.pt"
+    for name, seed in (("classifier_A", 0), ("classifier_B", 1)):
+        out = stage("classifier", f"data.root={paths['A']}", f"seed={seed}", "eval.classifier_steps=3", f"experiment={name}")
+        paths[name] = out / "model.safetensors"
+    paths["reference"] = stage("reference", f"data.root={paths['A']}", "eval.extractor=classifier",
+                               f"eval.classifier_weights={paths['classifier_A']}", f"eval.reference={root / 'stats.pt'}")
+    stats = torch.load(paths["reference"], weights_only=True)
+    np.savez(root / "adm.npz", mu=stats["mu"].numpy(), sigma=stats["sigma"].numpy())
+    paths["adm"] = root / "adm.npz"
+    paths["samples"] = stage("sample", *SAMPLE, f"sampling.checkpoint={paths['teacher_A']}", f"autoencoder.path={paths['ae_A']}",
+                             f"sampling.out={root / 'samples.npz'}")
+    paths["samples_B"] = stage("sample", *SAMPLE, f"sampling.checkpoint={paths['teacher_B']}", f"autoencoder.path={paths['ae_A']}",
+                               f"sampling.out={root / 'samples_B.npz'}")
+    (root / "empty.pth").write_bytes(b"")
+    paths["broken_weights"] = root / "empty.pth"
+    return paths
+
+
+BASE = {  # what every run starts from; each stage's base and each case override it
+    "experiment": "x",
+    "data": {"name": "image_folder", "image_size": 16, "random_flip": True, "synthetic_size": 32},
+    "autoencoder": {"name": "tiny", "block_out_channels": [8, 8, 8], "latent_channels": 4, "steps": 2, "batch_size": 4,
+                    "log_every": 1, "ckpt_every": 2, "progress": False},
+    "encode": {"shard_size": 16, "dtype": "fp32", "batch_size": 8, "progress": False},
+    "model": {"name": "DiT-T/4", "input_size": 8, "in_channels": 4, "num_classes": 3, "class_dropout_prob": 0.1},
+    "diffusion": {"timestep_sampler": {"name": "uniform"}, "loss_weighting": {"name": "none"}},
+    "optim": {"lr": 1.0e-3},
+    "trainer": {"steps": 2, "global_batch_size": 8, "ema_decay": 0.9, "log_every": 1, "ckpt_every": 2, "device": "cpu",
+                "progress": False},
+    "distill": {"progress": False, "device": "cpu"},
+    "sampling": {"progress": False, "device": "cpu"},
+    "eval": {"device": "cpu", "batch_size": 8, "classifier_batch_size": 8, "classifier_steps": 3},
+}
+DISTILL = ["data.source=latents", "distill.warm_start_steps=1", "distill.steps=1", "distill.global_batch_size=8",
+           "distill.log_every=1", "distill.ckpt_every=2", "distill.tangent_warmup=2"]
+SAMPLE = ["autoencoder.name=tiny", "sampling.sampler=ddim5", "sampling.num_samples=6", "sampling.batch_size=3"]
+
+# stage -> (the stage's base overrides, given the inputs), and its cases: key -> (another value, context overrides)
+STAGE_BASE = {
+    "autoencoder": lambda p: [f"data.root={p['A']}"],
+    "encode": lambda p: [f"data.root={p['A']}", f"autoencoder.path={p['ae_A']}"],
+    "classifier": lambda p: [f"data.root={p['A']}", "eval.classifier_steps=3", "eval.classifier_batch_size=8"],
+    "reference": lambda p: [f"data.root={p['A']}", "eval.extractor=classifier", f"eval.classifier_weights={p['classifier_A']}"],
+    "train": lambda p: ["data.source=synthetic"],
+    "distill": lambda p: [*DISTILL, f"distill.teacher={p['teacher_A']}", f"data.latents_dir={p['store_A']}"],
+    "sample": lambda p: [*SAMPLE, f"sampling.checkpoint={p['teacher_A']}", f"autoencoder.path={p['ae_A']}", "sampling.out=s/out.npz"],
+    "evaluate": lambda p: ["eval.extractor=classifier", f"eval.classifier_weights={p['classifier_A']}", f"eval.reference={p['reference']}",
+                           f"eval.samples={p['samples']}", "eval.out=m/out.json"],
+}
+IMAGES = lambda p: {  # noqa: E731 -- the keys of data.images.open_image_dataset, in every stage that reads images
+    "data.name": ("mnist5k", ["data.image_size=32"]),
+    "data.root": (p["B"], []),
+    "data.image_size": (20, []),
+    "data.mnist_fit": ("resize", ["data.name=mnist5k", "data.image_size=32"]),
+    "data.strict": (True, [f"data.root={p['S']}"]),
+}
+IDENTITY = {"experiment": ("y", []), "output_dir": ("out2", [])}  # output_dir is relative to the run's sandbox
+CASES = {
+    "autoencoder": lambda p: {
+        **IDENTITY, **IMAGES(p), "seed": (1, []),
+        "autoencoder.name": ("sd-vae-ft-ema", []), "autoencoder.block_out_channels": ([8, 16, 8], []),
+        "autoencoder.latent_channels": (3, []), "autoencoder.steps": (3, []), "autoencoder.batch_size": (6, []),
+        "autoencoder.lr": (1.0e-2, []), "autoencoder.kl_weight": (1.0, []), "autoencoder.log_every": (2, []),
+        "autoencoder.ckpt_every": (1, []),
+    },
+    "encode": lambda p: {
+        **IDENTITY, **IMAGES(p), "seed": (1, []), "data.latents_dir": ("lat", []),
+        "autoencoder.name": ("sd-vae-ft-ema", []), "autoencoder.path": (p["ae_B"], []),
+        "encode.mode": ("posterior", []), "encode.shard_size": (8, []), "encode.dtype": ("fp16", []),
+        "encode.batch_size": (5, []), "encode.device": ("auto", []), "encode.precision": ("bf16", []),
+    },
+    "classifier": lambda p: {
+        **IDENTITY, **IMAGES(p), "seed": (1, []), "eval.classifier_steps": (4, []), "eval.classifier_batch_size": (6, []),
+        "eval.classifier_lr": (1.0e-2, []),
+    },
+    "reference": lambda p: {
+        **IDENTITY, **{k: v for k, v in IMAGES(p).items()}, "data.mnist_fit": ("resize", ["data.name=mnist5k", "data.image_size=32",
+                                                                                             "eval.reference_max_images=24"]),
+        "data.name": ("mnist5k", ["data.image_size=32", "eval.reference_max_images=24"]),
+        "eval.extractor": ("inception-v3-compat", [f"eval.inception_weights={p['broken_weights']}"]),
+        "eval.inception_weights": (p["root"] / "missing-B.pth", ["eval.extractor=inception-v3-compat",
+                                                                 f"eval.inception_weights={p['root'] / 'missing-A.pth'}"]),
+        "eval.classifier_weights": (p["classifier_B"], []), "eval.reference": ("ref/stats.pt", []),
+        "eval.reference_npz": (p["adm"], []), "eval.reference_max_images": (10, []), "eval.batch_size": (5, []),
+        "eval.device": ("auto", []),
+    },
+    "train": lambda p: {
+        **IDENTITY, "method": ("other", []), "seed": (1, []),
+        "data.source": ("latents", [f"data.latents_dir={p['store_A']}", "model.input_size=4"]),
+        "data.latents_dir": (p["store_B"], ["data.source=latents", f"data.latents_dir={p['store_A']}", "model.input_size=4"]),
+        "data.random_flip": (False, []), "data.latent_norm": ("channel", []), "data.synthetic_size": (48, []),
+        "model.name": ("DiT-T/2", []), "model.input_size": (4, []), "model.in_channels": (3, []), "model.num_classes": (5, []),
+        "model.class_dropout_prob": (0.5, []), "model.fused_attn": (False, []), "model.init_from": (p["init"], []),
+        "diffusion.noise_schedule": ("cosine", []), "diffusion.diffusion_steps": (500, []), "diffusion.learn_sigma": (False, []),
+        "diffusion.timestep_sampler.name": (Mapping(name="speed", k=5, tau=700), []),
+        "diffusion.timestep_sampler.k": (25, ["diffusion.timestep_sampler={name: speed, k: 5, tau: 700}"]),
+        "diffusion.timestep_sampler.tau": (300, ["diffusion.timestep_sampler={name: speed, k: 5, tau: 700}"]),
+        "diffusion.timestep_sampler.dual": (False, ["diffusion.timestep_sampler={name: speed, k: 5, tau: 700, dual: true}"]),
+        "diffusion.timestep_sampler.p_mean": (0.5, ["diffusion.timestep_sampler={name: lognormal, p_mean: -1.2, p_std: 1.2}"]),
+        "diffusion.timestep_sampler.p_std": (0.4, ["diffusion.timestep_sampler={name: lognormal, p_mean: -1.2, p_std: 1.2}"]),
+        "diffusion.loss_weighting.name": (Mapping(name="min_snr", gamma=5.0), []),
+        "diffusion.loss_weighting.lam": (0.9, ["diffusion.loss_weighting={name: speed, lam: 0.6, tau: 700}"]),
+        "diffusion.loss_weighting.tau": (300, ["diffusion.loss_weighting={name: speed, lam: 0.6, tau: 700}"]),
+        "diffusion.loss_weighting.k": (5.0, ["diffusion.loss_weighting={name: p2, k: 1.0, gamma: 1.0}"]),
+        "diffusion.loss_weighting.gamma": (0.5, ["diffusion.loss_weighting={name: min_snr, gamma: 5.0}"]),
+        "optim.lr": (1.0e-2, []), "optim.weight_decay": (0.5, []), "optim.betas": ([0.5, 0.9], []), "optim.eps": (1.0e-2, []),
+        "optim.grad_clip": (1.0e-3, []), "optim.warmup_steps": (2, []), "optim.fused": (False, []),
+        "trainer.steps": (3, []), "trainer.global_batch_size": (16, []), "trainer.ema_decay": (0.5, []),
+        "trainer.log_every": (2, []), "trainer.ckpt_every": (1, []), "trainer.ckpt_steps": ([1], []),
+        "trainer.precision": ("bf16", []), "trainer.compile": (True, []), "trainer.tf32": (False, []), "trainer.device": ("auto", []),
+        "trainer.run_dir": ("runs/custom", []),
+    },
+    "distill": lambda p: {
+        **IDENTITY, "seed": (1, []),
+        "data.source": ("synthetic", []), "data.latents_dir": (p["store_B"], []), "data.random_flip": (False, []),
+        "data.synthetic_size": (40, ["data.source=synthetic"]),
+        "distill.teacher": (p["teacher_B"], []), "distill.sigma_d": (1.0, []), "distill.time_scale": (3.0, []),
+        "distill.warm_start_steps": (2, []), "distill.warm_start_target": ("data", []), "distill.p_mean": (0.5, []),
+        "distill.p_std": (0.3, []), "distill.tangent_warmup": (5, []), "distill.tangent_c": (5.0, []),
+        "distill.cfg_scale": (3.0, []), "distill.steps": (2, []), "distill.global_batch_size": (16, []), "distill.lr": (1.0e-2, []),
+        "distill.betas": ([0.5, 0.9], []), "distill.ema_decay": (0.5, []),
+        "distill.log_every": (2, ["distill.steps=3"]), "distill.ckpt_every": (1, ["distill.steps=3"]),  # (the warm start and
+        "distill.ckpt_steps": ([3], ["distill.steps=3"]), "distill.precision": ("bf16", []),           # the end: checkpoints)
+        "distill.skip_nonfinite": (True, [f"distill.teacher={p['teacher_nan']}"]), "distill.run_dir": ("runs/student", []),
+        "distill.device": ("auto", []),
+    },
+    "sample": lambda p: {
+        "experiment": ("y", ["sampling.out=null", "autoencoder.path=null"]),
+        "output_dir": ("out2", ["sampling.out=null", "autoencoder.path=null"]),
+        "autoencoder.name": ("sd-vae-ft-ema", []), "autoencoder.path": (p["ae_B"], []),
+        "sampling.checkpoint": (p["teacher_B"], []), "sampling.sampler": ("ddpm5", []), "sampling.ddim_eta": (1.0, []),
+        "sampling.cfg_scale": (3.0, []), "sampling.dit_compat": (True, ["sampling.cfg_scale=100.0"]), "sampling.use_ema": (False, []),  # (cfg 100: a 2-step teacher barely conditions)
+        "sampling.num_samples": (4, []), "sampling.batch_size": (2, []), "sampling.labels": ("random", []),
+        "sampling.seed": (1, []), "sampling.scm_mid_t": (0.5, [f"sampling.checkpoint={p['student']}", "sampling.sampler=scm2"]),
+        "sampling.out": ("s/other.npz", []), "sampling.device": ("auto", []), "sampling.precision": ("bf16", []),
+    },
+    "evaluate": lambda p: {
+        "experiment": ("y", ["eval.reference=null"]), "output_dir": ("out2", ["eval.reference=null"]),
+        "eval.extractor": ("inception-v3-compat", [f"eval.inception_weights={p['broken_weights']}"]),
+        "eval.inception_weights": (p["root"] / "missing-B.pth", ["eval.extractor=inception-v3-compat",
+                                                                 f"eval.inception_weights={p['root'] / 'missing-A.pth'}"]),
+        "eval.classifier_weights": (p["classifier_B"], ["eval.label_accuracy=true"]),
+        "eval.reference": (p["root"] / "missing-stats.pt", []), "eval.samples": (p["samples_B"], []),
+        "eval.out": ("m/other.json", []), "eval.metrics": (["fid", "kid"], []), "eval.label_accuracy": (True, []),
+        "eval.batch_size": (5, []), "eval.kid_subset_size": (3, []), "eval.device": ("auto", []),
+    },
+}
+PLACED = {  # stage -> the inputs a run whose paths are null finds where the layout puts them (under its sandbox)
+    "sample": lambda p, layout: [(p["ae_A"], layout.autoencoder_dir() / "model.safetensors")],
+    "evaluate": lambda p, layout: [(p["reference"], layout.reference("classifier"))],
+}
+
+
+def read_keys(stage) -> list[str]:
+    from omegaconf import OmegaConf
+
+    leaves = _leaves(OmegaConf.to_container(OmegaConf.structured(Config)))
+    entry = STAGES[stage]
+    return [k for k in leaves if any(k == r or k.startswith(r + ".") for r in entry.reads) and k not in entry.uses]
+
+
+READ = [(stage, key) for stage in CASES for key in read_keys(stage)]
+ALL = [(stage, key) for stage, key in READ if key not in NOT_RUN]
+
+
+def test_every_read_key_has_a_case():
+    """Every key a stage reads (now, or added to its reads later) has a case here: a test pins it."""
+    fake = {k: f"<{k}>" for k in ("A", "B", "S", "ae_A", "ae_B", "init", "store_A", "store_B", "teacher_A", "teacher_B",
+                                  "teacher_nan", "student", "classifier_A", "classifier_B", "reference", "adm", "samples",
+                                  "samples_B", "broken_weights")}
+    fake["root"] = REPO  # only joined with file names
+    missing = [(s, k) for s, k in READ if k not in CASES[s](fake)]
+    assert not missing, f"read keys without a case in tests/test_settings.py: {missing}"
+    assert set(STAGES) - set(CASES) == {"report"}  # the report's config is the experiment's (tests/test_report.py)
+
+
+def _digest(value) -> str:
+    return hashlib.sha256(value if isinstance(value, bytes) else json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _tensors(obj):
+    """A checkpoint's content without its provenance (config, teacher_config)."""
+    if isinstance(obj, torch.Tensor):
+        return _digest(obj.detach().contiguous().cpu().numpy().tobytes() + str(obj.dtype).encode() + str(tuple(obj.shape)).encode())
+    if isinstance(obj, dict):
+        return {k: _tensors(v) for k, v in sorted(obj.items()) if k not in ("config", "teacher_config")}
+    if isinstance(obj, (list, tuple)):
+        return [_tensors(v) for v in obj]
+    return obj
+
+
+TIMING = ("seconds", "_per_s", "per_image", "_s_rank0")
+
+
+def _json(obj, sandbox):
+    if isinstance(obj, dict):
+        return {k: _json(v, sandbox) for k, v in obj.items() if not any(t in k for t in TIMING)}
+    if isinstance(obj, list):
+        return [_json(v, sandbox) for v in obj]
+    return obj.replace(str(sandbox), "<run>") if isinstance(obj, str) else obj
+
+
+def fingerprint(sandbox) -> dict:
+    """What a run wrote: path (relative to its sandbox) -> content digest; provenance files, events and timings left out."""
+    import csv
+    import io
+
+    from safetensors import safe_open
+
+    out = {}
+    for path in sorted(p for p in sandbox.rglob("*") if p.is_file()):
+        rel = str(path.relative_to(sandbox))
+        if path.suffix == ".yaml" or path.name == "events.csv":
+            continue
+        if path.suffix == ".pt":
+            out[rel] = _digest(_tensors(torch.load(path, weights_only=True)))
+        elif path.suffix == ".json":
+            out[rel] = _digest(_json(json.loads(path.read_text()), sandbox))
+        elif path.suffix == ".csv":
+            rows = [{k: v for k, v in row.items() if not any(t in k for t in TIMING)} for row in csv.DictReader(io.StringIO(path.read_text()))]
+            out[rel] = _digest(rows)
+        elif path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as f:
+                out[rel] = _digest([_json(f.metadata(), sandbox), {k: _tensors(f.get_tensor(k)) for k in f.keys()}])
+        elif path.suffix == ".npz":
+            with np.load(path) as npz:
+                out[rel] = _digest({k: _digest(npz[k].tobytes()) for k in npz.files})
+        else:
+            out[rel] = _digest(path.read_bytes())
+    return out
+
+
+def run_case(stage, inputs, overrides, sandbox) -> dict:
+    """The stage's outputs in a fresh sandbox (or the error it stopped with)."""
+    from speedpipe.layout import Layout
+
+    sandbox.mkdir(parents=True)
+    cfg = load_config(inputs["base"], [*STAGE_BASE[stage](inputs), *overrides], phase=STAGES[stage].phase)
+    for key in ("output_dir", "trainer.run_dir", "distill.run_dir", "sampling.out", "eval.out", "eval.reference", "data.latents_dir"):
+        value = cfg
+        for part in key.split("."):
+            value = value[part]
+        if value is not None and not str(value).startswith("/"):  # relative paths: inside the run's sandbox
+            *parents, leaf = key.split(".")
+            node = cfg
+            for part in parents:
+                node = node[part]
+            node[leaf] = str(sandbox / value)
+    for source, target in PLACED.get(stage, lambda p, layout: [])(inputs, Layout.of(cfg)):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, target)
+    try:
+        STAGES[stage].run(cfg)
+    except Exception as err:
+        return {"stopped": type(err).__name__, "message": str(err).replace(str(sandbox), "<run>")}
+    return fingerprint(sandbox)
+
+
+class Mapping(dict):
+    """A case's value for a key whose section must change with it (a sampler's name and its parameters): the override
+    replaces the whole section."""
+
+
+def _override(key, value) -> str:
+    if isinstance(value, Mapping):
+        section = key.rsplit(".", 1)[0]
+        return f"{section}={{{', '.join(f'{k}: {v}' for k, v in value.items())}}}"
+    if isinstance(value, bool):
+        return f"{key}={str(value).lower()}"
+    if isinstance(value, list):
+        return f"{key}=[{','.join(map(str, value))}]"
+    return f"{key}={value}"
+
+
+@pytest.mark.parametrize("stage,key", ALL, ids=[f"{s}:{k}" for s, k in ALL])
+def test_a_setting_changes_what_its_stage_writes(stage, key, inputs, tmp_path):
+    value, context = CASES[stage](inputs)[key]
+    before = run_case(stage, inputs, context, tmp_path / "before")
+    after = run_case(stage, inputs, [*context, _override(key, value)], tmp_path / "after")
+    if (stage, key) in NOT_ON_CPU:
+        assert before == after, f"{key} changed the outputs on the CPU: NOT_ON_CPU's reason no longer holds"
+        return
+    assert before != after, f"stage {stage!r}: {key}={value!r} (context {context}) left every output unchanged"
