@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: venv test demo bench clean-results
+.PHONY: venv test demo check bench clean-results
 
 venv: $(STAMP)
 
@@ -21,6 +21,9 @@ test: venv
 
 demo: venv
 	$(VENV)/bin/snakemake --cores all --configfile configs/pipeline/demo.yaml
+
+check: venv  # the finished demo against its reference output (results/demo/expected.json), by its conclusions
+	$(PY) -m speedpipe.check results/demo
 
 bench: venv
 	$(PY) benchmarks/train_step.py --model DiT-S/2 --batch 32

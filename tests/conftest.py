@@ -113,3 +113,11 @@ def slurm(test):
         missing.__name__ = test.__name__
         return missing
     return pytest.mark.skip(reason="no local SLURM cluster: start it with slurm/local-cluster/start.sh (.ci/run does)")(test)
+
+
+@pytest.fixture(scope="session")
+def inputs(tmp_path_factory):
+    """Everything the stages read (tests/stage_inputs.py), made once per session."""
+    from stage_inputs import inputs_in
+
+    return inputs_in(tmp_path_factory)

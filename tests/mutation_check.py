@@ -110,23 +110,40 @@ MUTATIONS = [
 ]
 
 
-# Injected into every Python process of a setting mutation (SPEEDPIPE_KEY_MUTATION="stage:key"): the stage's view of
-# its config holds the key's default instead of its value.
+# Injected into every Python process of a setting mutation (SPEEDPIPE_KEY_MUTATION="stage:key" or "stage:key:wrong"):
+# the stage's view of its config holds the key's default instead of its value, or the value applied the wrong way
+# round (a rate's complement, a flipped sign, a reciprocal, another of its choices, a pair swapped, a doubled count).
 SITECUSTOMIZE = """
 import os
 _spec = os.environ.get("SPEEDPIPE_KEY_MUTATION")
 if _spec:
     from omegaconf import OmegaConf
     from speedpipe import stages
+    from speedpipe.config import CHOICES
     from speedpipe.stages import _defaults, _get, _put
-    _stage, _key = _spec.split(":", 1)
+    _stage, _key, *_how = _spec.split(":")
+
+    def _wrong(value):
+        if isinstance(value, bool):
+            return not value
+        if isinstance(value, str):
+            choices = CHOICES[_key]
+            return choices[(choices.index(value) + 1) % len(choices)]
+        if isinstance(value, list):
+            return value[::-1]
+        if isinstance(value, int):
+            return 2 * value
+        if 0 < value < 1:
+            return 1 - value
+        return -value if value < 0 else 1 / value
+
     _view = stages.Stage.view
     def view(self, config):
         v = _view(self, config)
         if self.name != _stage:
             return v
         plain = OmegaConf.to_container(v)
-        _put(plain, _key, _defaults("stage")[_key])
+        _put(plain, _key, _wrong(_get(plain, _key, _stage)) if _how else _defaults("stage")[_key])
         mutated = OmegaConf.create(plain)
         OmegaConf.set_struct(mutated, True)
         OmegaConf.set_readonly(mutated, True)
@@ -135,16 +152,27 @@ if _spec:
 """
 
 
-def run_key_mutation(stage: str, key: str, scratch: Path) -> tuple[bool, float, str]:
-    """The key's test in tests/test_settings.py with the stage reading the key's default."""
+KEY_TIMEOUT = 120  # seconds; a setting's test takes a few unmutated
+
+
+def run_key_mutation(stage: str, key: str, scratch: Path, wrong_way: bool = False) -> tuple[bool, float, str]:
+    """The key's test with the stage reading the key's default (tests/test_settings.py), or its value the wrong way
+    round (tests/test_contracts.py)."""
     env = {**os.environ, "PYTHONPATH": f"{scratch / 'inject'}:{scratch / 'src'}", "OMP_NUM_THREADS": "2",
-           "SPEEDPIPE_KEY_MUTATION": f"{stage}:{key}", "SPEEDPIPE_SETTINGS_INPUTS": str(scratch / "inputs")}
+           "SPEEDPIPE_KEY_MUTATION": f"{stage}:{key}" + (":wrong" if wrong_way else ""),
+           "SPEEDPIPE_SETTINGS_INPUTS": str(scratch / "inputs")}
     start = time.time()
-    node = f"tests/test_settings.py::test_a_setting_changes_what_its_stage_writes[{stage}:{key}]"
-    result = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", node], cwd=scratch, env=env,
-                            capture_output=True, text=True)
+    node = (f"tests/test_contracts.py::test_a_stage_passes_a_directional_setting_as_given[{stage}:{key}]" if wrong_way else
+            f"tests/test_settings.py::test_a_setting_changes_what_its_stage_writes[{stage}:{key}]")
+    try:
+        result = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", node], cwd=scratch, env=env,
+                                capture_output=True, text=True, timeout=KEY_TIMEOUT)
+    except subprocess.TimeoutExpired:  # e.g. trainer.steps read as its default: 400,000 steps -- the defect shows
+        return True, time.time() - start, f"timeout: the test ran over {KEY_TIMEOUT} s (it takes seconds unmutated)"
+    if result.returncode == 5:
+        raise SystemExit(f"no test {node}")
     failed = [line for line in result.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]
-    return result.returncode not in (0, 5), time.time() - start, failed[0] if failed else result.stdout.strip().splitlines()[-1]
+    return result.returncode != 0, time.time() - start, failed[0] if failed else result.stdout.strip().splitlines()[-1]
 
 
 def run_mutation(name, rel, old, new, tests, scratch: Path) -> tuple[bool, float, str]:
@@ -164,12 +192,16 @@ def run_mutation(name, rel, old, new, tests, scratch: Path) -> tuple[bool, float
         target.write_text(original)
 
 
-def setting_mutations() -> tuple[list[tuple[str, str]], dict[str, str]]:
-    """(stage, key) of every key the registry says a stage reads, and the keys with no test (with the reason)."""
+def setting_mutations() -> tuple[list[tuple[str, str]], dict[tuple[str, str], str], list[tuple[str, str]]]:
+    """(stage, key) of every key the registry says a stage reads, the keys with no test (with the reason), and the
+    directional keys (tests/test_contracts.py's PLUMBING) whose wrong-way-round use is mutated too."""
     sys.path.insert(0, str(REPO / "tests"))
+    from test_contracts import PLUMBING
     from test_settings import NOT_ON_CPU, NOT_RUN, READ
 
-    return READ, {**{k: f"not pinnable on CPU: {why}" for k, why in NOT_ON_CPU.items()}, **{k: f"not pinned: {why}" for k, why in NOT_RUN.items()}}
+    listed = {**{sk: f"not pinnable on CPU: {why}" for sk, why in NOT_ON_CPU.items()},
+              **{(s, k): f"not pinned: {NOT_RUN[k]}" for s, k in READ if k in NOT_RUN}}
+    return READ, listed, [(p[0], p[1]) for p in PLUMBING]
 
 
 def main():
@@ -178,8 +210,9 @@ def main():
     ap.add_argument("--keys", action="store_true", help="run the setting mutations only")
     args = ap.parse_args()
     formulas = [] if args.keys else [m for m in MUTATIONS if args.only in m[0]]
-    keys, unpinnable = setting_mutations()
+    keys, unpinnable, directional = setting_mutations()
     keys = [(s, k) for s, k in keys if args.only in f"{s}:{k}"]
+    directional = [(s, k) for s, k in directional if args.only in f"{s}:{k}"]
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(tmp)
@@ -189,7 +222,7 @@ def main():
             (shutil.copytree if (REPO / entry).is_dir() else shutil.copy)(REPO / entry, scratch / entry)
         (scratch / "inject").mkdir()
         (scratch / "inject" / "sitecustomize.py").write_text(SITECUSTOMIZE)
-        if keys:  # the settings tests' inputs, made once by the unchanged code (its check of the cases, too)
+        if keys or directional:  # the settings tests' inputs, made once by the unchanged code (its check of the cases, too)
             made = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                                    "tests/test_settings.py::test_every_read_key_has_a_case",
                                    "tests/test_settings.py::test_a_setting_changes_what_its_stage_writes[train:seed]"],
@@ -205,8 +238,8 @@ def main():
             print(f"{'killed  ' if caught else 'SURVIVED'} {seconds:6.1f}s  {name:55s} {by[:90]}", flush=True)
         unpinned = []
         for stage, key in keys:
-            if key in unpinnable:
-                print(f"{'listed  '}    --   {stage + ':' + key:55s} {unpinnable[key][:90]}", flush=True)
+            if (stage, key) in unpinnable:
+                print(f"{'listed  '}    --   {stage + ':' + key:55s} {unpinnable[(stage, key)][:90]}", flush=True)
                 by_module.setdefault(f"settings {stage}", []).append(None)
                 continue
             caught, seconds, by = run_key_mutation(stage, key, scratch)
@@ -215,9 +248,16 @@ def main():
             unpinned += [] if caught else [f"{stage}:{key}"]
             print(f"{'killed  ' if caught else 'SURVIVED'} {seconds:6.1f}s  {stage + ':' + key + ' read as its default':55s} {by[:90]}",
                   flush=True)
-    run = len(formulas) + sum(1 for s, k in keys if k not in unpinnable)
+        for stage, key in directional:
+            caught, seconds, by = run_key_mutation(stage, key, scratch, wrong_way=True)
+            killed += caught
+            by_module.setdefault(f"settings {stage} (wrong way round)", []).append(caught)
+            unpinned += [] if caught else [f"{stage}:{key} (wrong way round)"]
+            print(f"{'killed  ' if caught else 'SURVIVED'} {seconds:6.1f}s  {stage + ':' + key + ' the wrong way round':55s} {by[:90]}",
+                  flush=True)
+    run = len(formulas) + sum(1 for s, k in keys if (s, k) not in unpinnable) + len(directional)
     print(f"\n{killed} of {run} mutations killed ({killed / max(run, 1):.0%}) in {(time.time() - started) / 60:.1f} min; "
-          f"{sum(1 for s, k in keys if k in unpinnable)} setting(s) listed without a mutation run")
+          f"{sum(1 for s, k in keys if (s, k) in unpinnable)} setting(s) listed without a mutation run")
     print("\n| module | killed | run | listed |\n|---|---|---|---|")
     for module, results in by_module.items():
         print(f"| {module} | {sum(1 for r in results if r)} | {sum(1 for r in results if r is not None)} | "

@@ -25,7 +25,7 @@ def curve():
 
 def test_named_table_against_a_hand_computation(curve):
     table = {"name": "t", "methods": ["base", "fast_k", "slow", "early"], "reference": "base", "steps": [200, 300], "caption": ""}
-    metrics, speedup = named_table(curve, table)
+    metrics, speedup, _ = named_table(curve, table)
     assert list(zip(metrics.method, metrics.step)) == [(m, s) for m in table["methods"] for s in (200, 300)]
     assert metrics.set_index(["method", "step"]).loc[("base", 300), "FID"] == "11.00 ± 1.00"
     assert metrics.set_index(["method", "step"]).loc[("fast_k", 200), "FID"] == "13.00 ± 1.00"
@@ -40,12 +40,13 @@ def test_named_table_against_a_hand_computation(curve):
 
 
 def test_a_table_without_a_reference_has_no_speed_up(curve):
-    _, speedup = named_table(curve, {"name": "t", "methods": ["slow", "base"], "reference": None, "steps": [300], "caption": ""})
+    _, speedup, differences = named_table(curve, {"name": "t", "methods": ["slow", "base"], "reference": None, "steps": [300], "caption": ""})
+    assert differences.empty
     assert list(speedup.columns) == ["method", "final FID", "final label acc."] and list(speedup.method) == ["slow", "base"]
 
 
 def test_table_files_hold_every_part(tmp_path, curve):
-    metrics, speedup = named_table(curve, {"name": "t", "methods": ["base", "fast_k"], "reference": "base", "steps": [300], "caption": ""})
+    metrics, speedup, _ = named_table(curve, {"name": "t", "methods": ["base", "fast_k"], "reference": "base", "steps": [300], "caption": ""})
     write_table(Layout(tmp_path), "t", "Caption.", ("", "", metrics), ("_speedup", "Speed-up", speedup))
     assert pd.read_csv(tmp_path / "tables/t.csv").shape == (2, 2 + len(CURVE_METRICS))
     assert np.allclose(pd.read_csv(tmp_path / "tables/t_speedup.csv")["speed-up"], [1.0, 1.29])
@@ -53,3 +54,47 @@ def test_table_files_hold_every_part(tmp_path, curve):
     assert markdown.startswith("Caption.") and "**Speed-up**" in markdown and "fast_k" in markdown
     latex = (tmp_path / "tables/t.tex").read_text()
     assert latex.count("\\begin{tabular}") == 2 and "fast\\_k" in latex  # underscores escaped: the file compiles
+
+
+def test_speed_ups_seed_by_seed_with_their_interval_against_a_hand_computation(curve):
+    """Each seed's crossing of the reference's mean final FID (11): fast_k's seeds at 225 and 237.5 (speed-ups 4/3 and
+    300/237.5), a 95 % t-interval with 1 degree of freedom (t = 12.706) that includes 1; the reference's own seed 1 and
+    both of slow's seeds never reach it (bounds, no interval); early's seeds reach it before the first evaluation."""
+    from scipy.stats import t
+
+    table = {"name": "t", "methods": ["base", "fast_k", "slow", "early"], "reference": "base", "steps": [300], "caption": ""}
+    _, speedup, differences = named_table(curve, table)
+    s = speedup.set_index("method")
+    a, b = 300 / 225, 300 / 237.5
+    mean, sd = (a + b) / 2, abs(a - b) / 2 ** 0.5
+    half = t.ppf(0.975, 1) * sd / 2 ** 0.5
+    assert s.loc["fast_k", "speed-up 95% t-interval"] == f"{mean - half:.2f}-{mean + half:.2f}"
+    assert s.loc["fast_k", "speed-up by seed"] == f"per seed {a:.2f}, {b:.2f}; mean {mean:.2f} ± {sd:.2f}, 95% t-interval {mean - half:.2f}-{mean + half:.2f}"
+    assert s.loc["fast_k", "separable from the reference"] == "no: the interval includes 1.0"
+    assert s.loc["base", "speed-up by seed"] == "per seed 1.03, < 1 (not reached): no interval (a seed's crossing is only a bound)"
+    assert s.loc["slow", "speed-up by seed"].startswith("per seed < 1 (not reached), < 1 (not reached): no interval")
+    assert s.loc["slow", "separable from the reference"] == "unknown (bounds only)"
+    assert s.loc["early", "speed-up by seed"].startswith("per seed ≥ 3.00, ≥ 3.00")
+    assert s.loc["early", "separable from the reference"] == "yes (every seed faster than a bound above 1)"
+    d = differences.set_index("method")
+    assert d.loc["fast_k", "FID - reference"] == -4.0  # seeds: 8 - 10 and 6 - 12
+    half = t.ppf(0.975, 1) * (8 ** 0.5) / 2 ** 0.5
+    assert d.loc["fast_k", "95% t-interval"] == f"{-4 - half:.2f} to {-4 + half:.2f}" and d.loc["fast_k", "resolved"] == "no"
+    assert d.loc["early", "FID - reference"] == -3.0 and d.loc["early", "resolved"] == "no"  # 8 - 10, 8 - 12
+
+
+def test_a_one_seed_table_says_it_has_no_interval(curve):
+    one = curve[curve.seed == 0]
+    _, speedup, differences = named_table(one, {"name": "t", "methods": ["base", "fast_k"], "reference": "base", "steps": [300],
+                                                "caption": ""})
+    s = speedup.set_index("method")
+    assert s.loc["fast_k", "speed-up by seed"] == "1.20 (n = 1, no interval)"  # reaches 10 (seed 0) at 250
+    assert s.loc["fast_k", "separable from the reference"] == s.loc["fast_k", "speed-up 95% t-interval"] == "n = 1, no interval"
+    assert list(differences["resolved"]) == ["n = 1, no interval"]
+
+
+def test_t_interval_of_three_values():
+    from speedpipe.uncertainty import t_interval
+
+    low, high = t_interval([1.0, 2.0, 3.0])  # mean 2, sd 1, t(0.975, 2) = 4.3027
+    assert low == pytest.approx(2 - 4.302653 / 3 ** 0.5, abs=1e-5) and high == pytest.approx(2 + 4.302653 / 3 ** 0.5, abs=1e-5)

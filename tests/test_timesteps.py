@@ -111,3 +111,44 @@ def test_lognormal_sampler_follows_the_formula(diffusion, p_mean, p_std):
     draws = build_sampler("lognormal", diffusion, p_mean=p_mean, p_std=p_std).sample(400_000, torch.Generator().manual_seed(1))
     ours = np.bincount(draws.numpy(), minlength=1000).reshape(20, 50).sum(1) / len(draws)
     assert np.abs(ours - direct).max() < 0.005, (ours, direct)
+
+
+def test_logit_normal_sampler_follows_sd3(diffusion):
+    """u ~ N(m, s²), t_RF = sigmoid(u), SNR = ((1 - t_RF)/t_RF)² = e^(-2u): Monte-Carlo draws of u mapped to the DDPM
+    step of nearest log SNR have the sampler's distribution; m moves the mass towards noise (positive) or data."""
+    rng = np.random.default_rng(0)
+    log_snr = np.log(diffusion.alphas_cumprod / (1 - diffusion.alphas_cumprod))
+    for m, s in ((0.0, 1.0), (1.0, 0.8)):
+        t_rf = 1 / (1 + np.exp(-rng.normal(m, s, 400_000)))
+        draws = np.abs(np.log(((1 - t_rf) / t_rf) ** 2)[:, None] - log_snr[None, :]).argmin(1)
+        observed = np.bincount(draws, minlength=1000) / len(draws)
+        probs = build_sampler("logit_normal", diffusion, m=m, s=s).probs.numpy()
+        assert probs.sum() == pytest.approx(1.0)
+        assert np.abs(observed.reshape(20, 50).sum(1) - probs.reshape(20, 50).sum(1)).max() < 0.005, (m, s)
+    mean_t = lambda m: (build_sampler("logit_normal", diffusion, m=m, s=1.0).probs.numpy() * np.arange(1000)).sum()  # noqa: E731
+    assert mean_t(1.0) > mean_t(0.0) > mean_t(-1.0)
+
+
+def test_clts_moves_from_uniform_to_its_gaussian_and_stays(diffusion):
+    """π_k = λ_k N(μ, σ²)/Z + (1 - λ_k)/T, λ_k = min(1, k/ramp): uniform at step 0, the normalised Gaussian from the end
+    of the ramp on (never negative, never past 1), in between the mixture."""
+    sampler = build_sampler("clts", diffusion, mu=300, sigma=150, ramp_steps=100)
+    t = np.arange(1000)
+    gaussian = np.exp(-((t - 300) ** 2) / (2 * 150 ** 2))
+    gaussian /= gaussian.sum()
+    assert np.allclose(sampler.distribution(8, step=0).numpy(), 1 / 1000)
+    assert np.allclose(sampler.distribution(8, step=25).numpy(), 0.25 * gaussian + 0.75 / 1000)
+    for step in (100, 10_000):
+        assert np.allclose(sampler.distribution(8, step=step).numpy(), gaussian)
+    assert _histogram_matches(sampler.sample(200_000, torch.Generator().manual_seed(0), step=25),
+                              sampler.distribution(8, step=25)) > 1e-3
+
+
+def test_sigmoid_weighting_is_kingma_and_gao_in_its_elbo_form(diffusion):
+    lam = np.log(diffusion.alphas_cumprod / (1 - diffusion.alphas_cumprod))
+    for b in (0.0, 2.0):
+        expected = 1 / (1 + np.exp(lam - b)) * -np.gradient(lam)
+        w = build_weighting("sigmoid", diffusion, b=b).numpy()
+        assert np.allclose(w, expected / expected.mean(), rtol=1e-5) and w.mean() == pytest.approx(1.0, abs=1e-5)
+    # a larger bias weights lower-noise (larger log SNR) steps more
+    assert build_weighting("sigmoid", diffusion, b=2.0)[100] > build_weighting("sigmoid", diffusion, b=0.0)[100]

@@ -164,3 +164,21 @@ def test_checkpoints_land_on_every_evaluation_step_whatever_their_spacing(tiny_t
         load_config(tiny_train_config, ["trainer.steps=6", "trainer.ckpt_steps=[2,7]"], phase="train")
     with pytest.raises(ConfigError, match="eval_steps"):
         Experiment(pipe | {"eval_steps": [2, 5, 7]}, base_dir=REPO)
+
+
+def test_a_resumed_curriculum_draws_as_an_uninterrupted_one(tiny_train_config, tmp_path, monkeypatch):
+    """CLTS depends on the training step: a run stopped at step 2 and resumed draws steps 3-4 from the same curriculum
+    as an uninterrupted run (the same timesteps, the same final weights)."""
+    from speedpipe.diffusion.timesteps import CurriculumSampler
+
+    seen = []
+    real = CurriculumSampler.sample
+    monkeypatch.setattr(CurriculumSampler, "sample", lambda self, n, generator=None, step=None: seen.append(step) or real(self, n, generator, step))
+    clts = ["diffusion.timestep_sampler={name: clts, mu: 300, sigma: 100, ramp_steps: 4}", "trainer.ckpt_every=2"]
+    straight = train.run(load_config(tiny_train_config, [*clts, "trainer.steps=4", f"trainer.run_dir={tmp_path / 'a'}"], phase="train"))
+    assert seen == [1, 2, 3, 4]
+    train.run(load_config(tiny_train_config, [*clts, "trainer.steps=2", f"trainer.run_dir={tmp_path / 'b'}"], phase="train"))
+    seen.clear()
+    resumed = train.run(load_config(tiny_train_config, [*clts, "trainer.steps=4", f"trainer.run_dir={tmp_path / 'b'}"], phase="train"))
+    assert seen == [3, 4]  # the resumed run starts at step 3, not 1
+    _assert_same_state(load_checkpoint(straight / "ckpt-0000004.pt"), load_checkpoint(resumed / "ckpt-0000004.pt"))

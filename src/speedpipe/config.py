@@ -26,7 +26,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class SamplerConfig:
-    """Timestep sampler: uniform | speed (k, tau, dual) | lognormal (p_mean, p_std). Unset = the method's default."""
+    """Timestep sampler: uniform | speed (k, tau, dual) | lognormal (p_mean, p_std) | logit_normal (m, s) |
+    clts (mu, sigma, ramp_steps). Unset = the method's default."""
 
     name: str = "uniform"
     k: Optional[float] = None
@@ -34,17 +35,23 @@ class SamplerConfig:
     dual: Optional[bool] = None
     p_mean: Optional[float] = None
     p_std: Optional[float] = None
+    m: Optional[float] = None
+    s: Optional[float] = None
+    mu: Optional[float] = None
+    sigma: Optional[float] = None
+    ramp_steps: Optional[int] = None
 
 
 @dataclass
 class WeightingConfig:
-    """Per-timestep MSE weight: none | speed (lam, tau) | p2 (k, gamma) | min_snr (gamma)."""
+    """Per-timestep MSE weight: none | speed (lam, tau) | p2 (k, gamma) | min_snr (gamma) | sigmoid (b)."""
 
     name: str = "none"
     lam: Optional[float] = None
     tau: Optional[int] = None
     k: Optional[float] = None
     gamma: Optional[float] = None
+    b: Optional[float] = None
 
 
 @dataclass

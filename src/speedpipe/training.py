@@ -39,9 +39,9 @@ class StepRandomness:
     def generators(self):
         return {"batch_gen": self.batch_gen, "noise_gen": self.noise_gen}
 
-    def draw(self, n: int):
-        """(t, label-drop mask, flip mask, posterior ε or None, diffusion noise ε) for n examples."""
-        t = self.sampler.sample(n, self.batch_gen)
+    def draw(self, n: int, step: int):
+        """(t, label-drop mask, flip mask, posterior ε or None, diffusion noise ε) for n examples at training step `step`."""
+        t = self.sampler.sample(n, self.batch_gen, step=step)
         drop = torch.rand(n, generator=self.batch_gen) < self.class_dropout_prob
         flip = torch.rand(n, generator=self.batch_gen) < 0.5 if self.random_flip else torch.zeros(n, dtype=torch.bool)
         latent_eps = torch.randn((n, *self.latent_shape), generator=self.batch_gen) if self.posterior_latents else None

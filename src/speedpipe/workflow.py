@@ -37,7 +37,7 @@ SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "experim
 SCD_KEYS = {"teacher_sampler", "teacher_ode_sampler", "teacher_baselines", "scm_samplers", "final_samples",
             "distill_warm_start", "distill_steps", "distill_eval_steps"}  # required when there are teachers
 # names of the report's own tables and figures, which a named table (tables/{name}.*, figures/{name}.*) must not take
-RESERVED_NAMES = ("metrics", "scm", "usage", "training_loss", "timestep_methods", "samples_per_method", "teacher_grid",
+RESERVED_NAMES = ("metrics", "scm", "usage", "summary", "training_loss", "timestep_methods", "samples_per_method", "teacher_grid",
                   "teacher_vs_scm", "distillation")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # method and table names: they become folder and file names
 # A sampler label: ddpm<N> / ddim<N> with an optional guidance suffix -cfg<scale>, or scm1 / scm2.
@@ -320,9 +320,9 @@ class Experiment:
         result = {}  # the schema checked each table's keys and types
         for name, spec in tables.items():
             _check_name("table", name)
-            if name in RESERVED_NAMES or name.endswith("_speedup"):
+            if name in RESERVED_NAMES or name.endswith(("_speedup", "_differences", "_per_stage")):
                 raise ConfigError(f"pipeline config: table name {name!r} is taken by one of the report's own files "
-                                  f"({', '.join(RESERVED_NAMES)}, or a table's {{name}}_speedup)")
+                                  f"({', '.join(RESERVED_NAMES)}, or a table's {{name}}_speedup / _differences)")
             methods = spec["methods"]
             for m in methods:
                 if m not in self.methods:

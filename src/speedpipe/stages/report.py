@@ -26,6 +26,7 @@ from speedpipe.diffusion.timesteps import build_sampler, build_weighting  # noqa
 from speedpipe.io import atomic_path, atomic_write_text  # noqa: E402
 from speedpipe.layout import Layout  # noqa: E402
 from speedpipe.stages import STAGES  # noqa: E402
+from speedpipe.uncertainty import LEVEL, crossing, paired_difference, seed_speedups  # noqa: E402
 
 METRIC_KEYS = {"frechet_inception_distance": "FID", "label_accuracy": "label acc.", "kernel_inception_distance_mean": "KID",
                "inception_score_mean": "IS", "precision": "precision", "recall": "recall"}
@@ -70,17 +71,6 @@ def mean_std(series) -> str:
     return f"{series.mean():.2f} ± {series.std(ddof=0):.2f}" if len(series) > 1 else f"{series.mean():.2f}"
 
 
-def crossing_step(steps, fids, target) -> tuple[float | None, str]:
-    """(iteration at which the linearly interpolated FID curve first reaches target, how): 'interpolated', 'at or before
-    the first evaluation' (the iteration is an upper bound, the speed-up a lower one) or 'not reached' (None)."""
-    if fids[0] <= target:
-        return float(steps[0]), "at or before the first evaluation"
-    for (s0, f0), (s1, f1) in zip(zip(steps, fids), zip(steps[1:], fids[1:])):
-        if f1 <= target:
-            return s0 + (f0 - target) / (f0 - f1) * (s1 - s0), "interpolated"
-    return None, "not reached"
-
-
 def save_figure(fig, layout: Layout, name: str):
     for ext in ("png", "pdf"):
         with atomic_path(layout.figure(name, ext)) as tmp:
@@ -96,9 +86,11 @@ def show_grid(ax, path, title: str, rows: int):
     ax.tick_params(axis="y", length=0, labelsize=7)
 
 
-def named_table(curve: pd.DataFrame, table: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(metrics per method at the table's iterations, mean ± std over seeds; each method's final FID and the
-    iterations it needs to reach the reference method's final FID, read from the mean curve over all eval steps)."""
+def named_table(curve: pd.DataFrame, table: dict) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(metrics per method at the table's iterations, mean ± std over seeds; each method's final values and the
+    iterations it needs to reach the reference method's final FID -- read from the mean curve over all eval steps, and
+    seed by seed with the t-interval of the mean (speedpipe.uncertainty); each method's FID minus the reference's at the
+    table's iterations, paired by seed, with its t-interval)."""
     rows = curve[curve.method.isin(table["methods"])]
     order = {m: i for i, m in enumerate(table["methods"])}
     at_steps = rows[rows.step.isin(table["steps"])].groupby(["method", "step"])
@@ -107,25 +99,43 @@ def named_table(curve: pd.DataFrame, table: dict) -> tuple[pd.DataFrame, pd.Data
     means = rows.groupby(["method", "step"]).FID.mean().unstack(0).sort_index()
     final = rows[rows.step == rows.step.max()].groupby("method")
     reference = table["reference"]
-    speedup = []
+    speedup, differences = [], []
     for m in table["methods"]:
         row = {"method": m, "final FID": mean_std(final.get_group(m).FID), "final label acc.": mean_std(final.get_group(m)["label acc."])}
         if reference:
-            target = means[reference].iloc[-1]
-            reached, how = (float(means.index[-1]), "reference") if m == reference else \
-                crossing_step(list(means.index), list(means[m]), target)
+            target, last = means[reference].iloc[-1], float(means.index[-1])
+            reached, how = (last, "reference") if m == reference else crossing(list(means.index), list(means[m]), target)
+            seeds = seed_speedups({seed: (list(c.step), list(c.FID)) for seed, c in rows[rows.method == m].sort_values("step").groupby("seed")},
+                                  target, last)
             row.update({"reference final FID": round(target, 3), "iterations to reach it": None if reached is None else round(reached),
-                        "reached": how, "speed-up": None if reached is None else round(means.index[-1] / reached, 2)})
+                        "reached": how, "speed-up": None if reached is None else round(last / reached, 2),
+                        f"speed-up {LEVEL:.0%} t-interval": seeds.interval_text(), "speed-up by seed": seeds.summary(),
+                        "separable from the reference": "-" if m == reference else seeds.separable()})
+            if m != reference:
+                for step in table["steps"]:
+                    at = lambda method: rows[(rows.method == method) & (rows.step == step)].set_index("seed").FID.to_dict()  # noqa: E731
+                    mean, interval, n = paired_difference(at(m), at(reference))
+                    differences.append({"method": m, "step": step, "FID - reference": round(mean, 3),
+                                        f"{LEVEL:.0%} t-interval": "n = 1, no interval" if interval is None else
+                                        f"{interval[0]:.2f} to {interval[1]:.2f}",
+                                        "resolved": "n = 1, no interval" if interval is None else
+                                        ("yes" if interval[0] > 0 or interval[1] < 0 else "no"), "seeds": n})
         speedup.append(row)
-    return metrics, pd.DataFrame(speedup)
+    return metrics, pd.DataFrame(speedup), pd.DataFrame(differences)
 
 
-def fid_figure(curve: pd.DataFrame, methods, reference, pipe) -> plt.Figure:
-    """FID against iterations: the mean over seeds, a band from the best to the worst seed."""
+def fid_figure(curve: pd.DataFrame, methods, reference, pipe, speedup: pd.DataFrame) -> plt.Figure:
+    """FID against iterations: the mean over seeds, a band from the best to the worst seed; the legend gives each
+    method's speed-up against the reference with its interval over seeds."""
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    rows = speedup.set_index("method")
     for m in methods:
         per_step = curve[curve.method == m].groupby("step").FID
-        ax.plot(per_step.mean().index, per_step.mean(), marker="o", ms=3, label=m)
+        label = m
+        if reference and m != reference:
+            value = rows.loc[m, "speed-up"]
+            label = f"{m}: {'not reached' if pd.isna(value) else f'{value}x'} ({LEVEL:.0%} CI {rows.loc[m, f'speed-up {LEVEL:.0%} t-interval']})"
+        ax.plot(per_step.mean().index, per_step.mean(), marker="o", ms=3, label=label)
         ax.fill_between(per_step.mean().index, per_step.min(), per_step.max(), alpha=0.2)
     if reference:
         ax.axhline(curve[curve.method == reference].groupby("step").FID.mean().iloc[-1], ls="--", lw=1, color="gray",
@@ -191,11 +201,13 @@ def run(cfg, provenance):
                 ("", "", curve.drop(columns=["kind", "grid"]).sort_values(["method", "step", "seed"])))
     tables = {}
     for table in cfg["tables"]:
-        metrics, speedup = named_table(curve, table)
+        metrics, speedup, differences = named_table(curve, table)
         reference = f" Speed-up against `{table['reference']}`." if table["reference"] else ""
-        write_table(layout, table["name"], f"Table `{table['name']}`. {table['caption']} {setting}.{reference}".replace("  ", " "),
-                    ("", "", metrics), ("_speedup", "Speed-up and final values", speedup))
-        save_figure(fid_figure(curve, table["methods"], table["reference"], pipe), layout, table["name"])
+        parts = [("", "", metrics), ("_speedup", "Speed-up and final values", speedup)]
+        if len(differences):
+            parts.append(("_differences", f"FID minus the reference's, paired by seed ({LEVEL:.0%} t-interval of the mean)", differences))
+        write_table(layout, table["name"], f"Table `{table['name']}`. {table['caption']} {setting}.{reference}".replace("  ", " "), *parts)
+        save_figure(fid_figure(curve, table["methods"], table["reference"], pipe, speedup), layout, table["name"])
         tables[table["name"]] = speedup
 
     # --- training and method figures
@@ -215,7 +227,7 @@ def run(cfg, provenance):
         diffusion = create_diffusion(noise_schedule=dcfg["noise_schedule"], diffusion_steps=dcfg["diffusion_steps"])
         sampler = build_sampler(dcfg["timestep_sampler"]["name"], diffusion, **named_params(dcfg["timestep_sampler"]))
         weights = build_weighting(dcfg["loss_weighting"]["name"], diffusion, **named_params(dcfg["loss_weighting"]))
-        axes[0].plot(sampler.distribution(cfg["train"]["global_batch_size"]).numpy(), label=m)
+        axes[0].plot(sampler.distribution(cfg["train"]["global_batch_size"], step=pipe["train_steps"]).numpy(), label=m)  # CLTS: at the end
         axes[1].plot(weights.numpy(), label=m)
     axes[0].set(xlabel="timestep t", ylabel="sampling probability", title="timestep sampling")
     axes[1].set(xlabel="timestep t", ylabel="MSE weight w_t", title="loss weighting")
@@ -256,11 +268,46 @@ def run(cfg, provenance):
             ax.legend(fontsize=7)
         save_figure(fig, layout, "distillation")
 
+    atomic_write_text(layout.table("summary", "json"), json.dumps(summary(cfg, curve, df), indent=2))
     usage = usage_tables(cfg["usage"])
     write_table(layout, "usage", "Where the time went: each job's wall time, CPU time (its process and the processes it "
                 "started) and peak memory where it ran, then per stage.", *usage)
     atomic_write_text(layout.readme(), experiment_readme(cfg, tables, scm, df, usage))
     return layout.root
+
+
+def summary(cfg, curve: pd.DataFrame, df: pd.DataFrame) -> dict:
+    """The run's claims as numbers, seed by seed (what `speedpipe check` compares with a reference output): each named
+    table's per-seed FID curves and speed-ups, each teacher's samplers and its students' checkpoints."""
+    pipe = cfg["pipeline"]
+    out = {"experiment": pipe["experiment"], "seeds": pipe["seeds"], "steps": pipe["eval_steps"], "tables": {}, "teachers": {}}
+    for table in cfg["tables"]:
+        rows = curve[curve.method.isin(table["methods"])]
+        fids = {m: {str(seed): list(c.sort_values("step").FID) for seed, c in rows[rows.method == m].groupby("seed")}
+                for m in table["methods"]}
+        entry = {"reference": table["reference"], "fid": fids, "label_accuracy": {
+            m: float(rows[(rows.method == m) & (rows.step == rows.step.max())]["label acc."].mean()) for m in table["methods"]}}
+        if table["reference"]:
+            target = float(np.mean([v[-1] for v in fids[table["reference"]].values()]))
+            mean_curve = {m: list(rows[rows.method == m].groupby("step").FID.mean()) for m in table["methods"]}
+            entry["target"] = target
+            entry["speedup"] = {}
+            for m in table["methods"]:
+                reached, how = crossing(pipe["eval_steps"], mean_curve[m], target)
+                seeds = seed_speedups({int(k): (pipe["eval_steps"], v) for k, v in fids[m].items()}, target, pipe["eval_steps"][-1])
+                entry["speedup"][m] = {"mean_curve": None if reached is None else pipe["eval_steps"][-1] / reached, "how": how,
+                                       "per_seed": list(seeds.values), "per_seed_how": list(seeds.how),
+                                       "interval": list(seeds.interval) if seeds.interval else None}
+        out["tables"][table["name"]] = entry
+    for d in cfg["distill_runs"]:
+        teacher = df[(df.run == d["teacher"]) & (df.step == pipe["train_steps"])]
+        student = df[df.run == d["name"]]
+        number = lambda r: {"fid": float(r.FID), "label_accuracy": None if pd.isna(r["label acc."]) else float(r["label acc."])}  # noqa: E731
+        out["teachers"][d["teacher"]] = {
+            "reference_sampler": pipe["teacher_sampler"], "ode_sampler": pipe["teacher_ode_sampler"],
+            "samplers": {r.sampler: number(r) for _, r in teacher.iterrows()},
+            "student": {str(int(step)): {r.sampler: number(r) for _, r in g.iterrows()} for step, g in student.groupby("step")}}
+    return out
 
 
 def usage_tables(records) -> tuple[tuple[str, str, pd.DataFrame], tuple[str, str, pd.DataFrame]]:
@@ -324,8 +371,12 @@ Generated by `speedpipe report`. Everything below was measured by this pipeline 
 
 ## Tables
 
-Each table: the speed-up against its reference method (iterations to reach the reference's final FID, linear
-interpolation of the mean FID curves) and the final values, mean ± std over seeds.
+Each table: the speed-up against its reference method (the reference's final FID, its mean over the reference's seeds,
+is the target; iterations to reach it by linear interpolation of the mean FID curve, then seed by seed with the mean,
+standard deviation and two-sided {LEVEL:.0%} Student-t interval over seeds; a seed that reaches the target only before the
+first evaluation, or never, gives a bound and no interval; "separable" when the interval excludes 1.0) and the final
+values, mean ± std over seeds; then each method's FID minus the reference's at the table's iterations, paired by seed,
+with its t-interval ("resolved" when it excludes 0).
 
 {sections}
 Every metric of every run: `tables/metrics.md`. Figures: `figures/training_loss.png`, `figures/timestep_methods.png`,

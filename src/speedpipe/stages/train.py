@@ -70,7 +70,7 @@ def run(cfg, provenance):
     mine = lambda v: None if v is None else rank_slice(v, env.rank, env.world_size)  # noqa: E731
 
     def forward(step):
-        t, drop, flip, latent_eps, noise = randomness.draw(tr.global_batch_size)
+        t, drop, flip, latent_eps, noise = randomness.draw(tr.global_batch_size, step)
         x, y = dataset.get_batch(mine(order.next_global_batch()), mine(flip), mine(latent_eps))
         x, y, t = x.to(device, non_blocking=True), y.to(device, non_blocking=True), mine(t).to(device)
         for group in opt.param_groups:
