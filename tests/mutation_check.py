@@ -10,8 +10,9 @@ every key a stage reads, the stage sees that key at its default -- injected wher
 (`Stage.view`, patched by a sitecustomize module on the PYTHONPATH of every process of the run, Snakemake's jobs
 included), so the saved provenance config still shows the value asked for -- and the key's test in
 tests/test_settings.py runs (the covering test of a key is that one test: a few seconds, where the whole suite would
-take 20 minutes a key). A key added to a stage's reads is covered by construction; a key whose value in that test is
-already the default is not mutated by this and counts as not pinned. A mutation that leaves its tests green
+take 20 minutes a key). A key added to a stage's reads is covered by construction (its test then exists, or
+test_every_read_key_has_a_case fails). The directional keys of tests/test_contracts.py are mutated a second way, read
+the wrong way round, and their plumbing test runs. A mutation that leaves its tests green
 "survives": either a test is missing or the mutation does not change behaviour (an equivalent mutant); the script
 prints the keys no test pins, the README lists the survivors with the reason. Not part of `make test`.
 """

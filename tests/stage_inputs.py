@@ -95,7 +95,7 @@ BASE = {  # what every run starts from; each stage's base and each case override
     "data": {"name": "image_folder", "image_size": 16, "random_flip": True, "synthetic_size": 32},
     "autoencoder": {"name": "tiny", "block_out_channels": [8, 8, 8], "latent_channels": 4, "steps": 2, "batch_size": 4,
                     "log_every": 1, "ckpt_every": 2, "progress": False},
-    "encode": {"shard_size": 16, "dtype": "fp32", "batch_size": 8, "progress": False},
+    "encode": {"shard_size": 16, "dtype": "fp32", "batch_size": 8, "device": "cpu", "progress": False},
     "model": {"name": "DiT-T/4", "input_size": 8, "in_channels": 4, "num_classes": 3, "class_dropout_prob": 0.1},
     "diffusion": {"timestep_sampler": {"name": "uniform"}, "loss_weighting": {"name": "none"}},
     "optim": {"lr": 1.0e-3},

@@ -181,18 +181,18 @@ def test_every_key_a_stage_module_reads_is_declared():
 
     from omegaconf import OmegaConf
 
-    from speedpipe.stages import _leaves
+    from speedpipe.config import leaves
 
     plain = OmegaConf.to_container(OmegaConf.structured(Config))
-    leaves = set(_leaves(plain))
-    sections = {k.rsplit(".", 1)[0] for k in leaves if "." in k} | {k.split(".")[0] for k in leaves}
+    keys = set(leaves(plain))
+    sections = {k.rsplit(".", 1)[0] for k in keys if "." in k} | {k.split(".")[0] for k in keys}
     for stage in STAGES.values():
         if stage.config != "stage":
             continue
         module = importlib.import_module(stage.module)
         declared = (*stage.reads, *stage.uses)
         for read in _reads_in_source(module):
-            key = _config_key(read, leaves, sections)
+            key = _config_key(read, keys, sections)
             if key is None:
                 continue  # not a config attribute (e.g. a method of a value)
             covered = any(key == d or key.startswith(d + ".") or d.startswith(key + ".") for d in declared)
@@ -311,3 +311,24 @@ def test_the_full_resolved_config_is_saved_beside_every_output(micro_run):
     for path, config in expected.items():
         assert yaml.safe_load((root / path).read_text()) == config, path
     assert torch.load(root / "train/speed-s0/ckpt-0000004.pt", weights_only=True)["config"] == expected["train/speed-s0/config.yaml"]
+
+
+def test_no_override_moves_what_the_rules_pass_between_jobs(tmp_path):
+    """The experiment's identity and the paths the rules connect (run folders, the latent store, the reference, the
+    pipeline's classifier and autoencoder) are set last in every job: a stage override cannot move them, and a value a
+    config file sets for them is reported."""
+    from speedpipe.workflow import Experiment
+
+    pipe = yaml.safe_load((REPO / "tests/data/micro.yaml").read_text())
+    pipe["overrides"]["train"] += [f"output_dir={tmp_path}", "trainer.run_dir=/elsewhere", "data.latents_dir=/elsewhere",
+                                   "eval.extractor=inception-v3-compat"]
+    pipe["overrides"]["evaluate"] += ["eval.reference=/elsewhere.pt"]
+    exp = Experiment(pipe, base_dir=REPO)
+    train = exp.stage_config("train", exp.train_runs["speed-s0"])
+    assert (train["output_dir"], train["eval"]["extractor"]) == ("results", "classifier")
+    assert train["trainer"]["run_dir"] == str(exp.train_runs["speed-s0"].dir) and train["data"]["latents_dir"] == "results/micro/latents"
+    evaluate = exp.stage_config("evaluate", evaluation=exp.evaluations()[0])
+    assert evaluate["eval"]["reference"] == "results/micro/reference/stats-classifier.pt"
+    assert evaluate["eval"]["classifier_weights"] == "results/micro/classifier/model.safetensors"
+    sample = exp.stage_config("sample", evaluation=exp.evaluations()[0])
+    assert sample["autoencoder"]["path"] == "results/micro/autoencoder/model.safetensors"  # the pipeline's tiny autoencoder

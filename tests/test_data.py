@@ -11,7 +11,7 @@ from PIL import Image
 from conftest import events, run_python
 from speedpipe.config import load_config
 from speedpipe.data.images import DataError, ImageFolder, Mnist5k, center_crop_arr
-from speedpipe.data.latents import LatentStore, shard_name
+from speedpipe.data.latents import LatentStore, mmap_safetensors, shard_name
 from speedpipe.models.autoencoder import (AutoencoderError, load_pretrained_autoencoder, save_tiny_autoencoder,
                                           tiny_autoencoder_config)
 from speedpipe.stages import encode
@@ -138,12 +138,18 @@ def test_encode_writes_verifiable_shards_resumes_and_refuses_tampering(tmp_path,
     assert json.loads((out / "manifest.json").read_text())["shards"] == manifest["shards"]
 
 
-def test_encode_refuses_shards_of_another_encoder(tmp_path, image_tree):
+def test_encode_encodes_again_when_its_settings_changed(tmp_path, image_tree):
+    """Shards made with other settings (what Snakemake leaves when it re-runs encode after an edit: it removes only the
+    manifest) are not kept: the store is made again with the new settings."""
     path, overrides = _encode_config(tmp_path, image_tree)
     out = encode.run(load_config(path, overrides))
+    seed0 = LatentStore(out).manifest["shards"]
     (out / "manifest.json").unlink()
-    with pytest.raises(DataError, match="different mode"):
-        encode.run(load_config(path, overrides + ["encode.mode=posterior"]))
+    encode.run(load_config(path, overrides + ["seed=1"]))  # flip mode: the seed draws the stored posterior samples
+    assert LatentStore(out).manifest["shards"] != seed0
+    (out / "manifest.json").unlink()
+    encode.run(load_config(path, overrides + ["encode.mode=posterior"]))
+    assert LatentStore(out).mode == "posterior" and {"mean", "std"} <= set(mmap_safetensors(out / shard_name(0)))
 
 
 def test_posterior_store_samples_with_given_noise(tmp_path, image_tree):

@@ -57,21 +57,21 @@ def test_table_files_hold_every_part(tmp_path, curve):
 
 
 def test_speed_ups_seed_by_seed_with_their_interval_against_a_hand_computation(curve):
-    """Each seed's crossing of the reference's mean final FID (11): fast_k's seeds at 225 and 237.5 (speed-ups 4/3 and
-    300/237.5), a 95 % t-interval with 1 degree of freedom (t = 12.706) that includes 1; the reference's own seed 1 and
-    both of slow's seeds never reach it (bounds, no interval); early's seeds reach it before the first evaluation."""
+    """Each seed's crossing of the reference's final FID in the same seed (10 and 12): fast_k's seeds at 250 and 225
+    (speed-ups 1.2 and 4/3), a 95 % t-interval with 1 degree of freedom (t = 12.706) that includes 1; both of slow's
+    seeds never reach theirs (bounds, no interval); early's seeds reach theirs at the first evaluation."""
     from scipy.stats import t
 
     table = {"name": "t", "methods": ["base", "fast_k", "slow", "early"], "reference": "base", "steps": [300], "caption": ""}
     _, speedup, differences = named_table(curve, table)
     s = speedup.set_index("method")
-    a, b = 300 / 225, 300 / 237.5
+    a, b = 300 / 250, 300 / 225
     mean, sd = (a + b) / 2, abs(a - b) / 2 ** 0.5
     half = t.ppf(0.975, 1) * sd / 2 ** 0.5
     assert s.loc["fast_k", "speed-up 95% t-interval"] == f"{mean - half:.2f}-{mean + half:.2f}"
     assert s.loc["fast_k", "speed-up by seed"] == f"per seed {a:.2f}, {b:.2f}; mean {mean:.2f} ± {sd:.2f}, 95% t-interval {mean - half:.2f}-{mean + half:.2f}"
     assert s.loc["fast_k", "separable from the reference"] == "no: the interval includes 1.0"
-    assert s.loc["base", "speed-up by seed"] == "per seed 1.03, < 1 (not reached): no interval (a seed's crossing is only a bound)"
+    assert s.loc["base", "speed-up by seed"] == "per seed 1.00, 1.00; mean 1.00 ± 0.00, 95% t-interval 1.00-1.00"
     assert s.loc["slow", "speed-up by seed"].startswith("per seed < 1 (not reached), < 1 (not reached): no interval")
     assert s.loc["slow", "separable from the reference"] == "unknown (bounds only)"
     assert s.loc["early", "speed-up by seed"].startswith("per seed ≥ 3.00, ≥ 3.00")

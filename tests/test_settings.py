@@ -21,7 +21,8 @@ import torch
 from conftest import REPO
 from stage_inputs import DISTILL, SAMPLE
 from speedpipe.config import Config, load_config
-from speedpipe.stages import STAGES, _leaves
+from speedpipe.config import leaves
+from speedpipe.stages import STAGES
 
 NOT_ON_CPU = {  # (stage, key) -> why its change cannot show on a CPU (tests assert that it indeed changes nothing here)
     ("train", "trainer.device"): "auto is the CPU on a machine without CUDA",
@@ -155,7 +156,7 @@ CASES = {
         "eval.classifier_weights": (p["classifier_B"], ["eval.label_accuracy=true"]),
         "eval.reference": (p["root"] / "missing-stats.pt", []), "eval.samples": (p["samples_B"], []),
         "eval.out": ("m/other.json", []), "eval.metrics": (["fid", "kid"], []), "eval.label_accuracy": (True, []),
-        "eval.batch_size": (5, []), "eval.kid_subset_size": (3, []), "eval.device": ("auto", []),
+        "eval.batch_size": (4, []), "eval.kid_subset_size": (3, []), "eval.device": ("auto", []),
     },
 }
 PLACED = {  # stage -> the inputs a run whose paths are null finds where the layout puts them (under its sandbox)
@@ -167,9 +168,9 @@ PLACED = {  # stage -> the inputs a run whose paths are null finds where the lay
 def read_keys(stage) -> list[str]:
     from omegaconf import OmegaConf
 
-    leaves = _leaves(OmegaConf.to_container(OmegaConf.structured(Config)))
+    keys = leaves(OmegaConf.to_container(OmegaConf.structured(Config)))
     entry = STAGES[stage]
-    return [k for k in leaves if any(k == r or k.startswith(r + ".") for r in entry.reads) and k not in entry.uses]
+    return [k for k in keys if any(k == r or k.startswith(r + ".") for r in entry.reads) and k not in entry.uses]
 
 
 READ = [(stage, key) for stage in CASES for key in read_keys(stage)]

@@ -182,3 +182,23 @@ def test_a_resumed_curriculum_draws_as_an_uninterrupted_one(tiny_train_config, t
     resumed = train.run(load_config(tiny_train_config, [*clts, "trainer.steps=4", f"trainer.run_dir={tmp_path / 'b'}"], phase="train"))
     assert seen == [3, 4]  # the resumed run starts at step 3, not 1
     _assert_same_state(load_checkpoint(straight / "ckpt-0000004.pt"), load_checkpoint(resumed / "ckpt-0000004.pt"))
+
+
+def test_a_run_of_other_settings_is_not_resumed(tiny_train_config, tmp_path):
+    """Snakemake re-runs a training job whose settings were edited and removes only its declared outputs: what is left
+    in the run's folder (latest.pt, checkpoints between the evaluated ones) was made with the old settings, so the run
+    starts afresh (and says so in events.csv) and ends as a fresh run of the new settings would."""
+    first = ["trainer.steps=4", "trainer.ckpt_every=1", "optim.lr=1.0e-3", f"trainer.run_dir={tmp_path / 'run'}"]
+    train.run(load_config(tiny_train_config, first, phase="train"))
+    for stale in ("ckpt-0000004.pt", "ckpt-0000003.pt"):  # the declared outputs Snakemake removes before the re-run
+        (tmp_path / "run" / stale).unlink()
+    edited = ["trainer.steps=4", "trainer.ckpt_every=1", "optim.lr=5.0e-3"]
+    rerun = train.run(load_config(tiny_train_config, [*edited, f"trainer.run_dir={tmp_path / 'run'}"], phase="train"))
+    fresh = train.run(load_config(tiny_train_config, [*edited, f"trainer.run_dir={tmp_path / 'fresh'}"], phase="train"))
+    assert [e["event"] for e in events(rerun)] == ["start", "finished", "restart", "start", "finished"]
+    assert "optim.lr" in [e for e in events(rerun) if e["event"] == "restart"][0]["source"]
+    _assert_same_state(load_checkpoint(rerun / "ckpt-0000004.pt"), load_checkpoint(fresh / "ckpt-0000004.pt"))
+    # a continued run (more steps) of the same settings resumes
+    longer = train.run(load_config(tiny_train_config, ["trainer.steps=6", "trainer.ckpt_every=1", "optim.lr=5.0e-3",
+                                                       f"trainer.run_dir={tmp_path / 'fresh'}"], phase="train"))
+    assert [e["event"] for e in events(longer)][-2:] == ["resume", "finished"] and events(longer)[-2]["step"] == 4

@@ -222,7 +222,7 @@ def test_a_sweep_expands_to_the_expected_jobs(tmp_path):
     assert cfg["diffusion"]["timestep_sampler"]["k"] == 10 and cfg["diffusion"]["loss_weighting"]["lam"] == 0.5
     tau = exp.stage_config("train", exp.train_runs["tau-t500-s0"])["diffusion"]
     assert tau["timestep_sampler"]["tau"] == 500 and tau["loss_weighting"]["tau"] == 500 and tau["timestep_sampler"]["k"] == 5
-    assert exp.stage_config("train", exp.train_runs["tau-t500-s0"])["trainer"]["run_dir"] is None  # the stage's default is the layout's
+    assert exp.stage_config("train", exp.train_runs["tau-t500-s0"])["trainer"]["run_dir"] == str(exp.train_runs["tau-t500-s0"].dir)
     assert str(exp.train_runs["tau-t500-s0"].dir).endswith("results/micro/train/tau-t500-s0")
 
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(pipe, sort_keys=False))

@@ -11,9 +11,10 @@
     + the measured machine-to-machine variation (relative for FIDs and speed-ups, absolute for label accuracy)
 
 Timings and images are not compared. Then each conclusion is re-read in the run: who is faster than the reference (the
-speed-up on the same side of 1), the teacher's label accuracy above its bar, the sCM student at least as good as its
-teacher's ODE and better than the teacher's DDIM at the student's cost. Exit status 1 when a conclusion fails; numbers
-that moved are reported either way.
+speed-up on the same side of 1; judged only where the reference's interval over seeds resolved it, else listed as not
+judged), the teacher's label accuracy above its bar, the sCM student at least as good as its teacher's ODE and better
+than the teacher's DDIM at the student's cost. Exit status 1 when a conclusion fails; numbers that moved are reported
+either way.
 """
 import argparse
 import json
@@ -21,13 +22,7 @@ import math
 import sys
 from pathlib import Path
 
-
-def _sd(values) -> float:
-    n = len(values)
-    if n < 2:
-        return 0.0
-    mean = sum(values) / n
-    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+from speedpipe.uncertainty import sd
 
 
 def _mean(values) -> float:
@@ -36,12 +31,12 @@ def _mean(values) -> float:
 
 class Judge:
     def __init__(self, variation: dict):
-        self.variation, self.numbers, self.conclusions = variation, [], []
+        self.variation, self.numbers, self.conclusions, self.unresolved = variation, [], [], []
 
     def number(self, what: str, run_values: list, ref_values: list, kind: str):
         """Compare two seed means; kind: fid | speedup (relative machine variation) or label_accuracy (absolute)."""
         run, ref = _mean(run_values), _mean(ref_values)
-        seeds = 3 * math.sqrt(_sd(run_values) ** 2 / len(run_values) + _sd(ref_values) ** 2 / len(ref_values))
+        seeds = 3 * math.sqrt(sd(run_values) ** 2 / len(run_values) + sd(ref_values) ** 2 / len(ref_values))
         machine = self.variation[kind] * (abs(ref) if kind in ("fid", "speedup") else 1.0)
         tolerance = seeds + machine
         moved = abs(run - ref) > tolerance
@@ -70,10 +65,17 @@ def judge(run: dict, expected: dict) -> Judge:
                     continue
                 theirs, ours = speed, mine["speedup"][method]
                 if theirs["mean_curve"] is not None and ours["mean_curve"] is not None:
-                    per_seed = lambda s: [v for v in s["per_seed"] if v is not None] or [s["mean_curve"]]  # noqa: E731
+                    # seed by seed when every seed's crossing is a value, else the mean curve's (a bound is no value)
+                    per_seed = lambda s: s["per_seed"] if s["interval"] else [s["mean_curve"]]  # noqa: E731
                     j.number(f"{name}: {method} speed-up against {table['reference']}", per_seed(ours), per_seed(theirs), "speedup")
+                claim = f"{name}: {method} reaches {table['reference']}'s final FID in fewer iterations"
+                interval = theirs["interval"]
+                if interval is None or interval[0] <= 1 <= interval[1]:
+                    j.unresolved.append(f"{claim} (not resolved in the reference: its interval over seeds "
+                                        f"{'includes 1' if interval else 'is undefined'})")
+                    continue
                 faster = lambda s: s["mean_curve"] is not None and s["mean_curve"] > 1  # noqa: E731
-                j.conclusion(f"{name}: {method} reaches {table['reference']}'s final FID in fewer iterations", faster(theirs), faster(ours))
+                j.conclusion(claim, faster(theirs), faster(ours))
     for teacher, t in reference["teachers"].items():
         mine = run["teachers"][teacher]
         for sampler, value in t["samplers"].items():
@@ -102,6 +104,7 @@ def report(j: Judge) -> str:
     lines.append("conclusions:")
     lines += [f"  {'holds ' if c['holds'] else 'FAILS '} {c['conclusion']} (reference: {c['reference']}, run: {c['run']})"
               for c in j.conclusions]
+    lines += [f"  not judged: {u}" for u in j.unresolved]
     return "\n".join(lines)
 
 

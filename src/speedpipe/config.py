@@ -386,17 +386,18 @@ def _merged_file(path: Path, phase: str | None) -> DictConfig:
     return merged
 
 
+def leaves(tree: dict, prefix: str = "") -> dict:
+    """{dotted key: value} of every non-mapping value of a nested mapping (lists and empty mappings are values)."""
+    out = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        out.update(leaves(value, dotted) if isinstance(value, dict) and value else {dotted: value})
+    return out
+
+
 def file_values(path, phase: str | None = None) -> dict[str, tuple[Any, Path]]:
     """{dotted key: (value, the file that sets it)} of every value a config file sets itself, with its base.yaml files
     and its phase sub-dict (the last file of the chain that sets a key wins, as in load_config)."""
-    def leaves(node, prefix=""):
-        for key, value in node.items():
-            dotted = f"{prefix}{key}"
-            if isinstance(value, dict) and value:
-                yield from leaves(value, dotted + ".")
-            else:
-                yield dotted, value
-
     path = Path(path)
     values = {}
     for file in [*base_chain(path), path]:
@@ -404,8 +405,8 @@ def file_values(path, phase: str | None = None) -> dict[str, tuple[Any, Path]]:
         phase_dict = raw.get(phase) if phase else None
         for p in PHASES:
             raw.pop(p, None)
-        values.update({k: (v, file) for k, v in leaves(raw)})
-        values.update({k: (v, file) for k, v in leaves(phase_dict or {})})
+        values.update({k: (v, file) for k, v in leaves(raw).items()})
+        values.update({k: (v, file) for k, v in leaves(phase_dict or {}).items()})
     return values
 
 

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from speedpipe.config import ConfigError
-from speedpipe.io import atomic_write_text
 from speedpipe.stages import STAGES
 # Every state from which a job still runs or comes back (squeue's long names); any other state has ended it.
 QUEUED_STATES = ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING",
@@ -89,6 +88,8 @@ def run_recording_usage(jobs: list[tuple[str, dict]], usage: str | None = None) 
     start, before = time.perf_counter(), _cpu_seconds()
     results = [run_in_process(stage, config) for stage, config in jobs]
     if usage and int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
+        from speedpipe.io import atomic_write_text  # (imports torch: not at planning time, which validates launchers)
+
         self_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
         children_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
         atomic_write_text(usage, json.dumps({

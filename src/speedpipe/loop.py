@@ -6,7 +6,9 @@ tangent "g") and `update(terms)` (backward, optimizer, EMA), together with its s
 optimizers, the data order: anything with state_dict/load_state_dict) and its random generators. The loop owns:
 
 - resume: from the newest of the evaluation checkpoints ckpt-{step:07d}.pt and the resume checkpoint latest.pt,
-  restoring every stateful object and generator, so a resumed run ends bit-identical to an uninterrupted one (CPU);
+  restoring every stateful object and generator, so a resumed run ends bit-identical to an uninterrupted one (CPU) --
+  if it was made with the same settings: checkpoints of other settings (Snakemake re-runs a job whose settings were
+  edited, and removes only its declared outputs) are removed and the run starts afresh;
 - cadence: log rows every log_every steps, evaluation checkpoints at ckpt_every, at every step of ckpt_steps and at
   the end, and latest.pt (rewritten atomically) every resume_every_steps steps or resume_every_minutes minutes;
 - preemption: under SLURM (launch.StageJob), the pre-timeout or preemption signal is held until the current step
@@ -14,7 +16,8 @@ optimizers, the data order: anything with state_dict/load_state_dict) and its ra
 - the non-finite policy: "stop" raises, naming the step and the quantity, at the next log or checkpoint step and
   before anything is saved after the bad step (no synchronisation per step); "skip" checks every step on all
   ranks, leaves the weights untouched for a non-finite step and counts it;
-- events.csv: one row per start, resume (with the step and file), preemption save and finish.
+- events.csv: one row per start, resume (with the step and file), restart (the settings that differ), preemption save
+  and finish.
 """
 import csv
 import signal
@@ -63,6 +66,7 @@ class ResumableLoop:
     progress: bool = False
     checkpoint_extra: Callable[[], dict] = dict  # config and whatever else a checkpoint must carry
     log_fields: Callable[[int, dict, float], dict] = lambda step, mean, steps_per_s: {}  # noqa: E731
+    settings: dict | None = None  # what a resumed run must share with the run it resumes (Stage.run_settings)
     step: int = field(default=0, init=False)
     skipped: int = field(default=0, init=False)
 
@@ -84,8 +88,15 @@ class ResumableLoop:
         return (ckpts[-1][1], safe_torch_load(ckpts[-1][1])) if ckpts else (None, None)
 
     def resume(self) -> dict | None:
-        """Load the newest state into the stateful objects and generators; returns it (None for a fresh run)."""
+        """Load the newest state into the stateful objects and generators; returns it (None for a fresh run). A state
+        made with other settings is not resumed: its checkpoint files are removed and the run starts afresh."""
         path, state = self._newest()
+        if state is not None and self.settings is not None and state.get("settings", self.settings) != self.settings:
+            differ = sorted(k for k in {*state["settings"], *self.settings} if state["settings"].get(k) != self.settings.get(k))
+            for stale in [*(p for _, p in list_checkpoints(self.run_dir)), self.run_dir / RESUME_FILE]:
+                stale.unlink(missing_ok=True)
+            self._event("restart", f"settings changed: {', '.join(differ)}")
+            path, state = None, None
         if state is not None:
             for name, obj in self.stateful.items():
                 obj.load_state_dict(state[name])
@@ -101,7 +112,7 @@ class ResumableLoop:
 
     def state(self) -> dict:
         return {**{name: obj.state_dict() for name, obj in self.stateful.items()}, "step": self.step, "skipped": self.skipped,
-                "rng": rng_state(self.generators), **self.checkpoint_extra()}
+                "rng": rng_state(self.generators), "settings": self.settings, **self.checkpoint_extra()}
 
     def save_resume_checkpoint(self):
         if self.env.is_main:

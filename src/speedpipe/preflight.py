@@ -30,11 +30,11 @@ def refusal(exp: Experiment, found: list[str]) -> ConfigError:
 
 
 def _dataset_size(cfg: dict, found: list) -> int | None:
-    from speedpipe.data.images import DataError, Mnist5k, count_images
+    from speedpipe.data.folders import MNIST5K_SIZE, DataError, count_images
 
     d = cfg["data"]
     if d["name"] == "mnist5k":
-        return Mnist5k.size
+        return MNIST5K_SIZE
     if d["root"] is None:
         found.append("config key 'data.root': required for data.name=image_folder (the folder of the images)")
         return None
@@ -47,9 +47,6 @@ def _dataset_size(cfg: dict, found: list) -> int | None:
 
 def _missing_inputs(exp: Experiment, data: dict) -> list[str]:
     """Weights files and folders the jobs read that are not there (nothing is downloaded at run time)."""
-    from speedpipe.fidelity import EvaluationError, inception_weights_path
-    from speedpipe.stages.reference import check_adm_batch
-
     found = []
     ae = data["autoencoder"]
     if ae["name"] != "tiny" and not ae["allow_download"]:
@@ -67,13 +64,18 @@ def _missing_inputs(exp: Experiment, data: dict) -> list[str]:
                              f"machine with network (huggingface-cli download {source})")
     evaluate = exp.stage_config("evaluate", evaluation=exp.evaluations()[0])["eval"]
     reference = exp.stage_config("reference")["eval"]
-    if exp.pipe["extractor"] == "inception-v3-compat":
+    if exp.pipe["extractor"] == "inception-v3-compat":  # (torch-fidelity imported only where its weights are needed)
+        from speedpipe.fidelity import EvaluationError, inception_weights_path
+
         try:
             inception_weights_path(evaluate["inception_weights"])
             inception_weights_path(reference["inception_weights"])
         except EvaluationError as err:
             found.append(f"config key 'eval.inception_weights': {err}")
     if reference["reference_npz"]:
+        from speedpipe.fidelity import EvaluationError
+        from speedpipe.stages.reference import check_adm_batch
+
         try:
             check_adm_batch(reference["reference_npz"], reference["extractor"])
         except EvaluationError as err:
@@ -90,9 +92,7 @@ def _batches_larger_than_the_data(exp: Experiment, size: int | None) -> list[str
     """Every batch drawn from the dataset must fit in it (the autoencoder and classifier train on 9 in 10 images)."""
     if size is None:
         return []
-    from speedpipe.data.images import held_out
-
-    found, training_split = [], len(held_out(size)[0])
+    found, training_split = [], size - len(range(0, size, 10))  # the stages' held_out: every 10th image is held out
     batches = []
     if exp.runs_stage("autoencoder"):
         batches.append(("autoencoder", "autoencoder.batch_size", exp.stage_config("autoencoder")["autoencoder"]["batch_size"], training_split))
@@ -100,11 +100,13 @@ def _batches_larger_than_the_data(exp: Experiment, size: int | None) -> list[str
         batches.append(("classifier", "eval.classifier_batch_size", exp.stage_config("classifier")["eval"]["classifier_batch_size"],
                         training_split))
     for run in exp.train_runs.values():
-        batches.append((f"train run {run.name}", "trainer.global_batch_size",
-                        exp.stage_config("train", run)["trainer"]["global_batch_size"], size))
+        cfg = exp.stage_config("train", run)
+        batches.append((f"train run {run.name}", "trainer.global_batch_size", cfg["trainer"]["global_batch_size"],
+                        cfg["data"]["synthetic_size"] if cfg["data"]["source"] == "synthetic" else size))
     for student in exp.distill_runs.values():
-        batches.append((f"sCD of {student.teacher.name}", "distill.global_batch_size",
-                        exp.stage_config("distill", student)["distill"]["global_batch_size"], size))
+        cfg = exp.stage_config("distill", student)
+        batches.append((f"sCD of {student.teacher.name}", "distill.global_batch_size", cfg["distill"]["global_batch_size"],
+                        cfg["data"]["synthetic_size"] if cfg["data"]["source"] == "synthetic" else size))
     for job, key, batch, available in batches:
         if batch > available:
             found.append(f"{job}: config key '{key}': a batch of {batch} is larger than the {available} images it is drawn "

@@ -1,15 +1,15 @@
 """The uncertainty of the report's claims over seeds: speed-ups per seed and FID differences, with t-intervals.
 
-SpeeD's claim is an iteration ratio at equal FID. The target is the reference method's final FID, its mean over the
-reference's seeds; each seed of a method reaches it at an iteration of its own (the linear interpolation of that seed's
-FID curve), so each seed has its own speed-up = final iteration / that iteration. With n seeds the report gives the
-per-seed values, their mean and standard deviation and the two-sided Student-t interval of the mean (level 95 %,
-n - 1 degrees of freedom). With 3 seeds that interval is wide by design (t = 4.30): a bootstrap over 3 values would
-look narrower without being more honest. A seed whose crossing is only a bound -- reached at or before the first
-evaluation (the speed-up is at least final / first), or never reached (at most 1, the run's length) -- makes the
-interval of the mean undefined: the report says so and gives the bounds. One seed gives "n = 1, no interval".
-FID differences between a method and the reference at an iteration are paired by seed (the same seed draws the same
-initialisation and data order in both runs) and get the same t-interval.
+SpeeD's claim is an iteration ratio at equal FID. Seed by seed, the target is the reference method's final FID in that
+seed (the same seed draws the same initialisation and data order for every method, so the comparison is paired and the
+reference's own seed-to-seed spread is in it); the method's seed reaches it at an iteration of its own (the linear
+interpolation of its FID curve), so each seed has its own speed-up = final iteration / that iteration. With n seeds the
+report gives the per-seed values, their mean and standard deviation and the two-sided Student-t interval of the mean
+(level 95 %, n - 1 degrees of freedom). With 3 seeds that interval is wide by design (t = 4.30): a bootstrap over 3
+values would look narrower without being more honest. A seed whose crossing is only a bound -- reached at or before
+the first evaluation (the speed-up is at least final / first), or never reached (at most 1, the run's length) -- makes
+the interval of the mean undefined: the report says so and gives the bounds. One seed gives "n = 1, no interval".
+FID differences between a method and the reference at an iteration are paired by seed in the same way.
 """
 import math
 from dataclasses import dataclass
@@ -36,8 +36,7 @@ def t_interval(values, level: float = LEVEL) -> tuple[float, float] | None:
     if n < 2:
         return None
     mean = sum(values) / n
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    half = t.ppf(0.5 + level / 2, n - 1) * sd / math.sqrt(n)
+    half = t.ppf(0.5 + level / 2, n - 1) * sd(values) / math.sqrt(n)
     return mean - half, mean + half
 
 
@@ -45,24 +44,21 @@ def t_interval(values, level: float = LEVEL) -> tuple[float, float] | None:
 class SeedSpeedups:
     """A method's speed-up against a target FID, seed by seed."""
     values: tuple[float | None, ...]  # final / crossing iteration per seed (None: never reached)
-    how: tuple[str, ...]  # per seed: interpolated | at or before the first evaluation | not reached | reference
+    how: tuple[str, ...]  # per seed: interpolated | at or before the first evaluation | not reached
 
     @property
     def exact(self) -> bool:
-        return all(h in ("interpolated", "reference") for h in self.how)
+        return all(h == "interpolated" for h in self.how)
 
     @property
     def interval(self) -> tuple[float, float] | None:
         return t_interval(list(self.values)) if self.exact else None
 
     def mean_sd(self) -> tuple[float, float] | None:
-        if not self.exact:
-            return None
-        n, mean = len(self.values), sum(self.values) / len(self.values)
-        return mean, (math.sqrt(sum((v - mean) ** 2 for v in self.values) / (n - 1)) if n > 1 else 0.0)
+        return (sum(self.values) / len(self.values), sd(self.values)) if self.exact else None
 
     def summary(self) -> str:
-        """'1.26 (1.21, 1.25, 1.31); mean 1.26 ± 0.05, 95 % t-interval 1.13-1.38' or the reason there is none."""
+        """'per seed 1.21, 1.25, 1.31; mean 1.26 ± 0.05, 95% t-interval 1.13-1.38', or why there is no interval."""
         per_seed = ", ".join(_bound(v, h) for v, h in zip(self.values, self.how))
         if len(self.values) == 1:
             return f"{per_seed} (n = 1, no interval)"
@@ -92,6 +88,15 @@ class SeedSpeedups:
         return "yes" if interval[0] > 1.0 or interval[1] < 1.0 else "no: the interval includes 1.0"
 
 
+def sd(values) -> float:
+    """The sample standard deviation (n - 1), 0 for one value."""
+    n = len(values)
+    if n < 2:
+        return 0.0
+    mean = sum(values) / n
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+
+
 def _bound(value, how) -> str:
     if how == "not reached":
         return "< 1 (not reached)"
@@ -100,12 +105,12 @@ def _bound(value, how) -> str:
     return f"{value:.2f}"
 
 
-def seed_speedups(curves: dict[int, tuple[list, list]], target: float, final_step: float) -> SeedSpeedups:
-    """curves: seed -> (steps, FIDs), each seed's crossing of the target (the reference's own seeds against it too)."""
+def seed_speedups(curves: dict[int, tuple[list, list]], targets: dict[int, float], final_step: float) -> SeedSpeedups:
+    """curves: seed -> (steps, FIDs) of a method; targets: seed -> the reference's final FID in that seed."""
     values, how = [], []
-    for seed in sorted(curves):
+    for seed in sorted(set(curves) & set(targets)):
         steps, fids = curves[seed]
-        reached, kind = crossing(steps, fids, target)
+        reached, kind = crossing(steps, fids, targets[seed])
         values.append(None if reached is None else final_step / reached)
         how.append(kind)
     return SeedSpeedups(tuple(values), tuple(how))

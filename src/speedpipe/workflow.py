@@ -45,6 +45,9 @@ SAMPLER_LABEL = re.compile(r"(?P<sampler>(?:ddpm|ddim)\d+)(?:-cfg(?P<cfg>\d+(?:\
 # Keys the experiment sets in its jobs' configs, and where: a config file or stage override that also sets one is dead.
 # A run's identity (experiment, output_dir, method, seed) always comes from the experiment and is not listed.
 JOB_VALUES = {"trainer.steps": "train_steps", "trainer.ckpt_steps": "eval_steps", "eval.extractor": "extractor",
+              "trainer.run_dir": "the results layout", "data.latents_dir": "the results layout",
+              "eval.reference": "the results layout", "eval.classifier_weights": "the results layout (the classifier stage)",
+              "autoencoder.path": "the results layout (the autoencoder stage)",
               "distill.teacher": "teachers", "distill.warm_start_steps": "distill_warm_start", "distill.steps": "distill_steps",
               "distill.ckpt_steps": "distill_eval_steps", "distill.run_dir": "the results layout",
               "sampling.checkpoint": "the evaluated checkpoint", "sampling.sampler": "the sampler label",
@@ -464,13 +467,12 @@ class Experiment:
         """
         p = self.pipe
         run = evaluation.run if evaluation is not None else run
-        method = run.method if run is not None and run.kind == "train" else None
-        path = method.config if method else p["base_config"]
-        cfg = self._config(path, method.overrides if method else (), stage)
+        path, overrides = self._source(run)
+        cfg = self._config(path, overrides, stage)
         job = {}
         if stage == "train":
-            job = {"seed": run.seed, "method": method.name, "trainer.steps": int(p["train_steps"]),
-                   "trainer.ckpt_steps": [int(s) for s in p["eval_steps"]]}
+            job = {"seed": run.seed, "method": run.method.name, "trainer.steps": int(p["train_steps"]),
+                   "trainer.ckpt_steps": [int(s) for s in p["eval_steps"]], "trainer.run_dir": str(run.dir)}
         elif stage == "distill":
             job = {"distill.teacher": str(run.teacher.checkpoint(p["train_steps"])),
                    "distill.warm_start_steps": int(p["distill_warm_start"]), "distill.steps": int(p["distill_steps"]),
@@ -481,6 +483,7 @@ class Experiment:
             job = {"sampling.checkpoint": str(e.run.checkpoint(e.step)), "sampling.sampler": name,
                    "sampling.cfg_scale": cfg_scale, "sampling.out": str(self.samples(e)),
                    "sampling.num_samples": int(e.num_samples), "eval.samples": str(self.samples(e))}
+        job.update(self._pipeline_paths(stage, cfg))  # last: no stage or method override moves them
         self._note_overridden(path, stage, (), {k: v for k, v in job.items() if k in JOB_VALUES})
         for dotted, value in job.items():
             *parents, leaf = dotted.split(".")
@@ -499,7 +502,7 @@ class Experiment:
         train = method_cfgs[next(iter(self.methods))]
         distill = self.stage_config("distill", next(iter(self.distill_runs.values())))["distill"] if self.distill_runs else None
         pipeline = {k: v for k, v in self.pipe.items() if k != "launcher"}
-        pipeline["overrides"] = {stage: _affecting(stage, items) for stage, items in self.pipe["overrides"].items()}
+        pipeline["overrides"] = {stage: kept for stage, items in self.pipe["overrides"].items() if (kept := _affecting(stage, items))}
         return {
             "pipeline": pipeline,
             "root": str(self.layout.root),
@@ -544,14 +547,35 @@ class Experiment:
             return self.needs_classifier
         return True
 
+    def _source(self, run: Run | None) -> tuple[str, tuple]:
+        """(config file, overrides) of a run's jobs: its method's for a train run, base_config for every other job."""
+        return (run.method.config, run.method.overrides) if run is not None and run.kind == "train" else (self.pipe["base_config"], ())
+
+    def _pipeline_paths(self, stage: str, cfg: dict) -> dict:
+        """The values every job takes from the experiment: its identity, and where the files the rules pass between jobs
+        are (the latent store, the reference statistics, the pipeline's classifier and tiny autoencoder)."""
+        p, layout = self.pipe, self.layout
+        paths = {"experiment": p["experiment"], "output_dir": p["output_dir"], "eval.extractor": p["extractor"]}
+        if stage in ("encode", "train", "distill"):
+            paths["data.latents_dir"] = str(layout.latents_dir())
+        if stage in ("reference", "evaluate"):
+            paths["eval.reference"] = str(layout.reference(p["extractor"]))
+            if self.needs_classifier:
+                paths["eval.classifier_weights"] = str(layout.classifier_dir() / "model.safetensors")
+        if stage in ("encode", "sample") and cfg["autoencoder"]["name"] == "tiny":
+            paths["autoencoder.path"] = str(layout.autoencoder_dir() / "model.safetensors")
+        return paths
+
     @functools.cached_property
     def tiny_autoencoder(self) -> bool:
-        return self.stage_config("encode")["autoencoder"]["name"] == "tiny"
+        return self._config(self.pipe["base_config"], (), "encode")["autoencoder"]["name"] == "tiny"
 
     @functools.cached_property
     def needs_classifier(self) -> bool:
-        return self.pipe["extractor"] == "classifier" or any(
-            self.stage_config("evaluate", evaluation=e)["eval"]["label_accuracy"] for e in self.evaluations())
+        """Classifier features, or label accuracy in any evaluation: the experiment trains the dataset's classifier."""
+        sources = {self._source(e.run) for e in self.evaluations()}
+        return self.pipe["extractor"] == "classifier" or any(self._config(*source, "evaluate")["eval"]["label_accuracy"]
+                                                             for source in sources)
 
 
 _file_values = functools.lru_cache(maxsize=None)(file_values)

@@ -124,7 +124,7 @@ def student_from_checkpoint(state: dict, use_ema: bool = True) -> TrigFlowStuden
 
     from speedpipe.models.dit import build_model
 
-    net = build_model(OmegaConf.create(state["teacher_config"]))
+    net = build_model(OmegaConf.create(state["teacher_config"]), initialise=False)
     net.load_state_dict(state["ema" if use_ema else "model"])
     d = state["config"]["distill"]
     return TrigFlowStudent(net.eval(), d["sigma_d"], d["time_scale"])

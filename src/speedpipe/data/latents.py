@@ -71,6 +71,12 @@ class LatentStore:
     def samples_posterior(self) -> bool:
         return self.mode == "posterior"
 
+    def identity(self) -> str:
+        """The store's content: a hash of its shards' checksums (a re-encoded store is another dataset)."""
+        import hashlib
+
+        return "latents:" + hashlib.sha256(" ".join(s["sha256"] for s in self.manifest["shards"]).encode()).hexdigest()[:16]
+
     def __len__(self):
         return int(self._offsets[-1])
 
@@ -138,6 +144,10 @@ class NormalizedLatents:
 
     def __len__(self):
         return len(self.dataset)
+
+    def identity(self) -> str:
+        """What the batches are drawn from (a resumed run must draw from the same)."""
+        return self.dataset.identity()
 
     def get_batch(self, indices, flip, eps=None):
         x, y = self.dataset.get_batch(indices, flip, eps)

@@ -18,6 +18,9 @@ class SyntheticLatents:
     def __len__(self):
         return len(self.labels)
 
+    def identity(self) -> str:
+        return f"synthetic:{len(self.labels)}:{self.latent_shape}:{self.num_classes}"
+
     def get_batch(self, indices: torch.Tensor, flip: torch.Tensor, eps=None):
         x = self.latents[indices]
         x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)

@@ -119,6 +119,8 @@ class CurriculumSampler(TimestepSampler):
             raise ValueError(f"clts sampler: sigma={sigma} and ramp_steps={ramp_steps} must be positive")
         t = np.arange(T)
         gaussian = np.exp(-((t - mu) ** 2) / (2 * sigma**2))
+        if not gaussian.sum() > 0:
+            raise ValueError(f"clts sampler: N({mu}, {sigma}²) has no mass on the steps 0..{T - 1}")
         self.gaussian = torch.as_tensor(gaussian / gaussian.sum(), dtype=torch.float64)
         self.ramp_steps = ramp_steps
         super().__init__(np.full(T, 1.0 / T))

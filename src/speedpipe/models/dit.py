@@ -280,13 +280,14 @@ def load_dit_state_dict(model: DiT, path):
     return model
 
 
-def build_model(cfg) -> DiT:
-    """The DiT of a config's `model` section (learn_sigma from `diffusion`), loaded from model.init_from when set."""
+def build_model(cfg, initialise: bool = True) -> DiT:
+    """The DiT of a config's `model` section (learn_sigma from `diffusion`), loaded from model.init_from when set and
+    `initialise` (a caller about to load a checkpoint's weights needs neither the initial weights nor their file)."""
     m = cfg.model
     model = DiT_models[m.name](input_size=m.input_size, in_channels=m.in_channels, num_classes=m.num_classes,
                                class_dropout_prob=m.class_dropout_prob, learn_sigma=cfg.diffusion.learn_sigma,
                                fused_attn=m.fused_attn)
-    if m.init_from:
+    if initialise and m.init_from:
         load_dit_state_dict(model, m.init_from)
     return model
 

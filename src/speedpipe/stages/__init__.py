@@ -10,7 +10,7 @@ The CLI, the launcher, the experiment (speedpipe.workflow) and the Snakemake rul
 
 A stage runs on a view of its config that holds exactly these keys (`view`): reading any other key stops it with an
 error naming the stage and the key, so no stage depends on a setting its jobs' params do not carry. A job's params
-are `params(stage, config)`: the stage's version and the read values that differ from the schema's defaults, so a
+are `Stage.params(config)`: the stage's version and the read values that differ from the schema's defaults, so a
 key added to the code at its default changes no finished job's params. Changing a default, like any other change of
 a stage's behaviour, is a version bump. The full resolved config stays every stage's provenance: config.yaml beside
 its outputs, and the config a checkpoint carries (what a later stage rebuilds the model from).
@@ -19,6 +19,8 @@ import functools
 import importlib
 from dataclasses import dataclass
 from functools import lru_cache
+
+from speedpipe.config import leaves
 
 IDENTITY = ("experiment", "output_dir")  # the experiment's results folder: every stage's default paths
 IMAGES = ("data.name", "data.root", "data.image_size", "data.mnist_fit", "data.strict")  # data.images.open_image_dataset
@@ -70,14 +72,19 @@ class Stage:
         """What a job of this stage carries as Snakemake params: version and read values that differ from the defaults."""
         plain, defaults = _plain(config), _defaults(self.config)
         if self.config == "report":
-            leaves = _leaves(plain)
+            values = leaves(plain)
         else:
-            leaves = {}
+            values = {}
             for key in self.reads:
                 value = _get(plain, key, self.name)
-                leaves.update(_leaves(value, key) if isinstance(value, dict) else {key: value})
-            leaves = {k: v for k, v in leaves.items() if k not in self.uses}
-        return {"version": self.version, "reads": {k: v for k, v in leaves.items() if k not in defaults or defaults[k] != v}}
+                values.update(leaves(value, key) if isinstance(value, dict) else {key: value})
+            values = {k: v for k, v in values.items() if k not in self.uses}
+        return {"version": self.version, "reads": {k: v for k, v in values.items() if k not in defaults or defaults[k] != v}}
+
+    def run_settings(self, config) -> dict:
+        """What a resumed run (or a kept latent shard) must share with the run that made it: the read values except the
+        run's length, its checkpoint and log cadence and its folder, which a continued run may change."""
+        return {k: v for k, v in self.params(config)["reads"].items() if k.rsplit(".", 1)[-1] not in CONTINUABLE}
 
     def run(self, config):
         """Run the stage on a resolved config (plain values or a DictConfig)."""
@@ -93,20 +100,23 @@ class Stage:
         def run_on_view(config):
             stage = STAGES[self.name]  # the registry's entry when the stage runs
             full = OmegaConf.create(_plain(config))
+            view = stage.view(full)
             try:
-                return run(stage.view(full), full)
+                return run(view, full)
             except (ConfigAttributeError, ConfigKeyError) as err:
                 key = getattr(err, "full_key", None)
-                if stage.config == "report" or not key or OmegaConf.select(full, key, default=_ABSENT) is _ABSENT:
-                    raise
+                in_view = any(getattr(err, "parent_node", None) is node for node in _nodes(view))
+                if stage.config == "report" or not key or not in_view or OmegaConf.select(full, key, default=_ABSENT) is _ABSENT:
+                    raise  # not a read of the view (e.g. of a checkpoint's own config)
                 raise UndeclaredRead(f"stage {stage.name!r} read the config key {key!r}, which its registry entry "
                                      f"(speedpipe.stages.STAGES) does not declare: add it to its reads (it can change "
-                                     f"the outputs) or to its uses") from None
+                                     f"the outputs) or to its uses") from err
 
         return run_on_view
 
 
 _ABSENT = object()
+CONTINUABLE = ("steps", "ckpt_steps", "log_every", "ckpt_every", "run_dir")
 
 STAGES = {s.name: s for s in (
     Stage("autoencoder", None, 2,  # 2: the scale factor from streamed float64 moments
@@ -120,7 +130,7 @@ STAGES = {s.name: s for s in (
           uses=("autoencoder.allow_download", "encode.num_workers", "encode.progress")),
     Stage("classifier", None, 1,
           reads=(*IDENTITY, "seed", *IMAGES, "eval.classifier_steps", "eval.classifier_batch_size", "eval.classifier_lr")),
-    Stage("reference", None, 1,
+    Stage("reference", None, 2,  # 2: eval.reference_max_images spread over the dataset (was its first images)
           reads=(*IDENTITY, *IMAGES, "eval.extractor", "eval.inception_weights", "eval.classifier_weights", "eval.reference",
                  "eval.reference_npz", "eval.reference_max_images", "eval.batch_size", "eval.device"),
           uses=("eval.num_workers",)),
@@ -139,6 +149,17 @@ STAGES = {s.name: s for s in (
                  "eval.device")),
     Stage("report", None, 2, config="report"),
 )}
+
+
+def _nodes(config) -> list:
+    """Every mapping node of a DictConfig (itself included)."""
+    from omegaconf import DictConfig
+
+    nodes = [config]
+    for value in config.values():
+        if isinstance(value, DictConfig):
+            nodes += _nodes(value)
+    return nodes
 
 
 def _plain(config) -> dict:
@@ -163,26 +184,17 @@ def _put(tree: dict, key: str, value):
     tree[leaf] = value
 
 
-def _leaves(value: dict, prefix: str = "") -> dict:
-    """{dotted key: value} of every non-mapping value of a nested mapping (lists are values)."""
-    out = {}
-    for k, v in value.items():
-        dotted = f"{prefix}.{k}" if prefix else str(k)
-        out.update(_leaves(v, dotted) if isinstance(v, dict) and v else {dotted: v})
-    return out
-
-
 @lru_cache(maxsize=None)
 def _default_leaves(kind: str) -> tuple:
     if kind == "report":  # the experiment file's documented defaults (its JSON schema)
         from speedpipe.workflow import schema_defaults
 
-        return tuple(_leaves({"pipeline": schema_defaults()}).items())
+        return tuple(leaves({"pipeline": schema_defaults()}).items())
     from omegaconf import OmegaConf
 
     from speedpipe.config import Config
 
-    return tuple(_leaves(OmegaConf.to_container(OmegaConf.structured(Config))).items())
+    return tuple(leaves(OmegaConf.to_container(OmegaConf.structured(Config))).items())
 
 
 def _defaults(kind: str) -> dict:

@@ -59,7 +59,8 @@ def run(cfg, provenance):
     sample_gen = torch.Generator().manual_seed(cfg.seed)
     loop = ResumableLoop(out, Cadence(ae.steps, ae.log_every, ae.ckpt_every, (), ae.resume_every_steps, ae.resume_every_minutes),
                          {"model": vae, "opt": opt, "data_order": order}, {"sample_gen": sample_gen}, DistEnv(),
-                         ["step", "loss", "rec", "kl", "steps_per_s"], what="autoencoder", progress=ae.progress)
+                         ["step", "loss", "rec", "kl", "steps_per_s"], what="autoencoder", progress=ae.progress,
+                         settings={**STAGES["autoencoder"].run_settings(provenance), "data": dataset.fingerprint()})
     loop.resume()
     save_config(provenance, out / "config.yaml")
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from speedpipe.config import save_config
 from speedpipe.data.images import BatchReader, held_out, open_image_dataset
 from speedpipe.data.order import EpochBatches
 from speedpipe.io import atomic_path, atomic_write_text
@@ -51,6 +52,7 @@ def run(cfg, provenance):
     accuracy = correct / seen
     with atomic_path(out / "model.safetensors") as tmp:
         save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp))
+    save_config(provenance, out / "config.yaml")
     atomic_write_text(out / "metrics.json", json.dumps({"heldout_accuracy": accuracy, "heldout_images": seen,
                                                         "skipped_images": len(read.skipped), "steps": e.classifier_steps}, indent=2))
     return out

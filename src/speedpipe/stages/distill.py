@@ -24,6 +24,7 @@ from speedpipe.data.latents import LatentNormalization, open_training_data
 from speedpipe.data.order import EpochBatches, rank_slice
 from speedpipe.diffusion import create_diffusion
 from speedpipe.distributed import setup_device, shutdown
+from speedpipe.io import sha256_file
 from speedpipe.layout import distill_run_dir
 from speedpipe.loop import Cadence, ResumableLoop
 from speedpipe.models.dit import build_model
@@ -61,7 +62,7 @@ def run(cfg, provenance):
 
     teacher_state = load_checkpoint(d.teacher)
     teacher_cfg = OmegaConf.create(teacher_state["config"])
-    net = build_model(teacher_cfg)
+    net = build_model(teacher_cfg, initialise=False)
     net.load_state_dict(teacher_state["ema"])
     net = net.to(device).eval()
     diffusion = create_diffusion(noise_schedule=teacher_cfg.diffusion.noise_schedule,
@@ -83,7 +84,8 @@ def run(cfg, provenance):
     loop = ResumableLoop(run_dir, Cadence(total_steps(d), d.log_every, d.ckpt_every, (d.warm_start_steps, *d.ckpt_steps),
                                           d.resume_every_steps, d.resume_every_minutes),
                          {"model": student.net, "logvar_head": trained.logvar_head, "ema": ema, "opt": opt, "data_order": order},
-                         {"batch_gen": batch_gen}, env, LOG_COLUMNS, what="distill", progress=d.progress,
+                         {"batch_gen": batch_gen}, env, LOG_COLUMNS, what="distill", progress=d.progress, settings={**STAGES["distill"].run_settings(provenance), "data": dataset.identity(),
+                                                                                           "teacher": sha256_file(d.teacher)},
                          nonfinite="skip" if d.skip_nonfinite else "stop",
                          checkpoint_extra=lambda: {"config": to_plain(provenance), "teacher_config": teacher_state["config"],
                                                    "latent_norm": teacher_state.get("latent_norm")},

@@ -85,13 +85,22 @@ def run(cfg, provenance):
     dataset = open_image_dataset(cfg.data)
     vae, scale, identity = open_autoencoder(cfg)
     vae = vae.to(device)
-    made_by = {"dataset": dataset.fingerprint(), "encoder": identity, "mode": cfg.encode.mode,  # what each shard records
-               "dtype": cfg.encode.dtype, "shard_size": cfg.encode.shard_size}
+    # what each shard records of how it was made: the dataset, the encoder and the stage's settings; shards made
+    # otherwise (Snakemake re-runs encode after an edit and removes only the manifest) are removed and re-encoded
+    made_by = {"dataset": dataset.fingerprint(), "encoder": identity, "settings": STAGES["encode"].run_settings(provenance)}
     if env.is_main:
         save_config(provenance, out / "config.yaml")
 
     manifest = out / "manifest.json"
     recorded = {sh["file"]: sh["sha256"] for sh in json.loads(manifest.read_text())["shards"]} if manifest.is_file() else {}
+    stale = sorted(out.glob("shard-*.safetensors"))
+    if env.is_main and stale and any(_shard_info(p).get(k) != v for p in stale for k, v in made_by.items()):
+        print(f"encode: the shards in {out} were made from another dataset, encoder or settings: encoding again", flush=True)
+        for path in stale:
+            path.unlink()
+        manifest.unlink(missing_ok=True)
+        recorded = {}
+    barrier(env)
     size = cfg.encode.shard_size
     num_shards = math.ceil(len(dataset) / size)
     mine = [i for i in range(num_shards) if i % env.world_size == env.rank]
@@ -100,8 +109,7 @@ def run(cfg, provenance):
     start, encoded = time.perf_counter(), 0
     for i in tqdm(mine, desc=f"encode (rank {env.rank})", disable=not (cfg.encode.progress and env.is_main)):
         path = out / shard_name(i)
-        if path.exists():
-            _check_made_by(path, made_by)
+        if path.exists():  # made as this run would make it (see above): kept, if it is still what the manifest recorded
             _check_recorded_checksum(path, recorded)
             continue
         indices = range(i * size, min((i + 1) * size, len(dataset)))
@@ -122,13 +130,6 @@ def run(cfg, provenance):
     barrier(env)
     shutdown(env)
     return out
-
-
-def _check_made_by(path, made_by):
-    meta = _shard_info(path)
-    stale = [k for k, v in made_by.items() if meta.get(k) != v]
-    if stale:
-        raise DataError(f"{path} was written with a different {', '.join(stale)}; delete {path.parent} to re-encode")
 
 
 def _check_recorded_checksum(path, recorded: dict):

@@ -10,7 +10,7 @@ only). Nothing is written when an input is unusable.
 import json
 from pathlib import Path
 
-from speedpipe.config import ConfigError
+from speedpipe.config import ConfigError, save_config
 from speedpipe.data.samples import NpzImages, SamplesError, read_labels
 from speedpipe.fidelity import (EvaluationError, LAYERS, classifier_weights_path, compute_metrics, label_accuracy, stream_features,
                                 use_cuda, weights_for)
@@ -71,5 +71,6 @@ def run(cfg, provenance):
         "step": sampling.get("step"),
         "sampler": sampling.get("sampler"),
     }
+    save_config(provenance, out.with_suffix(".yaml"))
     atomic_write_text(out, json.dumps(result, indent=2))
     return out

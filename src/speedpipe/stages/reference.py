@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from torch_fidelity.metric_fid import fid_features_to_statistics
 
+from speedpipe.config import save_config
 from speedpipe.data.images import open_image_dataset, to_uint8
 from speedpipe.distributed import setup_device, shutdown
 from speedpipe.data.samples import NpzImages, SamplesError, npz_members
@@ -31,17 +32,18 @@ FID_DIMS = {"inception-v3-compat": 2048, "classifier": DigitClassifier.feature_d
 
 
 class RealImages(torch.utils.data.Dataset):
-    """(index, uint8 CHW image or None if unreadable) for dataset items [start, stop)."""
+    """(index, uint8 CHW image or None if unreadable) for the given dataset items."""
 
-    def __init__(self, dataset, start: int, stop: int):
-        self.dataset, self.start, self.stop = dataset, start, stop
+    def __init__(self, dataset, indices):
+        self.dataset, self.indices = dataset, list(indices)
 
     def __len__(self):
-        return self.stop - self.start
+        return len(self.indices)
 
     def __getitem__(self, k):
-        item = self.dataset[self.start + k]
-        return self.start + k, None if item is None else to_uint8(item[0][None])[0].permute(2, 0, 1)
+        i = self.indices[k]
+        item = self.dataset[i]
+        return i, None if item is None else to_uint8(item[0][None])[0].permute(2, 0, 1)
 
 
 def check_adm_batch(path, extractor: str):
@@ -95,8 +97,9 @@ def run(cfg, provenance):
     else:
         dataset = open_image_dataset(cfg.data)
         n = min(len(dataset), cfg.eval.reference_max_images or len(dataset))
+        chosen = np.linspace(0, len(dataset) - 1, n).round().astype(int)  # spread over the (class-sorted) dataset
         bounds = [n * r // env.world_size for r in range(env.world_size + 1)]
-        mine = RealImages(dataset, bounds[env.rank], bounds[env.rank + 1])
+        mine = RealImages(dataset, chosen[bounds[env.rank] : bounds[env.rank + 1]])
         features, skipped = stream_features(mine, cfg.eval.extractor, weights, ["fid", "kid", "isc", "prc"], cfg.eval.batch_size,
                                             cuda, cfg.eval.num_workers)
         if env.world_size > 1:  # rank order = dataset order
@@ -109,6 +112,7 @@ def run(cfg, provenance):
         mu, sigma = stats["mu"], stats["sigma"]
         count = len(features[LAYERS[cfg.eval.extractor]["fid"]])
     if env.is_main:
+        save_config(provenance, reference_path(cfg).with_suffix(".yaml"))
         atomic_torch_save({
             "mu": torch.from_numpy(np.asarray(mu)),
             "sigma": torch.from_numpy(np.asarray(sigma)),

@@ -68,6 +68,8 @@ def write_table(layout: Layout, name: str, caption: str, *parts: tuple[str, str,
 
 def mean_std(series) -> str:
     """'mean ± std' over seeds ('nan' when no run has the value: without_empty_columns then drops the column)."""
+    if series.isna().all():
+        return "nan"
     return f"{series.mean():.2f} ± {series.std(ddof=0):.2f}" if len(series) > 1 else f"{series.mean():.2f}"
 
 
@@ -105,8 +107,7 @@ def named_table(curve: pd.DataFrame, table: dict) -> tuple[pd.DataFrame, pd.Data
         if reference:
             target, last = means[reference].iloc[-1], float(means.index[-1])
             reached, how = (last, "reference") if m == reference else crossing(list(means.index), list(means[m]), target)
-            seeds = seed_speedups({seed: (list(c.step), list(c.FID)) for seed, c in rows[rows.method == m].sort_values("step").groupby("seed")},
-                                  target, last)
+            seeds = seed_speedups(_seed_curves(rows, m), _seed_curves(rows, reference, final=True), last)
             row.update({"reference final FID": round(target, 3), "iterations to reach it": None if reached is None else round(reached),
                         "reached": how, "speed-up": None if reached is None else round(last / reached, 2),
                         f"speed-up {LEVEL:.0%} t-interval": seeds.interval_text(), "speed-up by seed": seeds.summary(),
@@ -122,6 +123,12 @@ def named_table(curve: pd.DataFrame, table: dict) -> tuple[pd.DataFrame, pd.Data
                                         ("yes" if interval[0] > 0 or interval[1] < 0 else "no"), "seeds": n})
         speedup.append(row)
     return metrics, pd.DataFrame(speedup), pd.DataFrame(differences)
+
+
+def _seed_curves(rows: pd.DataFrame, method: str, final: bool = False) -> dict:
+    """seed -> (steps, FIDs) of a method's runs, or seed -> its final FID."""
+    curves = {seed: (list(c.step), list(c.FID)) for seed, c in rows[rows.method == method].sort_values("step").groupby("seed")}
+    return {seed: fids[-1] for seed, (_, fids) in curves.items()} if final else curves
 
 
 def fid_figure(curve: pd.DataFrame, methods, reference, pipe, speedup: pd.DataFrame) -> plt.Figure:
@@ -268,7 +275,7 @@ def run(cfg, provenance):
             ax.legend(fontsize=7)
         save_figure(fig, layout, "distillation")
 
-    atomic_write_text(layout.table("summary", "json"), json.dumps(summary(cfg, curve, df), indent=2))
+    atomic_write_text(layout.table("summary", "json"), json.dumps(summary(cfg, curve, df), indent=2, allow_nan=False))
     usage = usage_tables(cfg["usage"])
     write_table(layout, "usage", "Where the time went: each job's wall time, CPU time (its process and the processes it "
                 "started) and peak memory where it ran, then per stage.", *usage)
@@ -285,8 +292,9 @@ def summary(cfg, curve: pd.DataFrame, df: pd.DataFrame) -> dict:
         rows = curve[curve.method.isin(table["methods"])]
         fids = {m: {str(seed): list(c.sort_values("step").FID) for seed, c in rows[rows.method == m].groupby("seed")}
                 for m in table["methods"]}
-        entry = {"reference": table["reference"], "fid": fids, "label_accuracy": {
-            m: float(rows[(rows.method == m) & (rows.step == rows.step.max())]["label acc."].mean()) for m in table["methods"]}}
+        accuracy = {m: rows[(rows.method == m) & (rows.step == rows.step.max())]["label acc."].mean() for m in table["methods"]}
+        entry = {"reference": table["reference"], "fid": fids,
+                 "label_accuracy": {m: None if pd.isna(a) else float(a) for m, a in accuracy.items()}}
         if table["reference"]:
             target = float(np.mean([v[-1] for v in fids[table["reference"]].values()]))
             mean_curve = {m: list(rows[rows.method == m].groupby("step").FID.mean()) for m in table["methods"]}
@@ -294,7 +302,7 @@ def summary(cfg, curve: pd.DataFrame, df: pd.DataFrame) -> dict:
             entry["speedup"] = {}
             for m in table["methods"]:
                 reached, how = crossing(pipe["eval_steps"], mean_curve[m], target)
-                seeds = seed_speedups({int(k): (pipe["eval_steps"], v) for k, v in fids[m].items()}, target, pipe["eval_steps"][-1])
+                seeds = seed_speedups(_seed_curves(rows, m), _seed_curves(rows, table["reference"], final=True), pipe["eval_steps"][-1])
                 entry["speedup"][m] = {"mean_curve": None if reached is None else pipe["eval_steps"][-1] / reached, "how": how,
                                        "per_seed": list(seeds.values), "per_seed_how": list(seeds.how),
                                        "interval": list(seeds.interval) if seeds.interval else None}

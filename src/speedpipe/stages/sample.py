@@ -96,7 +96,7 @@ def build_sampler_for(state, cfg, device):
         return ConsistencySampler(student, (m["in_channels"], m["input_size"], m["input_size"]), int(cfg.sampling.sampler[-1]),
                                   cfg.sampling.scm_mid_t)
     run_cfg = OmegaConf.create(state["config"])
-    model = build_model(run_cfg)
+    model = build_model(run_cfg, initialise=False)
     model.load_state_dict(state["ema" if cfg.sampling.use_ema else "model"])
     return DiffusionSampler(model.to(device).eval(), run_cfg, cfg.sampling)
 

@@ -61,7 +61,8 @@ def run(cfg, provenance):
     loop = ResumableLoop(run_dir, Cadence(tr.steps, tr.log_every, tr.ckpt_every, tuple(tr.ckpt_steps), tr.resume_every_steps,
                                           tr.resume_every_minutes),
                          {"model": model, "ema": ema, "opt": opt, "data_order": order}, randomness.generators, env, LOG_COLUMNS,
-                         progress=tr.progress, checkpoint_extra=lambda: {"config": to_plain(provenance),
+                         progress=tr.progress, settings={**STAGES["train"].run_settings(provenance), "data": dataset.identity()},
+                         checkpoint_extra=lambda: {"config": to_plain(provenance),
                                                                          "latent_norm": dataset.normalization.state_dict()},
                          log_fields=lambda step, mean, steps_per_s: {"images_per_s": steps_per_s * tr.global_batch_size})
     loop.resume()
