@@ -33,7 +33,17 @@ def digits():
     from speedpipe.data.images import Mnist5k
     from speedpipe.data.images import to_uint8
 
-    return to_uint8(Mnist5k(32).images[:500]).numpy()  # the first 500 real digits, all zeros (the reference of the tests), uint8 NHWC
+    return to_uint8(Mnist5k(32).images[:500]).numpy()  # the first 500 real digits, all zeros, uint8 NHWC
+
+
+@pytest.fixture(scope="module")
+def reference_digits():
+    """The reference stage's images at eval.reference_max_images=500: 500 spread evenly over the class-sorted dataset."""
+    from speedpipe.data.images import Mnist5k
+    from speedpipe.data.images import to_uint8
+
+    images = Mnist5k(32).images
+    return to_uint8(images[np.linspace(0, len(images) - 1, 500).round().astype(int)]).numpy()
 
 
 def features_of(images, *args):
@@ -78,7 +88,7 @@ def _eval_config(tmp_path, classifier_weights, *extra):
                   "eval.reference_max_images=500", "eval.kid_subset_size=100", *extra]
 
 
-def test_stage_metrics_equal_torch_fidelity(tmp_path, classifier_weights, digits):
+def test_stage_metrics_equal_torch_fidelity(tmp_path, classifier_weights, digits, reference_digits):
     path, overrides = _eval_config(tmp_path, classifier_weights)
     reference.run(load_config(path, overrides))
     rng = np.random.default_rng(1)
@@ -90,7 +100,7 @@ def test_stage_metrics_equal_torch_fidelity(tmp_path, classifier_weights, digits
     ours = json.loads(out.read_text())["metrics"]
 
     theirs = torch_fidelity.calculate_metrics(**fidelity_kwargs(
-        input1=UInt8Images(fake), input2=UInt8Images(digits), fid=True, kid=True, isc=True, prc=True, cuda=False,
+        input1=UInt8Images(fake), input2=UInt8Images(reference_digits), fid=True, kid=True, isc=True, prc=True, cuda=False,
         feature_extractor=ClassifierFeatureExtractor.NAME, feature_extractor_weights_path=str(classifier_weights),
         kid_subset_size=100, cache=False, verbose=False, save_cpu_ram=True))
     assert set(theirs) == set(ours)

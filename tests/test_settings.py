@@ -8,7 +8,8 @@ counts by its error. A stage that ignored the key -- or read its default instead
 `python tests/mutation_check.py --keys` injects exactly that defect, key by key, where the stage reads its config
 (`Stage.view`), and runs that key's test here. A key added to a stage's reads without a case below fails
 `test_every_read_key_has_a_case`, so it is covered by construction. The few keys whose change cannot show on a CPU are
-listed in NOT_ON_CPU with the reason, and checked to change nothing here.
+listed in NOT_ON_CPU with the reason, and checked to change nothing here; inference batch sizes (BATCHING), whose
+effect on the bits depends on the machine's kernels, are checked to reach the stage's data loaders.
 """
 import hashlib
 import json
@@ -32,10 +33,11 @@ NOT_ON_CPU = {  # (stage, key) -> why its change cannot show on a CPU (tests ass
     ("sample", "sampling.device"): "auto is the CPU on a machine without CUDA",
     ("reference", "eval.device"): "auto is the CPU on a machine without CUDA",
     ("evaluate", "eval.device"): "auto is the CPU on a machine without CUDA",
-    ("encode", "encode.batch_size"): "the CPU's convolutions give each image the same bits in any batch; cuDNN picks its "
-                                     "algorithms by batch size",
-    ("reference", "eval.batch_size"): "the CPU's convolutions give each image the same bits in any batch; cuDNN picks its "
-                                      "algorithms by batch size",
+}
+BATCHING = {  # (stage, key): a batch size of inference only. Whether it changes the bits depends on the machine's
+    # kernels (this CPU's convolutions give each image the same bits in any batch, another 2-core CPU's do not; cuDNN
+    # picks algorithms by batch size), so its test is that the value reaches the stage's data loaders
+    ("encode", "encode.batch_size"), ("reference", "eval.batch_size"), ("evaluate", "eval.batch_size"),
 }
 NOT_RUN = {  # key -> why it has no test here (the mutation check lists it as not pinned, with this reason)
     "trainer.compile": "torch.compile of the DiT takes minutes on this CPU; its effect (rounding) is measured by "
@@ -192,12 +194,16 @@ def _digest(value) -> str:
     return hashlib.sha256(value if isinstance(value, bytes) else json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
+PROVENANCE = ("config", "teacher_config", "settings")  # what a checkpoint records of how it was made
+
+
 def _tensors(obj):
-    """A checkpoint's content without its provenance (config, teacher_config)."""
+    """A checkpoint's content without its provenance (the configs, the settings a resumed run must share): a key the
+    stage ignores would still change them."""
     if isinstance(obj, torch.Tensor):
         return _digest(obj.detach().contiguous().cpu().numpy().tobytes() + str(obj.dtype).encode() + str(tuple(obj.shape)).encode())
     if isinstance(obj, dict):
-        return {k: _tensors(v) for k, v in sorted(obj.items()) if k not in ("config", "teacher_config")}
+        return {k: _tensors(v) for k, v in sorted(obj.items()) if k not in PROVENANCE}
     if isinstance(obj, (list, tuple)):
         return [_tensors(v) for v in obj]
     return obj
@@ -214,6 +220,14 @@ def _json(obj, sandbox):
     return obj.replace(str(sandbox), "<run>") if isinstance(obj, str) else obj
 
 
+def _shard_metadata(metadata):
+    """A safetensors file's metadata without a latent shard's provenance (what it was made from and with)."""
+    if metadata and "speedpipe" in metadata:
+        info = json.loads(metadata["speedpipe"])
+        return {**metadata, "speedpipe": {k: v for k, v in info.items() if k not in ("dataset", "encoder", "settings")}}
+    return metadata
+
+
 def fingerprint(sandbox) -> dict:
     """What a run wrote: path (relative to its sandbox) -> content digest; provenance files, events and timings left out."""
     import csv
@@ -228,6 +242,10 @@ def fingerprint(sandbox) -> dict:
             continue
         if path.suffix == ".pt":
             out[rel] = _digest(_tensors(torch.load(path, weights_only=True)))
+        elif path.name == "manifest.json":  # a latent store's: its shards' checksums cover their provenance too
+            manifest = json.loads(path.read_text())
+            manifest["shards"] = [{k: v for k, v in shard.items() if k != "sha256"} for shard in manifest["shards"]]
+            out[rel] = _digest(_json(manifest, sandbox))
         elif path.suffix == ".json":
             out[rel] = _digest(_json(json.loads(path.read_text()), sandbox))
         elif path.suffix == ".csv":
@@ -235,7 +253,7 @@ def fingerprint(sandbox) -> dict:
             out[rel] = _digest(rows)
         elif path.suffix == ".safetensors":
             with safe_open(str(path), framework="pt") as f:
-                out[rel] = _digest([_json(f.metadata(), sandbox), {k: _tensors(f.get_tensor(k)) for k in f.keys()}])
+                out[rel] = _digest([_json(_shard_metadata(f.metadata()), sandbox), {k: _tensors(f.get_tensor(k)) for k in f.keys()}])
         elif path.suffix == ".npz":
             with np.load(path) as npz:
                 out[rel] = _digest({k: _digest(npz[k].tobytes()) for k in npz.files})
@@ -286,9 +304,28 @@ def _override(key, value) -> str:
     return f"{key}={value}"
 
 
+def loader_batch_sizes(monkeypatch) -> list:
+    """The batch sizes of the torch DataLoaders made from now on (the real loaders, their arguments recorded)."""
+    sizes, original = [], torch.utils.data.DataLoader
+
+    def recording(*args, **kwargs):
+        sizes.append(kwargs.get("batch_size", args[1] if len(args) > 1 else 1))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.data, "DataLoader", recording)
+    return sizes
+
+
 @pytest.mark.parametrize("stage,key", ALL, ids=[f"{s}:{k}" for s, k in ALL])
-def test_a_setting_changes_what_its_stage_writes(stage, key, inputs, tmp_path):
+def test_a_setting_changes_what_its_stage_writes(stage, key, inputs, tmp_path, monkeypatch):
     value, context = CASES[stage](inputs)[key]
+    if (stage, key) in BATCHING:
+        sizes = loader_batch_sizes(monkeypatch)
+        run_case(stage, inputs, context, tmp_path / "before")
+        default, sizes[:] = list(sizes), []
+        run_case(stage, inputs, [*context, _override(key, value)], tmp_path / "after")
+        assert value in sizes and value not in default and default, (key, value, default, sizes)
+        return
     before = run_case(stage, inputs, context, tmp_path / "before")
     after = run_case(stage, inputs, [*context, _override(key, value)], tmp_path / "after")
     if (stage, key) in NOT_ON_CPU:

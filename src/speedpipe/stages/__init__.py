@@ -83,8 +83,10 @@ class Stage:
 
     def run_settings(self, config) -> dict:
         """What a resumed run (or a kept latent shard) must share with the run that made it: the read values except the
-        run's length, its checkpoint and log cadence and its folder, which a continued run may change."""
-        return {k: v for k, v in self.params(config)["reads"].items() if k.rsplit(".", 1)[-1] not in CONTINUABLE}
+        run's length, its checkpoint and log cadence, and where its inputs and outputs lie (a continued run may change
+        them; the stages record their data's content: a dataset's fingerprint, a latent store's checksums)."""
+        return {k: v for k, v in self.params(config)["reads"].items()
+                if k not in LOCATIONS and k.rsplit(".", 1)[-1] not in CONTINUABLE}
 
     def run(self, config):
         """Run the stage on a resolved config (plain values or a DictConfig)."""
@@ -117,6 +119,7 @@ class Stage:
 
 _ABSENT = object()
 CONTINUABLE = ("steps", "ckpt_steps", "log_every", "ckpt_every", "run_dir")
+LOCATIONS = (*IDENTITY, "data.root", "data.latents_dir")
 
 STAGES = {s.name: s for s in (
     Stage("autoencoder", None, 2,  # 2: the scale factor from streamed float64 moments

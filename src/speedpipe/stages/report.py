@@ -149,7 +149,7 @@ def fid_figure(curve: pd.DataFrame, methods, reference, pipe, speedup: pd.DataFr
                    label=f"{reference} final")
     ax.set(xlabel="training iterations", ylabel=f"FID ({pipe['extractor']}, {pipe['curve_samples']} samples)",
            title=f"FID vs iterations ({pipe['curve_sampler']}, seeds {pipe['seeds']})", yscale="log")
-    ax.legend(fontsize=7, ncol=2 if len(methods) > 6 else 1)
+    ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.16))  # below the axes: the curves stay visible
     return fig
 
 
