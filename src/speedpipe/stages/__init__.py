@@ -150,7 +150,7 @@ STAGES = {s.name: s for s in (
           reads=(*IDENTITY, "eval.samples", "eval.out", "eval.metrics", "eval.label_accuracy", "eval.batch_size",
                  "eval.kid_subset_size", "eval.extractor", "eval.inception_weights", "eval.classifier_weights", "eval.reference",
                  "eval.device")),
-    Stage("report", None, 2, config="report"),
+    Stage("report", None, 3, config="report"),  # 3: grid titles on two lines
 )}
 
 

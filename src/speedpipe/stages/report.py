@@ -84,7 +84,8 @@ def show_grid(ax, path, title: str, rows: int):
     """A sample stage's class-row grid (rows = min(10, classes)), its rows labelled with the class they were generated for."""
     image = plt.imread(path)
     ax.imshow(image)
-    ax.set(title=title, xticks=[], yticks=[(r + 0.5) * image.shape[0] / rows for r in range(rows)], yticklabels=range(rows))
+    ax.set_title(title, fontsize=9)
+    ax.set(xticks=[], yticks=[(r + 0.5) * image.shape[0] / rows for r in range(rows)], yticklabels=range(rows))
     ax.tick_params(axis="y", length=0, labelsize=7)
 
 
@@ -188,7 +189,7 @@ def grid_panels(df, layout: Layout, name: str, rows: list[list[tuple[str, int, s
             run_, step, sampler, label = panels[j]
             e = df[(df.run == run_) & (df.step == step) & (df.sampler == sampler)].iloc[0]
             acc = e["label acc."]
-            show_grid(axes[i][j], e.grid, f"{label} {sampler}" + (f"\nlabel acc. {acc:.2f}" if np.isfinite(acc) else ""),
+            show_grid(axes[i][j], e.grid, f"{label}\n{sampler}" + (f", label acc. {acc:.2f}" if np.isfinite(acc) else ""),
                       rows=min(10, classes))
     save_figure(fig, layout, name)
 
