@@ -154,26 +154,43 @@ if _spec:
 
 
 KEY_TIMEOUT = 120  # seconds; a setting's test takes a few unmutated
+KEY_DISK = 2 << 30  # bytes; a setting's test writes a few MB unmutated (distill.steps read as its default: 20,000 steps
+# with a checkpoint every 2 fills a disk in under a minute)
+
+
+def _size(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if folder.is_dir() else 0
 
 
 def run_key_mutation(stage: str, key: str, scratch: Path, wrong_way: bool = False) -> tuple[bool, float, str]:
     """The key's test with the stage reading the key's default (tests/test_settings.py), or its value the wrong way
-    round (tests/test_contracts.py)."""
+    round (tests/test_contracts.py). A test that runs over KEY_TIMEOUT or writes over KEY_DISK is stopped: the defect
+    shows (the mutated stage runs far longer than the unmutated one)."""
     env = {**os.environ, "PYTHONPATH": f"{scratch / 'inject'}:{scratch / 'src'}", "OMP_NUM_THREADS": "2",
            "SPEEDPIPE_KEY_MUTATION": f"{stage}:{key}" + (":wrong" if wrong_way else ""),
            "SPEEDPIPE_SETTINGS_INPUTS": str(scratch / "inputs")}
-    start = time.time()
     node = (f"tests/test_contracts.py::test_a_stage_passes_a_directional_setting_as_given[{stage}:{key}]" if wrong_way else
             f"tests/test_settings.py::test_a_setting_changes_what_its_stage_writes[{stage}:{key}]")
-    try:
-        result = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", node], cwd=scratch, env=env,
-                                capture_output=True, text=True, timeout=KEY_TIMEOUT)
-    except subprocess.TimeoutExpired:  # e.g. trainer.steps read as its default: 400,000 steps -- the defect shows
-        return True, time.time() - start, f"timeout: the test ran over {KEY_TIMEOUT} s (it takes seconds unmutated)"
-    if result.returncode == 5:
+    basetemp = scratch / "basetemp"
+    start, stopped = time.time(), None
+    with subprocess.Popen([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", f"--basetemp={basetemp}", node],
+                          cwd=scratch, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        while proc.poll() is None and stopped is None:
+            time.sleep(1)
+            if time.time() - start > KEY_TIMEOUT:  # e.g. trainer.steps read as its default: 400,000 steps
+                stopped = f"timeout: the test ran over {KEY_TIMEOUT} s (it takes seconds unmutated)"
+            elif _size(basetemp) > KEY_DISK:
+                stopped = f"the test wrote over {KEY_DISK >> 30} GiB (a few MB unmutated)"
+        if stopped:
+            proc.kill()
+        output = proc.communicate()[0]
+    shutil.rmtree(basetemp, ignore_errors=True)
+    if stopped:
+        return True, time.time() - start, stopped
+    if proc.returncode == 5:
         raise SystemExit(f"no test {node}")
-    failed = [line for line in result.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]
-    return result.returncode != 0, time.time() - start, failed[0] if failed else result.stdout.strip().splitlines()[-1]
+    failed = [line for line in output.splitlines() if line.startswith(("FAILED", "ERROR"))]
+    return proc.returncode != 0, time.time() - start, failed[0] if failed else output.strip().splitlines()[-1]
 
 
 def run_mutation(name, rel, old, new, tests, scratch: Path) -> tuple[bool, float, str]:

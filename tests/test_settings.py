@@ -39,6 +39,15 @@ BATCHING = {  # (stage, key): a batch size of inference only. Whether it changes
     # picks algorithms by batch size), so its test is that the value reaches the stage's data loaders
     ("encode", "encode.batch_size"), ("reference", "eval.batch_size"), ("evaluate", "eval.batch_size"),
 }
+STOPS = {  # key, or stage:key -> (the run of its case that stops: before, after or both; why: the inputs are made for
+    # it); every other run must not stop
+    "data.strict": ("after", "strict reading of a folder with an unreadable photo"),
+    "eval.extractor": ("after", "Inception-v3 from a weights file that is no Inception state dict"),
+    "eval.inception_weights": ("both", "two weights files that do not exist: the error names the one read"),
+    "evaluate:eval.reference": ("after", "reference statistics that do not exist (the reference stage writes them)"),
+    "autoencoder.name": ("after", "the pretrained VAE, not in the (empty) Hugging Face cache, or not trainable"),
+    "distill.skip_nonfinite": ("before", "a NaN teacher stops sCD unless non-finite steps are skipped"),
+}
 NOT_RUN = {  # key -> why it has no test here (the mutation check lists it as not pinned, with this reason)
     "trainer.compile": "torch.compile of the DiT takes minutes on this CPU; its effect (rounding) is measured by "
                        "benchmarks/train_step.py --compile on a GPU",
@@ -328,6 +337,9 @@ def test_a_setting_changes_what_its_stage_writes(stage, key, inputs, tmp_path, m
         return
     before = run_case(stage, inputs, context, tmp_path / "before")
     after = run_case(stage, inputs, [*context, _override(key, value)], tmp_path / "after")
+    for run, outputs in (("before", before), ("after", after)):  # a stage that misreads a key may stop where it should run
+        stops = STOPS.get(f"{stage}:{key}", STOPS.get(key, ("",)))[0]
+        assert ("stopped" in outputs) == (stops in (run, "both")), (run, outputs)
     if (stage, key) in NOT_ON_CPU:
         assert before == after, f"{key} changed the outputs on the CPU: NOT_ON_CPU's reason no longer holds"
         return
