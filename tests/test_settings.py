@@ -272,7 +272,7 @@ def fingerprint(sandbox) -> dict:
 
 
 def run_case(stage, inputs, overrides, sandbox) -> dict:
-    """The stage's outputs in a fresh sandbox (or the error it stopped with)."""
+    """The stage's outputs in a fresh sandbox (or the error it stopped with); the inputs placed there left out."""
     from speedpipe.layout import Layout
 
     sandbox.mkdir(parents=True)
@@ -287,14 +287,16 @@ def run_case(stage, inputs, overrides, sandbox) -> dict:
             for part in parents:
                 node = node[part]
             node[leaf] = str(sandbox / value)
-    for source, target in PLACED.get(stage, lambda p, layout: [])(inputs, Layout.of(cfg)):
+    placed = PLACED.get(stage, lambda p, layout: [])(inputs, Layout.of(cfg))
+    for source, target in placed:
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(source, target)
     try:
         STAGES[stage].run(cfg)
     except Exception as err:
         return {"stopped": type(err).__name__, "message": str(err).replace(str(sandbox), "<run>")}
-    return fingerprint(sandbox)
+    inputs_placed = {str(target.relative_to(sandbox)) for _, target in placed}  # the stage's inputs, not what it wrote
+    return {path: digest for path, digest in fingerprint(sandbox).items() if path not in inputs_placed}
 
 
 class Mapping(dict):
