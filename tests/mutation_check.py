@@ -19,6 +19,7 @@ prints the keys no test pins, the README lists the survivors with the reason. No
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -158,33 +159,49 @@ KEY_DISK = 2 << 30  # bytes; a setting's test writes a few MB unmutated (distill
 # with a checkpoint every 2 fills a disk in under a minute)
 
 
-def _size(folder: Path) -> int:
-    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if folder.is_dir() else 0
+def _size(*folders: Path) -> int:
+    """Bytes under the folders, as far as they can be read while the test writes and removes files."""
+    total = 0
+    for folder in folders:
+        for root, _, files in os.walk(folder):
+            for name in files:
+                try:
+                    total += os.lstat(os.path.join(root, name)).st_size
+                except OSError:  # renamed or removed meanwhile (atomic writes, pytest's clean-up)
+                    pass
+    return total
 
 
 def run_key_mutation(stage: str, key: str, scratch: Path, wrong_way: bool = False) -> tuple[bool, float, str]:
     """The key's test with the stage reading the key's default (tests/test_settings.py), or its value the wrong way
-    round (tests/test_contracts.py). A test that runs over KEY_TIMEOUT or writes over KEY_DISK is stopped: the defect
-    shows (the mutated stage runs far longer than the unmutated one)."""
+    round (tests/test_contracts.py). A test that runs over KEY_TIMEOUT or writes over KEY_DISK (in its basetemp, or in
+    results/ of the scratch folder, where a stage reading output_dir as its default writes) is stopped with every
+    process it started: the defect shows (the mutated stage runs far longer than the unmutated one)."""
     env = {**os.environ, "PYTHONPATH": f"{scratch / 'inject'}:{scratch / 'src'}", "OMP_NUM_THREADS": "2",
            "SPEEDPIPE_KEY_MUTATION": f"{stage}:{key}" + (":wrong" if wrong_way else ""),
            "SPEEDPIPE_SETTINGS_INPUTS": str(scratch / "inputs")}
     node = (f"tests/test_contracts.py::test_a_stage_passes_a_directional_setting_as_given[{stage}:{key}]" if wrong_way else
             f"tests/test_settings.py::test_a_setting_changes_what_its_stage_writes[{stage}:{key}]")
-    basetemp = scratch / "basetemp"
+    basetemp, stray = scratch / "basetemp", scratch / "results"
     start, stopped = time.time(), None
-    with subprocess.Popen([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", f"--basetemp={basetemp}", node],
-                          cwd=scratch, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
-        while proc.poll() is None and stopped is None:
-            time.sleep(1)
-            if time.time() - start > KEY_TIMEOUT:  # e.g. trainer.steps read as its default: 400,000 steps
-                stopped = f"timeout: the test ran over {KEY_TIMEOUT} s (it takes seconds unmutated)"
-            elif _size(basetemp) > KEY_DISK:
-                stopped = f"the test wrote over {KEY_DISK >> 30} GiB (a few MB unmutated)"
-        if stopped:
-            proc.kill()
-        output = proc.communicate()[0]
-    shutil.rmtree(basetemp, ignore_errors=True)
+    with tempfile.TemporaryFile("w+") as out:  # a file, not a pipe: a long report cannot block the test
+        proc = subprocess.Popen([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", f"--basetemp={basetemp}",
+                                 node], cwd=scratch, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            while proc.poll() is None and stopped is None:
+                time.sleep(1)
+                if time.time() - start > KEY_TIMEOUT:  # e.g. trainer.steps read as its default: 400,000 steps
+                    stopped = f"timeout: the test ran over {KEY_TIMEOUT} s (it takes seconds unmutated)"
+                elif _size(basetemp, stray) > KEY_DISK:
+                    stopped = f"the test wrote over {KEY_DISK >> 30} GiB (a few MB unmutated)"
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            shutil.rmtree(basetemp, ignore_errors=True)
+            shutil.rmtree(stray, ignore_errors=True)
+        out.seek(0)
+        output = out.read()
     if stopped:
         return True, time.time() - start, stopped
     if proc.returncode == 5:

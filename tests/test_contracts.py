@@ -130,7 +130,9 @@ def test_real_images_evaluated_as_samples_match_their_own_reference(inputs, tmp_
         fids[variant] = metrics["frechet_inception_distance"]
         if variant == "as written":
             assert abs(fids[variant]) < 1e-3 and metrics["precision"] == metrics["recall"] == 1.0, metrics
-    assert min(fids["mirrored"], fids["transposed"]) > 1e3 * max(abs(fids["as written"]), 1e-8), fids  # rounding vs a wrong reading
+    # rounding against a wrong reading (measured: 6e-12 as written; 3e-3 mirrored, 1.5e-3 transposed with this briefly
+    # trained classifier's small features)
+    assert min(fids["mirrored"], fids["transposed"]) > max(1e3 * abs(fids["as written"]), 1e-4), fids
 
 
 def test_the_latent_store_holds_the_scaled_posterior_of_each_image_and_its_mirror(inputs, tmp_path):

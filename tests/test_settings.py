@@ -11,6 +11,7 @@ counts by its error. A stage that ignored the key -- or read its default instead
 listed in NOT_ON_CPU with the reason, and checked to change nothing here; inference batch sizes (BATCHING), whose
 effect on the bits depends on the machine's kernels, are checked to reach the stage's data loaders.
 """
+import filecmp
 import hashlib
 import json
 import shutil
@@ -272,7 +273,8 @@ def fingerprint(sandbox) -> dict:
 
 
 def run_case(stage, inputs, overrides, sandbox) -> dict:
-    """The stage's outputs in a fresh sandbox (or the error it stopped with); the inputs placed there left out."""
+    """The stage's outputs in a fresh sandbox (or the error it stopped with); the inputs placed there left out unless
+    the stage changed them."""
     from speedpipe.layout import Layout
 
     sandbox.mkdir(parents=True)
@@ -295,8 +297,8 @@ def run_case(stage, inputs, overrides, sandbox) -> dict:
         STAGES[stage].run(cfg)
     except Exception as err:
         return {"stopped": type(err).__name__, "message": str(err).replace(str(sandbox), "<run>")}
-    inputs_placed = {str(target.relative_to(sandbox)) for _, target in placed}  # the stage's inputs, not what it wrote
-    return {path: digest for path, digest in fingerprint(sandbox).items() if path not in inputs_placed}
+    unchanged = {str(target.relative_to(sandbox)) for source, target in placed if filecmp.cmp(source, target, shallow=False)}
+    return {path: digest for path, digest in fingerprint(sandbox).items() if path not in unchanged}  # not its inputs
 
 
 class Mapping(dict):
@@ -332,10 +334,11 @@ def test_a_setting_changes_what_its_stage_writes(stage, key, inputs, tmp_path, m
     value, context = CASES[stage](inputs)[key]
     if (stage, key) in BATCHING:
         sizes = loader_batch_sizes(monkeypatch)
-        run_case(stage, inputs, context, tmp_path / "before")
+        before = run_case(stage, inputs, context, tmp_path / "before")
         default, sizes[:] = list(sizes), []
-        run_case(stage, inputs, [*context, _override(key, value)], tmp_path / "after")
-        assert value in sizes and value not in default and default, (key, value, default, sizes)
+        after = run_case(stage, inputs, [*context, _override(key, value)], tmp_path / "after")
+        assert "stopped" not in before and "stopped" not in after, (before, after)
+        assert set(sizes) == {value} and value not in default and default, (key, value, default, sizes)  # every loader
         return
     before = run_case(stage, inputs, context, tmp_path / "before")
     after = run_case(stage, inputs, [*context, _override(key, value)], tmp_path / "after")

@@ -38,6 +38,8 @@ def test_image_folder_experiments_use_the_papers_settings(tmp_path):
         sampler, weighting = speed["diffusion"]["timestep_sampler"], speed["diffusion"]["loss_weighting"]
         assert {key: sampler[key] for key in ("name", "k", "tau", "dual")} == {"name": "speed", "k": k, "tau": 700, "dual": True}
         assert {key: weighting[key] for key in ("name", "lam", "tau")} == {"name": "speed", "lam": 0.6, "tau": 700}
+        assert all(v is None for k, v in sampler.items() if k not in ("name", "k", "tau", "dual"))  # no other method's
+        assert all(v is None for k, v in weighting.items() if k not in ("name", "lam", "tau"))
         assert exp.pipe["train_steps"] == 50000 and speed["optim"]["lr"] == 1e-4 and speed["trainer"]["global_batch_size"] == 256
         assert speed["model"]["name"] == "DiT-XL/2" and speed["model"]["num_classes"] == 1
         assert speed["data"]["name"] == "image_folder" and speed["eval"]["extractor"] == "inception-v3-compat"

@@ -32,6 +32,7 @@ from speedpipe.checkpoint import list_checkpoints, rng_state, restore_rng, save_
 from speedpipe.csvlog import CsvLog
 from speedpipe.distributed import DistEnv, all_reduce_mean, all_reduce_min, barrier
 from speedpipe.io import atomic_torch_save, safe_torch_load
+from speedpipe.stages import Stage
 
 RESUME_FILE = "latest.pt"
 _ACTIVE: "ResumableLoop | None" = None  # the loop running in this process (the signal handlers' target)
@@ -91,8 +92,8 @@ class ResumableLoop:
         """Load the newest state into the stateful objects and generators; returns it (None for a fresh run). A state
         made with other settings is not resumed: its checkpoint files are removed and the run starts afresh."""
         path, state = self._newest()
-        if state is not None and self.settings is not None and state.get("settings", self.settings) != self.settings:
-            differ = sorted(k for k in {*state["settings"], *self.settings} if state["settings"].get(k) != self.settings.get(k))
+        differ = Stage.settings_differ(state.get("settings", self.settings), self.settings) if state and self.settings else []
+        if differ:
             for stale in [*(p for _, p in list_checkpoints(self.run_dir)), self.run_dir / RESUME_FILE]:
                 stale.unlink(missing_ok=True)
             self._event("restart", f"settings changed: {', '.join(differ)}")

@@ -83,10 +83,16 @@ class Stage:
 
     def run_settings(self, config) -> dict:
         """What a resumed run (or a kept latent shard) must share with the run that made it: the read values except the
-        run's length, its checkpoint and log cadence, and where its inputs and outputs lie (a continued run may change
+        run's length, its checkpoint and log cadence, and where its data and its outputs lie (a continued run may change
         them; the stages record their data's content: a dataset's fingerprint, a latent store's checksums)."""
         return {k: v for k, v in self.params(config)["reads"].items()
                 if k not in LOCATIONS and k.rsplit(".", 1)[-1] not in CONTINUABLE}
+
+    @staticmethod
+    def settings_differ(recorded: dict, current: dict) -> list[str]:
+        """The keys whose values differ between the settings a run (or a shard) recorded and the current ones. Locations
+        are not compared, so records made before they were left out of the settings still match."""
+        return sorted(k for k in {*recorded, *current} - set(LOCATIONS) if recorded.get(k) != current.get(k))
 
     def run(self, config):
         """Run the stage on a resolved config (plain values or a DictConfig)."""

@@ -22,7 +22,7 @@ from speedpipe.distributed import barrier, setup_device, shutdown
 from speedpipe.io import atomic_path, atomic_write_text, sha256_file
 from speedpipe.layout import latents_dir
 from speedpipe.models.autoencoder import encode_posterior, open_autoencoder
-from speedpipe.stages import STAGES
+from speedpipe.stages import STAGES, Stage
 
 
 class _Indexed(torch.utils.data.Dataset):
@@ -94,7 +94,7 @@ def run(cfg, provenance):
     manifest = out / "manifest.json"
     recorded = {sh["file"]: sh["sha256"] for sh in json.loads(manifest.read_text())["shards"]} if manifest.is_file() else {}
     stale = sorted(out.glob("shard-*.safetensors"))
-    if env.is_main and stale and any(_shard_info(p).get(k) != v for p in stale for k, v in made_by.items()):
+    if env.is_main and stale and any(_made_otherwise(_shard_info(p), made_by) for p in stale):
         print(f"encode: the shards in {out} were made from another dataset, encoder or settings: encoding again", flush=True)
         for path in stale:
             path.unlink()
@@ -137,6 +137,12 @@ def _check_recorded_checksum(path, recorded: dict):
     if path.name in recorded and sha256_file(path) != recorded[path.name]:
         raise DataError(f"{path} does not match the sha256 recorded in {path.parent / 'manifest.json'} (modified or corrupt "
                         f"since it was written); delete it to re-encode it")
+
+
+def _made_otherwise(info: dict, made_by: dict) -> bool:
+    """Whether a shard was made from another dataset or encoder, or with other settings."""
+    return (any(info.get(k) != v for k, v in made_by.items() if k != "settings")
+            or bool(Stage.settings_differ(info.get("settings", {}), made_by["settings"])))
 
 
 def _shard_info(path) -> dict:
