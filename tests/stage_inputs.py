@@ -11,6 +11,19 @@ from speedpipe.config import load_config
 from speedpipe.stages import STAGES
 
 
+class Recorder:
+    """Wraps module.name (a function or class the stage calls) and keeps the arguments of every call."""
+
+    def __init__(self, monkeypatch, module, name):
+        self.calls, original = [], getattr(module, name)
+
+        def recording(*args, **kwargs):
+            self.calls.append((args, kwargs))
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, recording)
+
+
 def _photos(folder, seed, count=24, broken=False):
     rng = np.random.default_rng(seed)
     for i in range(count):

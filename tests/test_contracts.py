@@ -17,25 +17,12 @@ import torch
 
 from speedpipe.config import load_config
 from speedpipe.stages import STAGES
-from stage_inputs import DISTILL, SAMPLE
+from stage_inputs import DISTILL, SAMPLE, Recorder
 
 
 def run(stage, inputs, *overrides, tmp=None):
     cfg = load_config(inputs["base"], [f"output_dir={tmp}", *overrides], phase=STAGES[stage].phase)
     return cfg, STAGES[stage].run(cfg)
-
-
-class Recorder:
-    """Wraps module.name (a function or class the stage calls) and keeps the arguments of every call."""
-
-    def __init__(self, monkeypatch, module, name):
-        self.calls, original = [], getattr(module, name)
-
-        def recording(*args, **kwargs):
-            self.calls.append((args, kwargs))
-            return original(*args, **kwargs)
-
-        monkeypatch.setattr(module, name, recording)
 
 
 TRAIN = ["data.source=synthetic"]

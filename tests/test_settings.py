@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from stage_inputs import DISTILL, SAMPLE
+from stage_inputs import DISTILL, SAMPLE, Recorder
 from speedpipe.config import Config, load_config
 from speedpipe.config import leaves
 from speedpipe.stages import STAGES
@@ -317,26 +317,21 @@ def _override(key, value) -> str:
     return f"{key}={value}"
 
 
-def loader_batch_sizes(monkeypatch) -> list:
-    """The batch sizes of the torch DataLoaders made from now on (the real loaders, their arguments recorded)."""
-    sizes, original = [], torch.utils.data.DataLoader
-
-    def recording(*args, **kwargs):
-        sizes.append(kwargs.get("batch_size", args[1] if len(args) > 1 else 1))
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(torch.utils.data, "DataLoader", recording)
-    return sizes
+def _batch_size(call) -> int:
+    """The batch size a recorded DataLoader(dataset, batch_size=1, ...) call asked for."""
+    args, kwargs = call
+    return kwargs.get("batch_size", args[1] if len(args) > 1 else 1)
 
 
 @pytest.mark.parametrize("stage,key", ALL, ids=[f"{s}:{k}" for s, k in ALL])
 def test_a_setting_changes_what_its_stage_writes(stage, key, inputs, tmp_path, monkeypatch):
     value, context = CASES[stage](inputs)[key]
     if (stage, key) in BATCHING:
-        sizes = loader_batch_sizes(monkeypatch)
+        loaders = Recorder(monkeypatch, torch.utils.data, "DataLoader")  # the real loaders, their arguments kept
         before = run_case(stage, inputs, context, tmp_path / "before")
-        default, sizes[:] = list(sizes), []
+        default, loaders.calls[:] = [_batch_size(c) for c in loaders.calls], []
         after = run_case(stage, inputs, [*context, _override(key, value)], tmp_path / "after")
+        sizes = [_batch_size(c) for c in loaders.calls]
         assert "stopped" not in before and "stopped" not in after, (before, after)
         assert set(sizes) == {value} and value not in default and default, (key, value, default, sizes)  # every loader
         return
