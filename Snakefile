@@ -1,4 +1,4 @@
-# speedpipe: dataset -> autoencoder -> latents -> train (methods x seeds) -> sCD -> sample -> evaluate -> report.
+# speedpipe: dataset -> autoencoder -> latents -> train (methods x seeds) -> consistency models (sCD, sCT) -> sample -> evaluate -> report.
 # The experiment file says what to run (configs/pipeline/demo.yaml by default; its keys: workflow/schemas/):
 #   snakemake --cores all                                   # the demo
 #   snakemake --cores all --configfile configs/pipeline/imagenet_256.yaml
@@ -33,7 +33,7 @@ onstart:
 
 wildcard_constraints:
     run=alternation(EXP.train_runs),
-    teacher=alternation(t.name for t in EXP.teachers),
+    student=alternation(EXP.distill_runs),
 
 
 include: "workflow/rules/common.smk"

@@ -16,7 +16,7 @@ import torch
 from omegaconf import OmegaConf
 
 from speedpipe.checkpoint import load_checkpoint
-from speedpipe.consistency.scd import ConsistencySampler
+from speedpipe.consistency.sampling import ConsistencySampler
 from speedpipe.consistency.trigflow import TrigFlowStudent
 from speedpipe.stages.sample import DiffusionSampler
 from speedpipe.models.dit import build_model

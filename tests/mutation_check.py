@@ -29,7 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 T = "tests/"
 DIFFUSION_TESTS = [T + "test_diffusion.py", T + "test_timesteps.py"]
-SCD_TESTS = [T + "test_consistency.py", T + "test_scd_exact.py"]
+SCD_TESTS = [T + "test_consistency.py", T + "test_consistency_exact.py"]
 LOOP_TESTS = [T + "test_loop.py", T + "test_train.py", T + "test_consistency.py::test_distill_reduces_loss_and_resumes_bit_identical"]
 
 # (name, file under src/speedpipe, exact text, replacement, tests that should catch it)
@@ -67,19 +67,28 @@ MUTATIONS = [
      "log_sigma = np.log((1.0 - diffusion.alphas_cumprod) / diffusion.alphas_cumprod)", DIFFUSION_TESTS),
     ("min-SNR: gamma / SNR", "diffusion/timesteps.py", "np.minimum(snr, gamma) / snr", "np.maximum(snr, gamma) / snr",
      DIFFUSION_TESTS),
-    ("sCD: tangent sign flipped", "consistency/scd.py", "g = g / _bcast(g_norm + self.tangent_c, g)",
+    ("sCD: tangent sign flipped", "consistency/objectives.py", "g = g / _bcast(g_norm + self.tangent_c, g)",
      "g = -g / _bcast(g_norm + self.tangent_c, g)", SCD_TESTS),
-    ("sCD: no tangent normalisation", "consistency/scd.py", "g = g / _bcast(g_norm + self.tangent_c, g)",
+    ("sCD: no tangent normalisation", "consistency/objectives.py", "g = g / _bcast(g_norm + self.tangent_c, g)",
      "g = g / (1 + self.tangent_c)", SCD_TESTS),
-    ("sCD: warmup r ignored (always 1)", "consistency/scd.py", "return min(1.0, step / self.tangent_warmup)", "return 1.0",
+    ("sCD: warmup r ignored (always 1)", "consistency/objectives.py", "return min(1.0, step / self.tangent_warmup)", "return 1.0",
      SCD_TESTS),
-    ("sCD: JVP tangent in t without cos t sin t", "consistency/scd.py",
-     "tangents = ((_bcast(cos_sin, x_t) * dxt_dt / sigma_d).float(), cos_sin.float())",
-     "tangents = ((_bcast(cos_sin, x_t) * dxt_dt / sigma_d).float(), torch.ones_like(cos_sin).float())", SCD_TESTS),
-    ("sCD: teacher velocity not times sigma_d", "consistency/scd.py",
-     "dxt_dt = sigma_d * self.teacher(x_t.float() / sigma_d, t64.float(), y).double()",
-     "dxt_dt = self.teacher(x_t.float() / sigma_d, t64.float(), y).double()", SCD_TESTS),
-    ("sCD sampler: t_mid not used for re-noising", "consistency/scd.py",
+    ("sCD: JVP tangent in t without cos t sin t", "consistency/objectives.py",
+     "(_bcast(cos_sin, x_t) * dxt_dt / student.sigma_d).float(), cos_sin.float(), y)",
+     "(_bcast(cos_sin, x_t) * dxt_dt / student.sigma_d).float(), torch.ones_like(cos_sin).float(), y)", SCD_TESTS),
+    ("sCD: teacher velocity not times sigma_d", "consistency/methods/scd.py",
+     "return sigma_d * self.teacher(x_t.float() / sigma_d, t.float(), y).double()",
+     "return self.teacher(x_t.float() / sigma_d, t.float(), y).double()", SCD_TESTS),
+    ("sCT: the pair's velocity with z and x0 swapped", "consistency/methods/sct.py", "return data_velocity(x0, z, t)",
+     "return data_velocity(z, x0, t)", SCD_TESTS),
+    ("DiT tangent: modulate without the scale's derivative", "models/dit_tangent.py",
+     "dm = dn * (1 + scale.unsqueeze(1)) + n * d_scale.unsqueeze(1) + d_shift.unsqueeze(1)",
+     "dm = dn * (1 + scale.unsqueeze(1)) + d_shift.unsqueeze(1)", SCD_TESTS),
+    ("DiT tangent: attention without the softmax's derivative", "models/dit_tangent.py",
+     "return torch.ops.aten._softmax_backward_data(ds, p, -1, p.dtype) @ v + p @ dv", "return p @ dv", SCD_TESTS),
+    ("DiT tangent: gate's derivative dropped", "models/dit_tangent.py",
+     "dx = dx + d_gate_mlp.unsqueeze(1) * h + gate_mlp.unsqueeze(1) * dh", "dx = dx + gate_mlp.unsqueeze(1) * dh", SCD_TESTS),
+    ("sCD sampler: t_mid not used for re-noising", "consistency/sampling.py",
      "x_mid = math.cos(self.mid_t) * x0 + math.sin(self.mid_t) * sigma_d * z2", "x_mid = x0 + sigma_d * z2", SCD_TESTS),
     ("TrigFlow: consistency sign", "consistency/trigflow.py",
      "return _bcast(torch.cos(t), x_t) * x_t - _bcast(torch.sin(t), x_t) * self.sigma_d * F",

@@ -15,8 +15,10 @@ import yaml
 
 from conftest import REPO, planned_jobs, snakemake
 from speedpipe.config import Config, load_config
+from speedpipe.consistency.methods import method_names
 from speedpipe.stages import STAGES, UndeclaredRead
 
+STUDENT_PREFIXES = tuple(f"{m}_" for m in method_names())  # the sample/evaluate rules of the students: sample_scd_speed_s0
 DATA = {"autoencoder", "encode", "classifier", "reference"}
 
 
@@ -57,7 +59,7 @@ def groups(jobs) -> dict[str, set]:
     for job in jobs:
         rule = job.split("[")[0]
         kind = rule if rule in DATA | {"train", "distill", "report"} else \
-            f"{rule.split('_')[0]}:{'student' if rule.split('_', 1)[1].startswith('scm') else 'teacher'}"
+            f"{rule.split('_')[0]}:{'student' if rule.split('_', 1)[1].startswith(STUDENT_PREFIXES) else 'teacher'}"
         out.setdefault(kind, set()).add(job)
     return out
 
@@ -85,6 +87,7 @@ CASES = {  # edit -> the job kinds it must re-plan, each entirely (and nothing e
                                     ["sample:teacher", "sample:student", *EVALUATED]),
     "eval.metrics (evaluate: no sampling, no training)": ("base", setting("eval", "metrics", ["fid", "kid", "isc"]), EVALUATED),
     "a table's caption (report)": ("pipe", setting("tables", "k", "caption", "Another caption."), ["report"]),
+    "a consistency method left out (the other's students stay)": ("pipe", setting("consistency_methods", ["scd"]), ["report"]),
     "launcher settings": ("pipe", setting("launcher", "train", {"executor": "local", "time_min": 5, "partition": "other"}), []),
     "progress flags": ("pipe", override("train", "trainer.progress=true"), []),
     "resume-checkpoint cadence": ("base", setting("trainer", "resume_every_steps", 3), []),
@@ -305,7 +308,7 @@ def test_the_full_resolved_config_is_saved_beside_every_output(micro_run):
     exp = Experiment(yaml.safe_load((micro_run / "micro.yaml").read_text()))
     expected = {"latents/config.yaml": exp.stage_config("encode"),
                 "train/speed-s0/config.yaml": exp.stage_config("train", exp.train_runs["speed-s0"]),
-                "distill/speed-s0/config.yaml": exp.stage_config("distill", exp.distill_runs["scm-speed-s0"]),
+                "distill/sct-speed-s0/config.yaml": exp.stage_config("distill", exp.distill_runs["sct-speed-s0"]),
                 "samples/speed-s0/0000004/ddim5.yaml": exp.stage_config("sample", evaluation=next(
                     e for e in exp.evaluations() if e.run.name == "speed-s0" and e.step == 4 and e.sampler == "ddim5"))}
     for path, config in expected.items():

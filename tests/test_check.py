@@ -24,7 +24,8 @@ def summary(speed_final=(4.5, 4.4, 4.6), teacher_accuracy=0.88, student_two_step
             "reference_sampler": "ddpm250-cfg3", "ode_sampler": "ddim250-cfg3",
             "samplers": {"ddpm250-cfg3": {"fid": 1.6, "label_accuracy": teacher_accuracy}, "ddim250-cfg3": {"fid": 2.4, "label_accuracy": 0.77},
                          "ddim2-cfg3": {"fid": 12.0, "label_accuracy": 0.37}},
-            "student": {"400": {"scm1": {"fid": 2.8, "label_accuracy": 0.7}, "scm2": {"fid": student_two_step, "label_accuracy": 0.77}}}}},
+            "students": {"scd": {"400": {"scm1": {"fid": 2.8, "label_accuracy": 0.7},
+                                         "scm2": {"fid": student_two_step, "label_accuracy": 0.77}}}}}},
     }
 
 
@@ -55,7 +56,7 @@ def test_a_conclusion_that_no_longer_holds_fails_the_check(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "FAILS  fid: speed reaches baseline's final FID in fewer iterations" in out
     assert "FAILS  teacher speed-s0: ddpm250-cfg3 samples land in their class at least 80% of the time" in out
-    assert "holds  student of speed-s0: 2-step FID at most its teacher's ODE" in out
+    assert "holds  scd student of speed-s0: 2-step FID at most its teacher's ODE" in out
     good = copy.deepcopy(summary())
     (tmp_path / "tables/summary.json").write_text(json.dumps(good))
     assert main([str(tmp_path)]) == 0

@@ -8,7 +8,9 @@ import torch
 from conftest import events
 from speedpipe.checkpoint import load_checkpoint
 from speedpipe.config import load_config
-from speedpipe.consistency.scd import ConsistencySampler, LogvarHead, SCDLoss, jvp_dF_dt
+from speedpipe.consistency.methods.scd import SCDLoss
+from speedpipe.consistency.objectives import LogvarHead, graded_F_and_tangent
+from speedpipe.consistency.sampling import ConsistencySampler
 from speedpipe.consistency.trigflow import ContinuousIndex, TrigFlowStudent, TrigFlowTeacher
 from speedpipe.diffusion import create_diffusion
 from speedpipe.models.dit import DiT_models
@@ -113,13 +115,83 @@ def test_jvp_tangent_matches_finite_differences():
     t = torch.tensor([0.3, 0.8, 1.2], dtype=torch.float64)
     path = lambda tt: torch.cos(tt).view(-1, 1, 1, 1) * x0 + torch.sin(tt).view(-1, 1, 1, 1) * z  # noqa: E731
     dx_dt = -torch.sin(t).view(-1, 1, 1, 1) * x0 + torch.cos(t).view(-1, 1, 1, 1) * z
-    cos_sin_dF = jvp_dF_dt(student, path(t), t, y, dx_dt)
+    _, cos_sin_dF = graded_F_and_tangent(student, path(t), t, y, dx_dt)
     h = 1e-6
     with torch.no_grad():
         fd = (student(path(t + h) / 0.5, t + h, y) - student(path(t - h) / 0.5, t - h, y)) / (2 * h)
     expected = (torch.cos(t) * torch.sin(t)).view(-1, 1, 1, 1) * fd
     rel = (cos_sin_dF - expected).norm() / expected.norm()
     assert rel < 1e-6, rel
+
+
+@pytest.mark.parametrize("fused_attn", [True, False])
+def test_the_dits_own_tangent_is_its_forward_mode_derivative(fused_attn):
+    """DiT.forward_with_tangent: its value is the DiT's forward, bit for bit, and carries gradients; its tangent is
+    torch.func.jvp's through the math attention kernel (fp64), along the image and the time input at once."""
+    from torch.func import jvp
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    net = _tiny_dit()
+    net.set_fused_attn(fused_attn)
+    g = torch.Generator().manual_seed(4)
+    x, dx = (torch.randn(3, 4, 8, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    t, dt = 3 * torch.rand(3, generator=g, dtype=torch.float64), torch.randn(3, generator=g, dtype=torch.float64)
+    y = torch.tensor([1, 5, 9])
+    out, d_out = net.forward_with_tangent(x, dx, t, dt, y)
+    assert torch.equal(out, net(x, t, y)) and out.requires_grad and not d_out.requires_grad
+    with sdpa_kernel(SDPBackend.MATH):
+        _, expected = jvp(lambda a, b: net(a, b, y), (x, t), (dx, dt))
+    assert (d_out - expected).abs().max() < 1e-12 * expected.abs().max()
+    _, along_x = net.forward_with_tangent(x, dx, t, torch.zeros_like(dt), y)
+    assert (along_x - expected).abs().max() > 1e-3 * expected.abs().max()  # the time direction is part of it
+
+
+def test_the_dits_own_tangent_under_bf16_autocast_is_as_close_as_torch_func_jvps():
+    """Under bf16 autocast (distill.precision=bf16) the value is still the DiT's forward bit for bit, and the tangent is
+    within 2 % of the fp32 derivative, at most 3x the error of torch.func.jvp under the same autocast (measured: 0.9 %
+    and 0.5 %)."""
+    from torch.func import jvp
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    net = _tiny_dit(torch.float32)
+    g = torch.Generator().manual_seed(4)
+    x, dx = (torch.randn(4, 4, 8, 8, generator=g) for _ in range(2))
+    t, dt, y = torch.rand(4, generator=g), torch.randn(4, generator=g), torch.tensor([0, 1, 2, 3])
+    along = lambda: jvp(lambda a, b: net(a, b, y), (x, t), (dx, dt))[1].float()  # noqa: E731
+    with sdpa_kernel(SDPBackend.MATH):
+        exact = along()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            reference = along()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, own = net.forward_with_tangent(x, dx, t, dt, y)
+        assert torch.equal(out, net(x, t, y))
+    error = lambda d: ((d.float() - exact).norm() / exact.norm()).item()  # noqa: E731
+    assert error(own) < min(0.02, 3 * error(reference)), (error(own), error(reference))
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+def test_an_scd_step_with_the_dits_own_tangent_equals_the_step_with_torch_func_jvp(dtype, tolerance):
+    """One sCD step (guided teacher, tangent warmed up halfway): loss and every parameter gradient with the DiT's own
+    tangent in its graded pass equal those of a graded pass plus torch.func.jvp through the math kernel (the
+    reference), within `tolerance` relative (fp32: the kernels' rounding)."""
+    g = torch.Generator().manual_seed(6)
+    x0, z = (0.5 * torch.randn(4, 4, 8, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    t, y = torch.tensor([0.1, 0.6, 1.1, 1.5], dtype=torch.float64), torch.tensor([0, 3, 7, 9])
+    teacher = TrigFlowTeacher.over_latents(_tiny_dit(dtype, seed=1).requires_grad_(False), create_diffusion("").alphas_cumprod,
+                                           0.5, cfg_scale=2.0)
+    results = []
+    for own_tangent in (True, False):
+        student = TrigFlowStudent(_tiny_dit(dtype), 0.5, own_tangent=own_tangent)
+        head = LogvarHead().to(dtype)
+        loss = SCDLoss(teacher, tangent_warmup=2)(student, head, x0, z, t, y, step=1)["loss"]
+        loss.backward()
+        results.append((loss.item(), {k: p.grad for k, p in student.net.named_parameters() if p.grad is not None}))
+    (own_loss, own_grads), (ref_loss, ref_grads) = results
+    assert abs(own_loss - ref_loss) <= tolerance * abs(ref_loss)
+    assert own_grads.keys() == ref_grads.keys() and len(ref_grads) > 40
+    total = torch.sqrt(sum((g**2).sum() for g in ref_grads.values()))
+    difference = torch.sqrt(sum(((own_grads[k] - ref_grads[k]) ** 2).sum() for k in ref_grads))
+    assert difference <= tolerance * total, (difference / total).item()
 
 
 def test_boundary_condition():

@@ -148,7 +148,7 @@ CASES = {
         "distill.log_every": (2, ["distill.steps=3"]), "distill.ckpt_every": (1, ["distill.steps=3"]),  # (the warm start and
         "distill.ckpt_steps": ([3], ["distill.steps=3"]), "distill.precision": ("bf16", []),           # the end: checkpoints)
         "distill.skip_nonfinite": (True, [f"distill.teacher={p['teacher_nan']}"]), "distill.run_dir": ("runs/student", []),
-        "distill.device": ("auto", []),
+        "distill.device": ("auto", []), "distill.method": ("sct", []),
     },
     "sample": lambda p: {
         "experiment": ("y", ["sampling.out=null", "autoencoder.path=null"]),

@@ -108,9 +108,11 @@ def test_micro_run_metrics_are_finite_and_the_tables_hold_them(micro_run):
                 assert (pd.isna(got) if expected is None else got == round(expected)), (table, method, got, expected)
                 assert (pd.isna(speed) if expected is None else speed == round(4 / expected, 2)), (table, method, speed)
     scm = pd.read_csv(root / "tables/scm.csv")
-    assert list(scm.teacher) == ["speed-s0"] * 8 + ["baseline-s0"] * 8
+    assert list(scm.teacher) == ["speed-s0"] * 12 + ["baseline-s0"] * 12  # 4 teacher rows, 2 methods x 2 steps x 2 samplers
+    assert {m.split(" student")[0] for m in scm.model if m != "teacher"} == {"sCD", "sCT"}
     for _, row in scm.iterrows():
-        run = row.teacher if row.model.startswith("teacher") else f"scm-{row.teacher}"
+        method = {"sCD": "scd", "sCT": "sct"}.get(row.model.split(" student")[0])
+        run = row.teacher if row.model == "teacher" else f"{method}-{row.teacher}"
         m = metrics[(run, int(row.step), row.sampler)]
         assert row.FID == pytest.approx(m["frechet_inception_distance"], abs=5e-4)
         assert row["label acc."] == pytest.approx(m["label_accuracy"], abs=5e-4)
@@ -254,7 +256,8 @@ def test_a_sweep_expands_to_the_expected_jobs(tmp_path):
     ({"methods": {"a/b": "configs/mnist5k/speed.yaml"}}, r"method 'a/b': names are letters"),
     ({"teachers": ["speed-s1"]}, r"teachers: no train run 'speed-s1'; did you mean 'speed-s0'\?"),
     ({"teachers": "speed-s0"}, r"teachers: 'speed-s0' is not of type 'array'"),
-    ({"methods": {"scm-x": "configs/mnist5k/speed.yaml"}}, r"method 'scm-x': names starting with 'scm-' are the sCD students' runs"),
+    ({"methods": {"sct-x": "configs/mnist5k/speed.yaml"}}, r"method 'sct-x': names starting with 'sct-' are the sct students' runs"),
+    ({"consistency_methods": ["scd", "sdc"]}, r"consistency_methods: no consistency method 'sdc'; did you mean 'scd'\?"),
     ({"methods": {"a.b": "configs/mnist5k/speed.yaml", "a_b": "configs/mnist5k/speed.yaml"}, "teachers": ["a.b-s0"]},
      r"the runs 'a.b-s0' and 'a_b-s0' differ only in"),
     ({"overrides": {"train": ["trainer.progres=false"]}}, r"overrides.train: .*trainer.progres"),

@@ -12,7 +12,7 @@
 
 Timings and images are not compared. Then each conclusion is re-read in the run: who is faster than the reference (the
 speed-up on the same side of 1; judged only where the reference's interval over seeds resolved it, else listed as not
-judged), the teacher's label accuracy above its bar, the sCM student at least as good as its teacher's ODE and better
+judged), the teacher's label accuracy above its bar, each consistency student at least as good as its teacher's ODE and better
 than the teacher's DDIM at the student's cost. Exit status 1 when a conclusion fails; numbers that moved are reported
 either way.
 """
@@ -22,6 +22,7 @@ import math
 import sys
 from pathlib import Path
 
+from speedpipe.sampler_labels import parse_sampler
 from speedpipe.uncertainty import sd
 
 
@@ -83,17 +84,20 @@ def judge(run: dict, expected: dict) -> Judge:
         accuracy = lambda s: (s["samplers"][s["reference_sampler"]]["label_accuracy"] or 0) >= bars["teacher_label_accuracy"]  # noqa: E731
         j.conclusion(f"teacher {teacher}: {t['reference_sampler']} samples land in their class at least "
                      f"{bars['teacher_label_accuracy']:.0%} of the time", accuracy(t), accuracy(mine))
-        last = max(t["student"], key=int)
-        for sampler, value in t["student"][last].items():
-            j.number(f"student of {teacher} {sampler} FID at {last}", [mine["student"][last][sampler]["fid"]], [value["fid"]], "fid")
-        two_step = lambda s: s["student"][last]["scm2"]["fid"]  # noqa: E731
-        ode = lambda s: s["samplers"][s["ode_sampler"]]["fid"]  # noqa: E731
-        j.conclusion(f"student of {teacher}: 2-step FID at most its teacher's ODE ({t['ode_sampler']})",
-                     two_step(t) <= ode(t), two_step(mine) <= ode(mine))
-        ddim2 = next((s for s in t["samplers"] if s.startswith("ddim2")), None)
-        if ddim2:
-            j.conclusion(f"student of {teacher}: 2 steps beat the teacher's {ddim2} (the same cost in steps)",
-                         two_step(t) < t["samplers"][ddim2]["fid"], two_step(mine) < mine["samplers"][ddim2]["fid"])
+        for method, student in t["students"].items():
+            last = max(student, key=int)
+            mine_student = mine["students"][method]
+            for sampler, value in student[last].items():
+                j.number(f"{method} student of {teacher} {sampler} FID at {last}", [mine_student[last][sampler]["fid"]],
+                         [value["fid"]], "fid")
+            two_step = lambda s: s[last]["scm2"]["fid"]  # noqa: E731
+            ode = lambda s: s["samplers"][s["ode_sampler"]]["fid"]  # noqa: E731
+            j.conclusion(f"{method} student of {teacher}: 2-step FID at most its teacher's ODE ({t['ode_sampler']})",
+                         two_step(student) <= ode(t), two_step(mine_student) <= ode(mine))
+            ddim2 = next((s for s in t["samplers"] if parse_sampler(s).name == "ddim2"), None)
+            if ddim2:
+                j.conclusion(f"{method} student of {teacher}: 2 steps beat the teacher's {ddim2} (the same cost in steps)",
+                             two_step(student) < t["samplers"][ddim2]["fid"], two_step(mine_student) < mine["samplers"][ddim2]["fid"])
     return j
 
 

@@ -9,7 +9,6 @@ wrong types and impossible values are refused with the dotted key named, before 
 """
 import dataclasses
 import difflib
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional, get_args, get_origin, get_type_hints
@@ -168,19 +167,20 @@ class EvalConfig:
 
 @dataclass
 class DistillConfig:
-    """sCD of a trained DiT teacher (stage `distill`)."""
+    """A consistency model from a trained DiT (stage `distill`): sCD of the teacher, or sCT from its weights."""
 
+    method: str = "scd"  # the consistency method: a module of speedpipe.consistency.methods (scd, sct)
     teacher: Optional[str] = None  # ckpt-*.pt of a train run (its EMA weights are the teacher and the student's init)
     sigma_d: float = 0.5  # TrigFlow σ_d; the unit-variance latents are scaled by σ_d (data std σ_d, as in the paper)
     time_scale: float = 1.0  # the student's time input c_noise(t) = time_scale·t (the paper: t)
-    warm_start_steps: int = 1_000  # TrigFlow diffusion fine-tune of the student before sCD (steps 1..W)
+    warm_start_steps: int = 1_000  # TrigFlow diffusion fine-tune of the student before the method (steps 1..W)
     warm_start_target: str = "teacher"  # teacher: regress on the teacher's F | data: on the data's TrigFlow velocity
     p_mean: float = -1.0  # time proposal: tan t = e^τ/σ_d, τ ~ N(p_mean, p_std²)
     p_std: float = 1.4
     tangent_warmup: int = 10_000  # H: r = min(1, step/H)
     tangent_c: float = 0.1  # g ← g / (‖g‖ + c)
-    cfg_scale: float = 1.0  # guidance of the teacher velocity
-    steps: int = 20_000  # sCD steps after the warm start
+    cfg_scale: float = 1.0  # guidance of the teacher velocity (the warm start's target, and sCD's)
+    steps: int = 20_000  # consistency steps (of distill.method) after the warm start
     global_batch_size: int = 256
     lr: float = 1.0e-4
     betas: List[float] = field(default_factory=lambda: [0.9, 0.99])
@@ -192,7 +192,7 @@ class DistillConfig:
     resume_every_minutes: float = 30.0  # ... and every N minutes (0: off); also saved on SLURM's pre-timeout signal
     precision: str = "fp32"  # fp32 | bf16 (autocast of the network passes; tangent and loss in fp64)
     skip_nonfinite: bool = False  # skip (and count) steps with a non-finite tangent or loss instead of stopping
-    run_dir: Optional[str] = None  # default: {output_dir}/{experiment}/distill/{teacher run}
+    run_dir: Optional[str] = None  # default: {output_dir}/{experiment}/distill/{method}-{teacher run}
     device: str = "auto"
     progress: bool = True
 
@@ -321,9 +321,11 @@ def _check_keys(raw: Any, schema: type, prefix: str = ""):
 
 def validate(cfg: DictConfig) -> DictConfig:
     """Semantic checks beyond types: choices, positive counts, names the code can build."""
+    from speedpipe.consistency.methods import method_names
     from speedpipe.diffusion import create_diffusion
     from speedpipe.diffusion.timesteps import build_sampler, build_weighting
     from speedpipe.models.dit import DiT_models
+    from speedpipe.sampler_labels import parse_sampler
 
     for key, allowed in CHOICES.items():
         value = OmegaConf.select(cfg, key)
@@ -338,8 +340,15 @@ def validate(cfg: DictConfig) -> DictConfig:
         raise ConfigError(f"config key 'model.name': unknown model {cfg.model.name!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
     if not 0.0 <= cfg.model.class_dropout_prob < 1.0:
         raise ConfigError(f"config key 'model.class_dropout_prob': expected a value in [0, 1), got {cfg.model.class_dropout_prob}")
-    if not re.fullmatch(r"(ddpm|ddim)\d+|scm[12]", cfg.sampling.sampler):
-        raise ConfigError(f"config key 'sampling.sampler': {cfg.sampling.sampler!r} is not ddpm<N>, ddim<N>, scm1 or scm2")
+    try:
+        label = parse_sampler(cfg.sampling.sampler)
+    except ValueError as err:
+        raise ConfigError(f"config key 'sampling.sampler': {err}") from None
+    if label.cfg_scale != 1.0:
+        raise ConfigError(f"config key 'sampling.sampler': {cfg.sampling.sampler!r}: guidance is sampling.cfg_scale here")
+    if cfg.distill.method not in method_names():
+        raise ConfigError(f"config key 'distill.method': {cfg.distill.method!r} is not one of {method_names()} "
+                          f"(the modules of speedpipe.consistency.methods)")
     unknown_metrics = sorted(set(cfg.eval.metrics) - {"fid", "kid", "isc", "prc"})
     if unknown_metrics:
         raise ConfigError(f"config key 'eval.metrics': unknown {unknown_metrics}; expected a subset of [fid, kid, isc, prc]")

@@ -3,7 +3,7 @@
 {output_dir}/{experiment}/
   autoencoder/   latents/   classifier/   reference/stats-{extractor}.pt
   train/{method}-s{seed}/ckpt-{step:07d}.pt, log.csv        a training run
-  distill/{teacher run}/ckpt-{step:07d}.pt, log.csv          the sCD student of a teacher
+  distill/{method}-{teacher run}/ckpt-{step:07d}.pt, log.csv the consistency student of a teacher by a method
   samples/{run}/{step:07d}/{sampler}.npz|json|png            metrics/{run}/{step:07d}/{sampler}.json
   tables/  figures/  README.md                               the report
   logs/{rule}/{job}.log, .usage.json    benchmarks/{rule}/{job}.tsv    every Snakemake job's log and resources
@@ -44,7 +44,7 @@ class Layout:
         return self.root / "reference" / f"stats-{extractor}.pt"
 
     def run_dir(self, kind: str, name: str) -> Path:
-        """train/{run} or distill/{teacher run} (name may be a Snakemake wildcard such as "{run}")."""
+        """train/{run} or distill/{student run} (name may be a Snakemake wildcard such as "{run}")."""
         if kind not in ("train", "distill"):
             raise ValueError(f"run kind {kind!r}: expected 'train' or 'distill'")
         return self.root / kind / name
@@ -52,8 +52,8 @@ class Layout:
     def train_dir(self, method: str, seed: int) -> Path:
         return self.run_dir("train", train_run_name(method, seed))
 
-    def distill_dir(self, teacher_run: str) -> Path:
-        return self.run_dir("distill", teacher_run)
+    def distill_dir(self, method: str, teacher_run: str) -> Path:
+        return self.run_dir("distill", student_run_name(method, teacher_run))
 
     def samples(self, run: str, step, sampler: str, ext: str = "npz") -> Path:
         return self.root / "samples" / run / step_dir(step) / f"{sampler}.{ext}"
@@ -91,8 +91,9 @@ def train_run_name(method: str, seed: int) -> str:
     return f"{method}-s{int(seed)}"
 
 
-def student_run_name(teacher_run: str) -> str:
-    return f"scm-{teacher_run}"
+def student_run_name(method: str, teacher_run: str) -> str:
+    """The consistency student of a teacher run by a method (speedpipe.consistency.methods): scd-speed-s0."""
+    return f"{method}-{teacher_run}"
 
 
 # --- A stage config's paths: the path the config names, else the layout's place. The pipeline always names its
@@ -120,8 +121,8 @@ def train_run_dir(cfg) -> Path:
 
 
 def distill_run_dir(cfg) -> Path:
-    """distill.run_dir, else distill/{the teacher's run folder name}."""
-    return Path(cfg.distill.run_dir or Layout.of(cfg).distill_dir(Path(cfg.distill.teacher).parent.name))
+    """distill.run_dir, else distill/{method}-{the teacher's run folder name}."""
+    return Path(cfg.distill.run_dir or Layout.of(cfg).distill_dir(cfg.distill.method, Path(cfg.distill.teacher).parent.name))
 
 
 def samples_path(cfg) -> Path:

@@ -8,7 +8,7 @@ any job is submitted -- never after a teacher has trained.
 from pathlib import Path
 
 from speedpipe.config import ConfigError
-from speedpipe.workflow import Experiment, parse_sampler
+from speedpipe.workflow import Experiment, sampler_label
 
 CACHE = Path(".snakemake") / "speedpipe-datasets"
 
@@ -105,7 +105,7 @@ def _batches_larger_than_the_data(exp: Experiment, size: int | None) -> list[str
                         cfg["data"]["synthetic_size"] if cfg["data"]["source"] == "synthetic" else size))
     for student in exp.distill_runs.values():
         cfg = exp.stage_config("distill", student)
-        batches.append((f"sCD of {student.teacher.name}", "distill.global_batch_size", cfg["distill"]["global_batch_size"],
+        batches.append((f"distill run {student.name}", "distill.global_batch_size", cfg["distill"]["global_batch_size"],
                         cfg["data"]["synthetic_size"] if cfg["data"]["source"] == "synthetic" else size))
     for job, key, batch, available in batches:
         if batch > available:
@@ -119,7 +119,7 @@ def _guidance_without_a_null_class(exp: Experiment) -> list[str]:
     trained with label dropout (model.class_dropout_prob > 0)."""
     found = []
     for e in exp.evaluations():
-        if e.run.kind == "train" and parse_sampler(e.sampler)[1] != 1.0:
+        if e.run.kind == "train" and sampler_label(e.sampler).cfg_scale != 1.0:
             model = exp.stage_config("train", e.run)["model"]
             if model["class_dropout_prob"] == 0:
                 found.append(f"sampler {e.sampler!r} of {e.run.name}: guidance needs a null class, and the method "
@@ -129,7 +129,7 @@ def _guidance_without_a_null_class(exp: Experiment) -> list[str]:
         scale = exp.stage_config("distill", student)["distill"]["cfg_scale"]
         model = exp.stage_config("train", student.teacher)["model"]
         if scale != 1.0 and model["class_dropout_prob"] == 0:
-            found.append(f"sCD of {student.teacher.name}: config key 'distill.cfg_scale' is {scale}, but guidance needs a "
+            found.append(f"distill run {student.name}: config key 'distill.cfg_scale' is {scale}, but guidance needs a "
                          f"null class and the teacher trains without label dropout (model.class_dropout_prob is 0): set "
                          f"distill.cfg_scale=1.0")
     return sorted(set(found))

@@ -14,7 +14,8 @@ A method is a stage config file plus overrides; a `grid` expands it into one met
       speed: {config: configs/mnist5k/speed.yaml, grid: {diffusion.timestep_sampler.k: [1, 10]}}   # speed-k1, speed-k10
       tau: {config: configs/mnist5k/speed.yaml,                                                    # tau-t500
             variants: {t500: [diffusion.timestep_sampler.tau=500, diffusion.loss_weighting.tau=500]}}
-    teachers: [speed-s0]                      # train runs distilled by sCD (none: no distillation)
+    teachers: [speed-s0]                      # train runs the consistency models start from (none: no distillation)
+    consistency_methods: [scd, sct]           # one student run each per teacher: scd-speed-s0, sct-speed-s0
     tables:                                   # the report's tables (default: one table `methods` of every method)
       components: {methods: [baseline, weighting_only], reference: baseline, steps: [400, 800]}
 """
@@ -30,25 +31,25 @@ from typing import ClassVar
 import yaml
 
 from speedpipe.config import ConfigError, file_values, load_config, parse_override, to_plain
+from speedpipe.consistency.methods import method_names
 from speedpipe.layout import Layout, checkpoint, student_run_name, train_run_name
+from speedpipe.sampler_labels import SamplerLabel, parse_sampler
 from speedpipe.stages import STAGES
 
 SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "experiment.schema.yaml"  # every key, documented
-SCD_KEYS = {"teacher_sampler", "teacher_ode_sampler", "teacher_baselines", "scm_samplers", "final_samples",
-            "distill_warm_start", "distill_steps", "distill_eval_steps"}  # required when there are teachers
+CONSISTENCY_KEYS = {"teacher_sampler", "teacher_ode_sampler", "teacher_baselines", "scm_samplers", "final_samples",
+                    "distill_warm_start", "distill_steps", "distill_eval_steps"}  # required when there are teachers
 # names of the report's own tables and figures, which a named table (tables/{name}.*, figures/{name}.*) must not take
 RESERVED_NAMES = ("metrics", "scm", "usage", "summary", "training_loss", "timestep_methods", "samples_per_method", "teacher_grid",
                   "teacher_vs_scm", "distillation")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # method and table names: they become folder and file names
-# A sampler label: ddpm<N> / ddim<N> with an optional guidance suffix -cfg<scale>, or scm1 / scm2.
-SAMPLER_LABEL = re.compile(r"(?P<sampler>(?:ddpm|ddim)\d+)(?:-cfg(?P<cfg>\d+(?:\.\d+)?))?|(?P<scm>scm[12])")
 # Keys the experiment sets in its jobs' configs, and where: a config file or stage override that also sets one is dead.
 # A run's identity (experiment, output_dir, method, seed) always comes from the experiment and is not listed.
 JOB_VALUES = {"trainer.steps": "train_steps", "trainer.ckpt_steps": "eval_steps", "eval.extractor": "extractor",
               "trainer.run_dir": "the results layout", "data.latents_dir": "the results layout",
               "eval.reference": "the results layout", "eval.classifier_weights": "the results layout (the classifier stage)",
               "autoencoder.path": "the results layout (the autoencoder stage)",
-              "distill.teacher": "teachers", "distill.warm_start_steps": "distill_warm_start", "distill.steps": "distill_steps",
+              "distill.teacher": "teachers", "distill.method": "consistency_methods", "distill.warm_start_steps": "distill_warm_start", "distill.steps": "distill_steps",
               "distill.ckpt_steps": "distill_eval_steps", "distill.run_dir": "the results layout",
               "sampling.checkpoint": "the evaluated checkpoint", "sampling.sampler": "the sampler label",
               "sampling.cfg_scale": "the sampler label", "sampling.out": "the results layout",
@@ -77,14 +78,12 @@ def alternation(names) -> str:
     return "|".join(map(re.escape, names)) or "(?!)"
 
 
-def parse_sampler(label: str) -> tuple[str, float]:
-    """'ddpm250-cfg3' -> ('ddpm250', 3.0); 'ddim25' -> ('ddim25', 1.0); 'scm2' -> ('scm2', 1.0)."""
-    m = SAMPLER_LABEL.fullmatch(str(label))
-    if m is None:
-        raise ConfigError(f"pipeline config: sampler {label!r} is not ddpm<N>, ddim<N> (optionally -cfg<scale>), scm1 or scm2")
-    if m["scm"]:
-        return m["scm"], 1.0
-    return m["sampler"], float(m["cfg"] or 1.0)
+def sampler_label(label: str) -> SamplerLabel:
+    """An experiment file's sampler label, parsed (speedpipe.sampler_labels); a bad one is a ConfigError."""
+    try:
+        return parse_sampler(label)
+    except ValueError as err:
+        raise ConfigError(f"pipeline config: {err}") from None
 
 
 @dataclass(frozen=True)
@@ -118,8 +117,9 @@ class TrainRun(Run):
 
 @dataclass(frozen=True)
 class DistillRun(Run):
-    """The sCD student of a teacher train run."""
+    """The consistency student of a teacher train run by one consistency method (speedpipe.consistency.methods)."""
     teacher: TrainRun
+    method: str
     kind: ClassVar[str] = "distill"
 
 
@@ -159,8 +159,10 @@ def _check_name(where: str, name) -> str:
     if not isinstance(name, str) or not NAME.fullmatch(name):
         raise ConfigError(f"pipeline config: {where} {name!r}: names are letters, digits, '_', '.' and '-' (they become "
                           f"folder and file names), starting with a letter or digit")
-    if name.startswith("scm-"):
-        raise ConfigError(f"pipeline config: {where} {name!r}: names starting with 'scm-' are the sCD students' runs")
+    reserved = [m for m in method_names() if name.startswith(f"{m}-")]
+    if reserved:
+        raise ConfigError(f"pipeline config: {where} {name!r}: names starting with '{reserved[0]}-' are the "
+                          f"{reserved[0]} students' runs")
     return name
 
 
@@ -222,11 +224,16 @@ def check_experiment_file(pipe: dict, base_dir=None) -> dict:
     except WorkflowError:
         raise _schema_error(pipe) from None
     teachers = pipe["teachers"]
-    scd_given, scd_missing = sorted(SCD_KEYS & set(pipe)), sorted(SCD_KEYS - set(pipe))
-    if teachers and scd_missing:
-        raise ConfigError(f"pipeline config: missing key(s) {scd_missing} (they configure sCD of the teachers {teachers})")
-    if not teachers and scd_given:
-        raise ConfigError(f"pipeline config: {scd_given} configure sCD, but `teachers` is empty: name the train runs to distil")
+    given, missing = sorted(CONSISTENCY_KEYS & set(pipe)), sorted(CONSISTENCY_KEYS - set(pipe))
+    if teachers and missing:
+        raise ConfigError(f"pipeline config: missing key(s) {missing} (they configure the consistency models of the "
+                          f"teachers {teachers})")
+    if not teachers and given:
+        raise ConfigError(f"pipeline config: {given} configure consistency models, but `teachers` is empty: name the "
+                          f"train runs they start from")
+    for name in pipe["consistency_methods"]:
+        if name not in method_names():
+            raise _refuse("consistency_methods: no consistency method", name, method_names())
     _check_steps(pipe, "eval_steps")
     if min(pipe["eval_steps"]) < 1:
         raise ConfigError(f"pipeline config: eval_steps {pipe['eval_steps']}: the first checkpoint is at step 1 or later")
@@ -234,10 +241,10 @@ def check_experiment_file(pipe: dict, base_dir=None) -> dict:
         raise ConfigError("pipeline config: the last of eval_steps must equal train_steps (the teacher's checkpoint)")
     for label in [pipe["curve_sampler"], *(pipe.get(k) for k in ("teacher_sampler", "teacher_ode_sampler") if k in pipe),
                   *pipe.get("teacher_baselines", [])]:
-        if parse_sampler(label)[0].startswith("scm"):
-            raise ConfigError(f"pipeline config: sampler {label!r}: scm samplers belong in scm_samplers (they need a distilled student)")
-    if not all(parse_sampler(label)[0].startswith("scm") for label in pipe.get("scm_samplers", [])):
-        raise ConfigError(f"pipeline config: scm_samplers {pipe['scm_samplers']}: only scm1 and scm2 sample a distilled student")
+        if sampler_label(label).consistency:
+            raise ConfigError(f"pipeline config: sampler {label!r}: scm samplers belong in scm_samplers (they need a consistency student)")
+    if not all(sampler_label(label).consistency for label in pipe.get("scm_samplers", [])):
+        raise ConfigError(f"pipeline config: scm_samplers {pipe['scm_samplers']}: only scm1 and scm2 sample a consistency student")
     if teachers:
         _check_steps(pipe, "distill_eval_steps")
         total = pipe["distill_warm_start"] + pipe["distill_steps"]
@@ -311,8 +318,9 @@ class Experiment:
         for teacher in teachers:
             if teacher not in self.train_runs:
                 raise _refuse("teachers: no train run", teacher, self.train_runs)
-        self.distill_runs = {student_run_name(t): DistillRun(student_run_name(t), self.layout.distill_dir(t), self.train_runs[t])
-                             for t in teachers}
+        self.distill_runs = {student_run_name(m, t): DistillRun(student_run_name(m, t), self.layout.distill_dir(m, t),
+                                                                self.train_runs[t], m)
+                             for t in teachers for m in pipe["consistency_methods"]}
         self.tables = self._tables(pipe.get("tables"))
 
     def _tables(self, tables) -> dict[str, Table]:
@@ -346,7 +354,7 @@ class Experiment:
 
     @property
     def teachers(self) -> list[TrainRun]:
-        return [d.teacher for d in self.distill_runs.values()]
+        return list(dict.fromkeys(d.teacher for d in self.distill_runs.values()))
 
     def run(self, name: str) -> TrainRun | DistillRun:
         if name in self.train_runs:
@@ -382,7 +390,7 @@ class Experiment:
         student's checkpoints make one.
         """
         def steps(label):
-            return int(parse_sampler(label)[0][4:])
+            return sampler_label(label).steps
 
         jobs, teachers, teacher_samplers = {}, {t.name for t in self.teachers}, set(self.teacher_samplers())
         for e in self.evaluations():
@@ -421,7 +429,7 @@ class Experiment:
         if rule == "train":
             return [("train", self.stage_config("train", self.train_runs[wildcards["run"]]))]
         if rule == "distill":
-            return [("distill", self.stage_config("distill", self.distill_runs[student_run_name(wildcards["teacher"])]))]
+            return [("distill", self.stage_config("distill", self.distill_runs[wildcards["student"]]))]
         if rule == "report":
             return [("report", self.report_config())]
         stage, _, key = rule.partition("_")
@@ -474,14 +482,14 @@ class Experiment:
             job = {"seed": run.seed, "method": run.method.name, "trainer.steps": int(p["train_steps"]),
                    "trainer.ckpt_steps": [int(s) for s in p["eval_steps"]], "trainer.run_dir": str(run.dir)}
         elif stage == "distill":
-            job = {"distill.teacher": str(run.teacher.checkpoint(p["train_steps"])),
+            job = {"distill.teacher": str(run.teacher.checkpoint(p["train_steps"])), "distill.method": run.method,
                    "distill.warm_start_steps": int(p["distill_warm_start"]), "distill.steps": int(p["distill_steps"]),
                    "distill.ckpt_steps": [int(s) for s in p["distill_eval_steps"]], "distill.run_dir": str(run.dir)}
         elif stage in ("sample", "evaluate"):
             e = evaluation
-            name, cfg_scale = parse_sampler(e.sampler)
-            job = {"sampling.checkpoint": str(e.run.checkpoint(e.step)), "sampling.sampler": name,
-                   "sampling.cfg_scale": cfg_scale, "sampling.out": str(self.samples(e)),
+            label = sampler_label(e.sampler)
+            job = {"sampling.checkpoint": str(e.run.checkpoint(e.step)), "sampling.sampler": label.name,
+                   "sampling.cfg_scale": label.cfg_scale, "sampling.out": str(self.samples(e)),
                    "sampling.num_samples": int(e.num_samples), "eval.samples": str(self.samples(e))}
         job.update(self._pipeline_paths(stage, cfg))  # last: no stage or method override moves them
         self._note_overridden(path, stage, (), {k: v for k, v in job.items() if k in JOB_VALUES})
@@ -509,8 +517,8 @@ class Experiment:
             "methods": {m.name: {"config": m.config, "overrides": _affecting("train", m.overrides)} for m in self.methods.values()},
             "train_runs": [{"name": r.name, "method": r.method.name, "seed": r.seed, "log": str(r.log)}
                            for r in self.train_runs.values()],
-            "distill_runs": [{"name": d.name, "teacher": d.teacher.name} for d in self.distill_runs.values()],
-            "evaluations": [{"run": e.run.name, "kind": e.run.kind, "method": e.run.method.name if e.run.kind == "train" else "sCM",
+            "distill_runs": [{"name": d.name, "teacher": d.teacher.name, "method": d.method} for d in self.distill_runs.values()],
+            "evaluations": [{"run": e.run.name, "kind": e.run.kind, "method": e.run.method.name if e.run.kind == "train" else e.run.method,
                              "seed": e.run.seed if e.run.kind == "train" else 0, "step": e.step, "sampler": e.sampler,
                              "metrics": str(self.metrics(e)), "grid": str(self.samples(e, "png"))} for e in self.evaluations()],
             "tables": [{"name": t.name, "methods": list(t.methods), "reference": t.reference, "steps": list(t.steps),
@@ -526,8 +534,7 @@ class Experiment:
     def all_jobs(self) -> list[tuple[str, dict]]:
         """(rule, wildcards) of every Snakemake job of the experiment."""
         data = [(s, {}) for s in ("autoencoder", "encode", "classifier", "reference") if self.runs_stage(s)]
-        runs = [("train", {"run": r}) for r in self.train_runs] + [("distill", {"teacher": d.teacher.name})
-                                                                   for d in self.distill_runs.values()]
+        runs = [("train", {"run": r}) for r in self.train_runs] + [("distill", {"student": d.name}) for d in self.distill_runs.values()]
         evaluations = [(f"{stage}_{key}", {}) for key in self.evaluation_keys() for stage in ("sample", "evaluate")]
         return data + runs + evaluations + [("report", {})]
 

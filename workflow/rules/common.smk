@@ -2,7 +2,7 @@
 # keys the stage registry (speedpipe.stages) says it reads: an edit re-runs exactly the jobs that read the edited key.
 # Where a job runs (its launcher settings) and its threads are no params. The job itself resolves its full configs
 # from the experiment (workflow/scripts/stage.py); its log and resource record go where the layout says.
-from speedpipe.layout import checkpoint as checkpoint_path, student_run_name
+from speedpipe.layout import checkpoint as checkpoint_path
 
 ENV = "../envs/speedpipe.yaml"  # the rules' software environment (relative to workflow/rules/)
 AE_TINY = EXP.tiny_autoencoder

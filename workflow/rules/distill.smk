@@ -1,18 +1,19 @@
-# sCD: one student per teacher run, from the teacher's final checkpoint and the latent store.
+# Consistency models: one student per teacher run and consistency method (the experiment file's consistency_methods;
+# the method is the job's distill.method), from the teacher's final checkpoint and the latent store.
 
 
 rule distill:
     input:
-        teacher=lambda wc: str(EXP.train_runs[wc.teacher].checkpoint(EXP.pipe["train_steps"])),
+        teacher=lambda wc: str(EXP.distill_runs[wc.student].teacher.checkpoint(EXP.pipe["train_steps"])),
         latents=str(LAYOUT.latents_dir() / "manifest.json"),
     output:
-        ckpts=[str(checkpoint_path(LAYOUT.run_dir("distill", "{teacher}"), s)) for s in EXP.pipe.get("distill_eval_steps", [])],
-        log=str(LAYOUT.run_dir("distill", "{teacher}") / "log.csv"),
-        usage=str(LAYOUT.job_usage("distill", "{teacher}")),
+        ckpts=[str(checkpoint_path(LAYOUT.run_dir("distill", "{student}"), s)) for s in EXP.pipe.get("distill_eval_steps", [])],
+        log=str(LAYOUT.run_dir("distill", "{student}") / "log.csv"),
+        usage=str(LAYOUT.job_usage("distill", "{student}")),
     log:
-        str(LAYOUT.job_log("distill", "{teacher}")),
+        str(LAYOUT.job_log("distill", "{student}")),
     benchmark:
-        str(LAYOUT.job_benchmark("distill", "{teacher}"))
+        str(LAYOUT.job_benchmark("distill", "{student}"))
     params:
         stages=lambda wc: EXP.job_params("distill", wc),
     conda:

@@ -19,7 +19,7 @@ rule train:
     resources:
         gpus=EXP.launcher("train").get("gpus_per_node", 0),
     threads: 1
-    # the teachers first (sCD and its evaluations wait on them), then every run before the curve evaluations: those
+    # the teachers first (the consistency models and their evaluations wait on them), then every run before the curve evaluations: those
     # are short and fill the last minutes on both cores, where a late training run would leave one idle
     priority: lambda wc: 20 if EXP.train_runs[wc.run] in EXP.teachers else 12
     script:

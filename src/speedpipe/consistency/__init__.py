@@ -1,11 +1,4 @@
-"""sCM: TrigFlow view of DDPM teachers, the TrigFlow-native student and continuous-time consistency distillation (sCD)."""
-from .scd import ConsistencySampler, SCDLoss, TrigFlowDiffusionLoss
-from .trigflow import TrigFlowStudent, TrigFlowTeacher
-
-
-def scm_sample(student: TrigFlowStudent, labels, latent_shape, steps: int = 2, generator=None, mid_t: float = 1.1):
-    """1- or 2-step consistency sampling of (normalised) latents for `labels` with a distilled TrigFlow student."""
-    return ConsistencySampler(student, latent_shape, steps, mid_t)(labels, generator)
-
-
-__all__ = ["TrigFlowTeacher", "TrigFlowStudent", "SCDLoss", "TrigFlowDiffusionLoss", "ConsistencySampler", "scm_sample"]
+"""sCM (Lu & Song, 2024): trigflow.py (the TrigFlow view of DDPM teachers, the TrigFlow-native student),
+objectives.py (the warm start and the consistency objective along any velocity), sampling.py (1- and 2-step
+consistency sampling) and methods/ (the plug-ins: sCD, sCT). Nothing is imported here, so that the experiment file
+can list the methods without importing torch."""

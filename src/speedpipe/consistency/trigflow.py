@@ -23,6 +23,8 @@ import math
 import numpy as np
 import torch
 import torch.nn as nn
+from torch.func import jvp
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 class ContinuousIndex:
@@ -65,6 +67,14 @@ class TrigFlowModel(nn.Module):
     def _dtype(self):
         return next(self.net.parameters()).dtype
 
+    def with_tangent(self, x_scaled, t, dx_scaled, dt, y):
+        """(F(x_scaled, t) with gradients, its derivative along (dx_scaled, dt) without): a graded pass, then
+        torch.func.jvp through the math attention kernel (forward-mode autograd has no fused attention kernel)."""
+        out = self(x_scaled, t, y)
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+            _, d_out = jvp(lambda a, b: self(a, b, y), (x_scaled, t), (dx_scaled, dt))
+        return out, d_out
+
 
 class TrigFlowTeacher(TrigFlowModel):
     """F(x_t/σ_d, t, y) of a DDPM DiT (learned-sigma outputs: the first C channels are ε̂), optional CFG."""
@@ -106,9 +116,9 @@ class TrigFlowTeacher(TrigFlowModel):
 class TrigFlowStudent(TrigFlowModel):
     """F_θ(x_t/σ_d, c_noise(t), y): the first C output channels of `net` (a DiT, or any net(x, c_noise, y))."""
 
-    def __init__(self, net, sigma_d: float = 0.5, time_scale: float = 1.0):
+    def __init__(self, net, sigma_d: float = 0.5, time_scale: float = 1.0, own_tangent: bool = True):
         super().__init__(net, sigma_d)
-        self.time_scale = time_scale
+        self.time_scale, self.own_tangent = time_scale, own_tangent
 
     def c_noise(self, t):
         return self.time_scale * t
@@ -116,6 +126,19 @@ class TrigFlowStudent(TrigFlowModel):
     def forward(self, x_scaled, t, y):
         dtype = self._dtype()
         return self.net(x_scaled.to(dtype), self.c_noise(t).to(dtype), y)[:, : x_scaled.shape[1]]
+
+    def with_tangent(self, x_scaled, t, dx_scaled, dt, y):
+        """(F_θ(x_scaled, t) with gradients, its derivative along (dx_scaled, dt) without gradients).
+
+        A net that writes its own derivative (`forward_with_tangent`: the DiT) gives both in its one graded pass,
+        through the fused attention kernels; any other net, or own_tangent=False, the reference of the general case.
+        """
+        if not (self.own_tangent and hasattr(self.net, "forward_with_tangent")):
+            return super().with_tangent(x_scaled, t, dx_scaled, dt, y)
+        dtype, C = self._dtype(), x_scaled.shape[1]
+        out, d_out = self.net.forward_with_tangent(x_scaled.to(dtype), dx_scaled.to(dtype), self.c_noise(t).to(dtype),
+                                                   (self.time_scale * dt).to(dtype), y)  # c_noise is linear in t
+        return out[:, :C], d_out[:, :C]
 
 
 def student_from_checkpoint(state: dict, use_ema: bool = True) -> TrigFlowStudent:

@@ -78,11 +78,16 @@ class TimestepEmbedder(nn.Module):
         self.frequency_embedding_size = frequency_embedding_size
 
     @staticmethod
-    def timestep_embedding(t, dim, max_period=10000):
+    def frequencies(t, dim, max_period=10000):
+        """The dim // 2 angular frequencies ω of the embedding, in t's precision (float64 only for exactness tests)."""
+        dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
         half = dim // 2
-        dtype = torch.float64 if t.dtype == torch.float64 else torch.float32  # float64 only for exactness tests
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=dtype, device=t.device) / half)
-        args = t[:, None].to(dtype) * freqs[None]
+        return torch.exp(-math.log(max_period) * torch.arange(half, dtype=dtype, device=t.device) / half)
+
+    @staticmethod
+    def timestep_embedding(t, dim, max_period=10000):
+        freqs = TimestepEmbedder.frequencies(t, dim, max_period)
+        args = t[:, None].to(freqs.dtype) * freqs[None]
         embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         if dim % 2:
             embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
@@ -218,6 +223,12 @@ class DiT(nn.Module):
         x = x.reshape(x.shape[0], h, w, p, p, c)
         x = torch.einsum("nhwpqc->nchpwq", x)
         return x.reshape(x.shape[0], c, h * p, w * p)
+
+    def forward_with_tangent(self, x, dx, t, dt, y):
+        """(self(x, t, y) with gradients, its derivative along (dx, dt) without): speedpipe.models.dit_tangent."""
+        from speedpipe.models.dit_tangent import forward_with_tangent
+
+        return forward_with_tangent(self, x, dx, t, dt, y)
 
     def forward(self, x, t, y, force_drop_ids=None):
         """x: [N, C, H, W] latents, t: [N] (float or integer) timesteps, y: [N] labels."""

@@ -146,7 +146,7 @@ STAGES = {s.name: s for s in (
     Stage("train", "train", 2,
           reads=(*IDENTITY, "seed", "method", *LATENTS, "model", "diffusion", "optim", "trainer"),
           uses=loop_uses("trainer")),
-    Stage("distill", "train", 3,  # the latents normalised as its teacher's were (the teacher checkpoint's latent_norm)
+    Stage("distill", "train", 4,  # 4: consistency methods (distill.method), the DiT's own tangent in the graded pass  # the latents normalised as its teacher's were (the teacher checkpoint's latent_norm)
           reads=(*IDENTITY, "seed", *(k for k in LATENTS if k != "data.latent_norm"), "distill"),
           uses=loop_uses("distill")),
     Stage("sample", "sample", 3,
@@ -156,7 +156,7 @@ STAGES = {s.name: s for s in (
           reads=(*IDENTITY, "eval.samples", "eval.out", "eval.metrics", "eval.label_accuracy", "eval.batch_size",
                  "eval.kid_subset_size", "eval.extractor", "eval.inception_weights", "eval.classifier_weights", "eval.reference",
                  "eval.device")),
-    Stage("report", None, 3, config="report"),  # 3: grid titles on two lines
+    Stage("report", None, 4, config="report"),  # 4: a section per consistency method
 )}
 
 

@@ -1,10 +1,12 @@
-"""Stage `distill`: sCD of a trained DiT teacher into a 1-2 step TrigFlow-native consistency model.
+"""Stage `distill`: a trained DiT diffusion model into a 1-2 step TrigFlow-native consistency model, by the
+consistency method distill.method (speedpipe.consistency.methods: scd distils the teacher, sct trains on the data).
 
-The student is the teacher's DiT (initialised from its EMA weights) read as a TrigFlow model: its first C
+The student is the diffusion model's DiT (initialised from its EMA weights) read as a TrigFlow model: its first C
 output channels are F_θ and its time input is c_noise(t) = distill.time_scale·t. Steps 1..W
-(distill.warm_start_steps) warm-start it with the TrigFlow diffusion loss, so that sCD starts from a
-diffusion model in the student's own parameterisation; steps W+1..W+S (distill.steps) are sCD.
-Checkpoints are numbered by that global step: ckpt-{W} is the warm-started, not yet distilled student.
+(distill.warm_start_steps) warm-start it with the TrigFlow diffusion loss, so that the method starts from a
+diffusion model in the student's own parameterisation (the same warm start for every method); steps W+1..W+S
+(distill.steps) are the method's objective. Checkpoints are numbered by that global step: ckpt-{W} is the
+warm-started student, the same for every method.
 
 Reads the teacher checkpoint and the latent store; writes {run_dir}/ckpt-{step:07d}.pt (student, student EMA,
 logvar head, optimizer, RNG, data order, the teacher's config and latent normalisation), log.csv and
@@ -18,7 +20,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from speedpipe.checkpoint import load_checkpoint
 from speedpipe.config import ConfigError, save_config, to_plain
-from speedpipe.consistency.scd import LogvarHead, SCDLoss, TrigFlowDiffusionLoss, sample_time
+from speedpipe.consistency.methods import consistency_method
+from speedpipe.consistency.objectives import LogvarHead, TrigFlowDiffusionLoss, sample_time
 from speedpipe.consistency.trigflow import TrigFlowStudent, TrigFlowTeacher
 from speedpipe.data.latents import LatentNormalization, open_training_data
 from speedpipe.data.order import EpochBatches, rank_slice
@@ -75,7 +78,8 @@ def run(cfg, provenance):
     ema = copy.deepcopy(student.net).requires_grad_(False)
     opt = torch.optim.Adam([p for p in trained.parameters() if p.requires_grad], lr=d.lr, betas=tuple(d.betas))
     warm_start = TrigFlowDiffusionLoss(teacher, d.warm_start_target, d.precision)
-    scd = SCDLoss(teacher, d.tangent_warmup, d.tangent_c, d.precision)
+    method = consistency_method(d.method)
+    consistency = method.objective(teacher, d)
 
     dataset = open_training_data(cfg, teacher_cfg.model,
                                  LatentNormalization.from_state(teacher_state.get("latent_norm"), teacher_cfg.model.in_channels))
@@ -90,7 +94,7 @@ def run(cfg, provenance):
                          checkpoint_extra=lambda: {"config": to_plain(provenance), "teacher_config": teacher_state["config"],
                                                    "latent_norm": teacher_state.get("latent_norm")},
                          log_fields=lambda step, mean, steps_per_s: {
-                             "objective": "warm_start" if step <= d.warm_start_steps else "scd"})
+                             "objective": "warm_start" if step <= d.warm_start_steps else method.name})
     loop.resume()
     if env.is_main:
         save_config(provenance, run_dir / "config.yaml")
@@ -107,7 +111,7 @@ def run(cfg, provenance):
         eps = torch.randn((n, *dataset.latent_shape), generator=batch_gen) if dataset.samples_posterior else None
         latents, y = dataset.get_batch(mine(idx), mine(flip), mine(eps))
         x0 = d.sigma_d * latents  # TrigFlow data: unit-variance latents scaled to std σ_d
-        objective, k = (warm_start, step) if step <= d.warm_start_steps else (scd, step - d.warm_start_steps)
+        objective, k = (warm_start, step) if step <= d.warm_start_steps else (consistency, step - d.warm_start_steps)
         terms = net_ddp(objective, x0.to(device), mine(z).to(device), mine(t).to(device), y.to(device), k)
         if "g" in terms:
             terms["tangent g"] = terms.pop("g")

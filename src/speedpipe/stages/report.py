@@ -2,8 +2,8 @@
 
 Tables (CSV, Markdown, LaTeX): for each named table of the experiment file, FID, label accuracy, KID, IS,
 precision and recall of its methods at its iterations (mean ± std over seeds) and each method's iteration
-speed-up at the reference method's final FID; every metric of every run; sCM versus each teacher (its reference
-sampler and its ODE ceiling) over the distillation checkpoints. Figures (PNG and PDF): FID curves with seed
+speed-up at the reference method's final FID; every metric of every run; the consistency models (one per method,
+speedpipe.consistency.methods) versus each teacher (its reference sampler and its ODE ceiling) over their checkpoints. Figures (PNG and PDF): FID curves with seed
 bands per named table, training losses, timestep distributions and weights per method, sample grids with one
 row per class, the distillation curves. A generated README.md says what was run.
 """
@@ -21,10 +21,12 @@ import torch  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from speedpipe.config import named_params  # noqa: E402
+from speedpipe.consistency.methods import consistency_method  # noqa: E402
 from speedpipe.diffusion import create_diffusion  # noqa: E402
 from speedpipe.diffusion.timesteps import build_sampler, build_weighting  # noqa: E402
 from speedpipe.io import atomic_path, atomic_write_text  # noqa: E402
 from speedpipe.layout import Layout  # noqa: E402
+from speedpipe.sampler_labels import parse_sampler  # noqa: E402
 from speedpipe.stages import STAGES  # noqa: E402
 from speedpipe.uncertainty import LEVEL, crossing, paired_difference, seed_speedups  # noqa: E402
 
@@ -154,20 +156,29 @@ def fid_figure(curve: pd.DataFrame, methods, reference, pipe, speedup: pd.DataFr
     return fig
 
 
-def scm_table(df, cfg) -> pd.DataFrame:
-    """For each teacher: its samplers and its student's 1- and 2-step FID at each distill checkpoint, as ratios to the
-    teacher's reference sampler and to its ODE ceiling."""
-    pipe, rows = cfg["pipeline"], []
+def students_by_teacher(cfg) -> dict[str, list[dict]]:
+    """teacher run -> its students (distill runs, one per consistency method), each with its method's title."""
+    by_teacher = {}
     for d in cfg["distill_runs"]:
-        teacher = df[(df.run == d["teacher"]) & (df.step == pipe["train_steps"])].set_index("sampler")
+        by_teacher.setdefault(d["teacher"], []).append({**d, "title": consistency_method(d["method"]).title})
+    return by_teacher
+
+
+def scm_table(df, cfg) -> pd.DataFrame:
+    """For each teacher: its samplers, then each student's (one per consistency method) 1- and 2-step FID at each
+    distill checkpoint, as ratios to the teacher's reference sampler and to its ODE ceiling."""
+    pipe, rows = cfg["pipeline"], []
+    for teacher_run, students in students_by_teacher(cfg).items():
+        teacher = df[(df.run == teacher_run) & (df.step == pipe["train_steps"])].set_index("sampler")
         ref, ode = teacher.loc[pipe["teacher_sampler"]], teacher.loc[pipe["teacher_ode_sampler"]]
-        rows += [{"teacher": d["teacher"], "model": "teacher", "sampler": s, "step": pipe["train_steps"], **_scm_row(teacher.loc[s], ref, ode)}
+        rows += [{"teacher": teacher_run, "model": "teacher", "sampler": s, "step": pipe["train_steps"], **_scm_row(teacher.loc[s], ref, ode)}
                  for s in cfg["teacher_samplers"]]
         warm = pipe["distill_warm_start"]
-        for _, r in df[df.run == d["name"]].sort_values(["step", "sampler"]).iterrows():
-            stage = "warm start only" if r.step == warm else f"sCD {r.step - warm} steps"
-            rows.append({"teacher": d["teacher"], "model": f"student ({stage})", "sampler": r.sampler, "step": r.step,
-                         **_scm_row(r, ref, ode)})
+        for d in students:
+            for _, r in df[df.run == d["name"]].sort_values(["step", "sampler"]).iterrows():
+                stage = "warm start only" if r.step == warm else f"{d['title']} {r.step - warm} steps"
+                rows.append({"teacher": teacher_run, "model": f"{d['title']} student ({stage})", "sampler": r.sampler, "step": r.step,
+                             **_scm_row(r, ref, ode)})
     return pd.DataFrame(rows)
 
 
@@ -247,32 +258,35 @@ def run(cfg, provenance):
     grid_panels(df, layout, "samples_per_method",
                 [[(runs[m], s, pipe["curve_sampler"], f"{m}, {s} it,") for s in pipe["eval_steps"]] for m in methods], classes)
 
-    # --- sCM versus its teachers
+    # --- consistency models versus their teachers
     scm = None
     if cfg["distill_runs"]:
         scm = scm_table(df, cfg)
-        write_table(layout, "scm", f"sCM versus its teacher ({pipe['extractor']} features, {pipe['final_samples']} samples each, "
-                    f"same reference): FID / teacher against the teacher's {pipe['teacher_sampler']}, FID / ODE against its "
-                    f"probability-flow ODE ({pipe['teacher_ode_sampler']}), the ceiling of a converged consistency model.", ("", "", scm))
+        write_table(layout, "scm", f"Consistency models versus their teacher ({pipe['extractor']} features, {pipe['final_samples']} "
+                    f"samples each, same reference): FID / teacher against the teacher's {pipe['teacher_sampler']}, FID / ODE "
+                    f"against its probability-flow ODE ({pipe['teacher_ode_sampler']}), the ceiling of a converged consistency "
+                    f"model.", ("", "", scm))
         final, last = pipe["train_steps"], max(pipe["distill_eval_steps"])
-        teachers = [d["teacher"] for d in cfg["distill_runs"]]
+        by_teacher = students_by_teacher(cfg)
         grid_panels(df, layout, "teacher_grid", [[(t, final, s, f"teacher {t}") for s in (pipe["teacher_sampler"], pipe["curve_sampler"])]
-                                                 for t in teachers], classes)
+                                                 for t in by_teacher], classes)
         grid_panels(df, layout, "teacher_vs_scm", [
-            [(d["teacher"], final, s, "teacher") for s in (pipe["teacher_sampler"], pipe["teacher_ode_sampler"],
-                                                            *[b for b in pipe["teacher_baselines"] if b.startswith("ddim2")])]
-            + [(d["name"], last, s, "sCM") for s in pipe["scm_samplers"]] for d in cfg["distill_runs"]], classes)
+            [(t, final, s, "teacher") for s in (pipe["teacher_sampler"], pipe["teacher_ode_sampler"],
+                                                 *[b for b in pipe["teacher_baselines"] if parse_sampler(b).name == "ddim2"])]
+            + [(d["name"], last, s, f"{d['title']} student") for d in students for s in pipe["scm_samplers"]]
+            for t, students in by_teacher.items()], classes)
 
-        fig, axes = plt.subplots(1, len(teachers), figsize=(5.5 * len(teachers), 3.5), squeeze=False)
-        for ax, d in zip(axes[0], cfg["distill_runs"]):
-            for sampler in pipe["scm_samplers"]:
-                s = df[(df.run == d["name"]) & (df.sampler == sampler)].sort_values("step")
-                ax.plot(s.step - pipe["distill_warm_start"], s.FID, marker="o", label=f"student {sampler}")
-            teacher = df[(df.run == d["teacher"]) & (df.step == final)].set_index("sampler")
+        fig, axes = plt.subplots(1, len(by_teacher), figsize=(5.5 * len(by_teacher), 3.5), squeeze=False)
+        for ax, (t, students) in zip(axes[0], by_teacher.items()):
+            for d in students:
+                for sampler in pipe["scm_samplers"]:
+                    s = df[(df.run == d["name"]) & (df.sampler == sampler)].sort_values("step")
+                    ax.plot(s.step - pipe["distill_warm_start"], s.FID, marker="o", label=f"{d['title']} {sampler}")
+            teacher = df[(df.run == t) & (df.step == final)].set_index("sampler")
             for k, sampler in enumerate(cfg["teacher_samplers"]):
-                ax.axhline(teacher.loc[sampler].FID, ls="--", lw=1, color=f"C{k + 2}", label=f"teacher {sampler}")
-            ax.set(xlabel="sCD steps after the warm start", ylabel=f"FID ({pipe['final_samples']} samples)", yscale="log",
-                   title=f"distillation of {d['teacher']}")
+                ax.axhline(teacher.loc[sampler].FID, ls="--", lw=1, color=f"C{k + 2 * len(students)}", label=f"teacher {sampler}")
+            ax.set(xlabel="consistency steps after the warm start", ylabel=f"FID ({pipe['final_samples']} samples)", yscale="log",
+                   title=f"consistency models of {t}")
             ax.legend(fontsize=7)
         save_figure(fig, layout, "distillation")
 
@@ -308,14 +322,14 @@ def summary(cfg, curve: pd.DataFrame, df: pd.DataFrame) -> dict:
                                        "per_seed": list(seeds.values), "per_seed_how": list(seeds.how),
                                        "interval": list(seeds.interval) if seeds.interval else None}
         out["tables"][table["name"]] = entry
-    for d in cfg["distill_runs"]:
-        teacher = df[(df.run == d["teacher"]) & (df.step == pipe["train_steps"])]
-        student = df[df.run == d["name"]]
-        number = lambda r: {"fid": float(r.FID), "label_accuracy": None if pd.isna(r["label acc."]) else float(r["label acc."])}  # noqa: E731
-        out["teachers"][d["teacher"]] = {
+    number = lambda r: {"fid": float(r.FID), "label_accuracy": None if pd.isna(r["label acc."]) else float(r["label acc."])}  # noqa: E731
+    for t, students in students_by_teacher(cfg).items():
+        teacher = df[(df.run == t) & (df.step == pipe["train_steps"])]
+        out["teachers"][t] = {
             "reference_sampler": pipe["teacher_sampler"], "ode_sampler": pipe["teacher_ode_sampler"],
             "samplers": {r.sampler: number(r) for _, r in teacher.iterrows()},
-            "student": {str(int(step)): {r.sampler: number(r) for _, r in g.iterrows()} for step, g in student.groupby("step")}}
+            "students": {d["method"]: {str(int(step)): {r.sampler: number(r) for _, r in g.iterrows()}
+                                       for step, g in df[df.run == d["name"]].groupby("step")} for d in students}}
     return out
 
 
@@ -332,6 +346,12 @@ def usage_tables(records) -> tuple[tuple[str, str, pd.DataFrame], tuple[str, str
     stages.loc[len(stages)] = {"stage": "all", "jobs": len(jobs), "wall s": jobs["wall s"].sum(), "CPU s": jobs["CPU s"].sum(),
                                "max peak RSS MB": jobs["peak RSS MB"].max()}
     return ("", "Per job", jobs.round(1)), ("_per_stage", "Per stage (wall s summed over the stage's jobs)", stages.round(1))
+
+
+def method_lines(cfg) -> str:
+    """One line per consistency method of the experiment: what its student follows (the method's section)."""
+    methods = [consistency_method(m) for m in dict.fromkeys(d["method"] for d in cfg["distill_runs"])]
+    return "\n".join(f"- {m.title} (`{m.name}`): the student follows {m.follows}." for m in methods)
 
 
 def experiment_readme(cfg, tables: dict, scm, df, usage) -> str:
@@ -355,15 +375,17 @@ FID and the other metrics at the table's iterations: `tables/{name}.md` (also `.
 
 ![teacher samples, one row per class](figures/teacher_grid.png)
 
-## sCM versus teacher
+## Consistency models versus teacher
 
-sCD: teachers {[t['teacher'] for t in cfg['distill_runs']]} at {pipe['train_steps']} iterations (guidance {d['cfg_scale']}), a
-{pipe['distill_warm_start']}-step TrigFlow warm start then {pipe['distill_steps']} sCD steps (σ_d = {d['sigma_d']},
-P_mean = {d['p_mean']}, P_std = {d['p_std']}, lr {d['lr']}); {pipe['final_samples']} samples per evaluation.
+Teachers {list(students_by_teacher(cfg))} at {pipe['train_steps']} iterations; from each, every consistency method starts
+from the teacher's weights with the same {pipe['distill_warm_start']}-step TrigFlow warm start (on the teacher's velocity at
+guidance {d['cfg_scale']}), then takes {pipe['distill_steps']} steps of its own objective (σ_d = {d['sigma_d']},
+P_mean = {d['p_mean']}, P_std = {d['p_std']}, lr {d['lr']}); {pipe['final_samples']} samples per evaluation. The methods:
+{method_lines(cfg)}
 
 ![distillation curve](figures/distillation.png)
 
-![teacher and sCM samples, one row per class](figures/teacher_vs_scm.png)
+![teacher and consistency-model samples, one row per class](figures/teacher_vs_scm.png)
 
 {without_empty_columns(scm).to_markdown(index=False)}
 """

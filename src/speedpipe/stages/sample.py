@@ -7,7 +7,6 @@ round-robin, write their part, and rank 0 assembles `{sampler}.npz`, a grid PNG 
 Generated latents are mapped back through the checkpoint's latent normalisation before decoding.
 """
 import json
-import re
 import time
 
 import numpy as np
@@ -27,6 +26,7 @@ from speedpipe.io import atomic_path, atomic_write_text
 from speedpipe.layout import samples_path
 from speedpipe.models.autoencoder import decode_latents, open_autoencoder
 from speedpipe.models.dit import build_model
+from speedpipe.sampler_labels import SamplerLabel, parse_sampler
 from speedpipe.stages import STAGES
 
 
@@ -55,10 +55,10 @@ class DiffusionSampler:
     """DDPM (ancestral, ADM's even respacing, as DiT) or DDIM (trailing respacing: every step count, 1 included,
     starts at the pure-noise end) over a respaced diffusion, with classifier-free guidance."""
 
-    def __init__(self, model, run_cfg, sampling_cfg):
-        kind, steps = re.fullmatch(r"(ddpm|ddim)(\d+)", sampling_cfg.sampler).groups()
+    def __init__(self, model, run_cfg, sampling_cfg, label: SamplerLabel):
+        kind, steps = label.family, label.steps
         self.model, self.kind, self.s = model, kind, sampling_cfg
-        self.diffusion = create_diffusion(steps if kind == "ddpm" else f"trailing{steps}", run_cfg.diffusion.noise_schedule,
+        self.diffusion = create_diffusion(str(steps) if kind == "ddpm" else f"trailing{steps}", run_cfg.diffusion.noise_schedule,
                                           run_cfg.diffusion.learn_sigma, run_cfg.diffusion.diffusion_steps)
         self.latent_shape = (run_cfg.model.in_channels, run_cfg.model.input_size, run_cfg.model.input_size)
         if sampling_cfg.cfg_scale != 1.0 and model.y_embedder.dropout_prob == 0:
@@ -83,22 +83,27 @@ class DiffusionSampler:
 
 
 def build_sampler_for(state, cfg, device):
-    """The latent sampler for a checkpoint: diffusion samplers for train runs, consistency ones for sCD runs."""
-    if cfg.sampling.sampler.startswith("scm"):
-        from speedpipe.consistency.scd import ConsistencySampler
+    """The latent sampler for a checkpoint: diffusion samplers for train runs, the sampler its method gives for the
+    consistency students of distill runs."""
+    label = parse_sampler(cfg.sampling.sampler)
+    is_student = "teacher_config" in state
+    if label.consistency != is_student:
+        raise ConfigError(f"config key 'sampling.sampler': {label.name} samples a "
+                          f"{'distill' if label.consistency else 'train'} checkpoint, {cfg.sampling.checkpoint} is a "
+                          f"{'distill' if is_student else 'train'} checkpoint")
+    if label.consistency:
+        from speedpipe.consistency.methods import consistency_method
         from speedpipe.consistency.trigflow import student_from_checkpoint
 
-        if "teacher_config" not in state:
-            raise ConfigError(f"config key 'sampling.sampler': {cfg.sampling.sampler} needs a distill checkpoint, "
-                              f"{cfg.sampling.checkpoint} is a train checkpoint")
         m = state["teacher_config"]["model"]
         student = student_from_checkpoint(state, cfg.sampling.use_ema).to(device)
-        return ConsistencySampler(student, (m["in_channels"], m["input_size"], m["input_size"]), int(cfg.sampling.sampler[-1]),
-                                  cfg.sampling.scm_mid_t)
+        method = consistency_method(state["config"]["distill"].get("method", "scd"))  # checkpoints made before methods: sCD
+        return method.make_sampler(student, (m["in_channels"], m["input_size"], m["input_size"]), label.steps,
+                                   cfg.sampling.scm_mid_t)
     run_cfg = OmegaConf.create(state["config"])
     model = build_model(run_cfg, initialise=False)
     model.load_state_dict(state["ema" if cfg.sampling.use_ema else "model"])
-    return DiffusionSampler(model.to(device).eval(), run_cfg, cfg.sampling)
+    return DiffusionSampler(model.to(device).eval(), run_cfg, cfg.sampling, label)
 
 
 @torch.no_grad()
