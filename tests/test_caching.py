@@ -231,12 +231,12 @@ def test_shipped_experiments_replace_no_stage_config_value_and_lint_clean(name, 
 
 
 def test_the_experiment_schema_documents_every_key():
-    from speedpipe.workflow import SCD_KEYS, schema
+    from speedpipe.workflow import CONSISTENCY_KEYS, schema
 
     properties = schema()["properties"]
     for key, spec in properties.items():
         assert spec.get("description"), key
-        assert key in schema()["required"] or "default" in spec or key in SCD_KEYS | {"tables"}, key
+        assert key in schema()["required"] or "default" in spec or key in CONSISTENCY_KEYS | {"tables"}, key
     assert properties["overrides"]["propertyNames"]["enum"] == list(STAGES)
     assert properties["launcher"]["propertyNames"]["enum"] == ["default", *STAGES]
 

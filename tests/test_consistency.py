@@ -236,6 +236,20 @@ def test_distill_reduces_loss_and_resumes_bit_identical(tiny_train_config, toy_t
     assert [r["loss"] for r in _log(straight)] == [r["loss"] for r in _log(resumed)]
 
 
+def test_every_method_starts_from_the_same_warm_start_and_differs_only_after_it(tiny_train_config, toy_teacher, tmp_path):
+    """sCD and sCT from one teacher: the warm-started checkpoint is bit-identical (same diffusion weights, same warm
+    start, same random stream), the first checkpoint after it is not (they follow different velocities), and each log
+    names its method for the steps after the warm start."""
+    runs = {m: distill.run(_distill_cfg(tiny_train_config, toy_teacher, tmp_path / m, "distill.steps=4", f"distill.method={m}"))
+            for m in ("scd", "sct")}
+    warm = [load_checkpoint(runs[m] / "ckpt-0000004.pt") for m in runs]
+    after = [load_checkpoint(runs[m] / "ckpt-0000008.pt") for m in runs]
+    assert all(torch.equal(warm[0][k][n], warm[1][k][n]) for k in ("model", "ema", "logvar_head") for n in warm[0][k])
+    assert not all(torch.equal(after[0]["model"][n], after[1]["model"][n]) for n in after[0]["model"])
+    for m, run_dir in runs.items():
+        assert {r["objective"] for r in _log(run_dir)} == {"warm_start", m}
+
+
 @pytest.mark.parametrize("warm_start,quantity", [(0, "tangent g"), (4, "distill loss")])
 def test_nonfinite_tangent_is_caught(tiny_train_config, toy_teacher, tmp_path, poison_third_batch, warm_start, quantity):
     """A NaN batch in sCD (the tangent) or in the warm start (the loss) stops the run, or is skipped and counted."""

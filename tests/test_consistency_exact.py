@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from speedpipe.consistency.methods import consistency_method
+from speedpipe.consistency.methods import consistency_method, method_names
 from speedpipe.consistency.objectives import LogvarHead, TrigFlowDiffusionLoss, sample_time
 from speedpipe.consistency.sampling import ConsistencySampler
 from speedpipe.consistency.trigflow import TrigFlowModel, TrigFlowStudent, TrigFlowTeacher, t_max
@@ -142,7 +142,7 @@ def test_the_exact_teacher_carries_noise_to_the_mixture():
     assert energy_distance(endpoints, mixture_latents(1500, torch.Generator().manual_seed(2))) < 0.005
 
 
-@pytest.mark.parametrize("method", ["scd", "sct"])
+@pytest.mark.parametrize("method", method_names())  # every module of speedpipe.consistency.methods, a new one included
 def test_each_method_turns_the_warm_started_student_into_a_one_step_sampler_of_the_mixture(method):
     teacher = MixtureTeacher()
     warm_started, trained = distill(lambda net: TrigFlowStudent(net, SIGMA_D, time_scale=1.0), teacher, method)

@@ -134,7 +134,7 @@ def test_a_batch_larger_than_the_photos_is_refused_before_anything_runs(user_inp
     experiment.write_text(yaml.safe_dump(pipe, sort_keys=False))
     result = snakemake(tmp_path, "--configfile", str(experiment))
     assert result.returncode != 0
-    assert "sCD of speed-s0: config key 'distill.global_batch_size': a batch of 256 is larger than the 41 images" in result.stderr
+    assert "distill run scd-speed-s0: config key 'distill.global_batch_size': a batch of 256 is larger than the 41 images" in result.stderr
     assert not (tmp_path / "results").exists()  # nothing ran
 
 

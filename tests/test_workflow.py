@@ -78,7 +78,7 @@ def test_micro_run_metrics_are_finite_and_the_tables_hold_them(micro_run):
 
     root = micro_run / "results" / "micro"
     files = sorted((root / "metrics").rglob("*.json"))
-    assert len(files) == 10 + 2 * (4 + 4)  # 5 runs x 2 steps; per teacher 4 samplers, its student's 2 checkpoints x 2 samplers
+    assert len(files) == 10 + 2 * (4 + 2 * 4)  # 5 runs x 2 steps; per teacher 4 samplers, its 2 students' 2 checkpoints x 2 samplers
     metrics = {}
     for f in files:
         m = json.loads(f.read_text())["metrics"]
@@ -137,7 +137,7 @@ def test_changing_a_speed_parameter_reruns_only_the_speed_branch(micro_run):
         speed.write_text(original)
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = planned_jobs(result.stdout)
-    assert "train[run=speed-s0]" in jobs and "distill[teacher=speed-s0]" in jobs and "report" in jobs
+    assert "train[run=speed-s0]" in jobs and "distill[student=scd-speed-s0]" in jobs and "distill[student=sct-speed-s0]" in jobs and "report" in jobs
     # the k grid's runs set k themselves: their resolved configs did not change, so they are not re-run
     assert not [j for j in jobs if "baseline" in j or "min_snr" in j or "speed_k" in j], jobs
     assert not {j.split("[")[0] for j in jobs} & {"autoencoder", "encode", "classifier", "reference"}
@@ -257,12 +257,12 @@ def test_a_sweep_expands_to_the_expected_jobs(tmp_path):
     ({"teachers": ["speed-s1"]}, r"teachers: no train run 'speed-s1'; did you mean 'speed-s0'\?"),
     ({"teachers": "speed-s0"}, r"teachers: 'speed-s0' is not of type 'array'"),
     ({"methods": {"sct-x": "configs/mnist5k/speed.yaml"}}, r"method 'sct-x': names starting with 'sct-' are the sct students' runs"),
-    ({"consistency_methods": ["scd", "sdc"]}, r"consistency_methods: no consistency method 'sdc'; did you mean 'scd'\?"),
+    ({"consistency_methods": ["scd", "sctt"]}, r"consistency_methods: no consistency method 'sctt'; did you mean 'sct'\?"),
     ({"methods": {"a.b": "configs/mnist5k/speed.yaml", "a_b": "configs/mnist5k/speed.yaml"}, "teachers": ["a.b-s0"]},
      r"the runs 'a.b-s0' and 'a_b-s0' differ only in"),
     ({"overrides": {"train": ["trainer.progres=false"]}}, r"overrides.train: .*trainer.progres"),
     ({"tables": {"k_speedup": {"methods": ["speed"]}}}, r"table name 'k_speedup' is taken"),
-    ({"teachers": []}, r"configure sCD, but `teachers` is empty"),
+    ({"teachers": []}, r"configure consistency models, but `teachers` is empty"),
 ])
 def test_an_invalid_table_or_variant_is_refused_with_a_clear_message(change, message):
     from speedpipe.config import ConfigError
