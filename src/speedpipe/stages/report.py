@@ -288,6 +288,7 @@ def run(cfg, provenance):
             ax.set(xlabel="consistency steps after the warm start", ylabel=f"FID ({pipe['final_samples']} samples)", yscale="log",
                    title=f"consistency models of {t}")
             ax.legend(fontsize=7)
+        fig.tight_layout()
         save_figure(fig, layout, "distillation")
 
     atomic_write_text(layout.table("summary", "json"), json.dumps(summary(cfg, curve, df), indent=2, allow_nan=False))
