@@ -85,7 +85,7 @@ MUTATIONS = [
      "dm = dn * (1 + scale.unsqueeze(1)) + n * d_scale.unsqueeze(1) + d_shift.unsqueeze(1)",
      "dm = dn * (1 + scale.unsqueeze(1)) + d_shift.unsqueeze(1)", SCD_TESTS),
     ("DiT tangent: attention without the softmax's derivative", "models/dit_tangent.py",
-     "return torch.ops.aten._softmax_backward_data(ds, p, -1, p.dtype) @ v + p @ dv", "return p @ dv", SCD_TESTS),
+     "return torch.ops.aten._softmax_backward_data(ds.to(p.dtype), p, -1, p.dtype) @ v + p @ dv", "return p @ dv", SCD_TESTS),
     ("DiT tangent: gate's derivative dropped", "models/dit_tangent.py",
      "dx = dx + d_gate_mlp.unsqueeze(1) * h + gate_mlp.unsqueeze(1) * dh", "dx = dx + gate_mlp.unsqueeze(1) * dh", SCD_TESTS),
     ("sCD sampler: t_mid not used for re-noising", "consistency/sampling.py",

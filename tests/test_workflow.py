@@ -14,6 +14,9 @@ from conftest import REPO, SNAKEMAKE, planned_jobs, slurm, snakemake
     ("configs/pipeline/demo.yaml", {"train": 6, "distill": 1, "report": 1, "autoencoder": 1, "classifier": 1, "sample": 10,
                                     "evaluate": 10}),
     ("configs/pipeline/imagenet_256.yaml", {"train": 2, "distill": 1, "report": 1, "autoencoder": 0, "classifier": 0}),
+    # 3 teachers x (sCD, sCT); per teacher its curve job and its two long samplers' jobs; 6 student jobs
+    ("configs/pipeline/consistency_mnist.yaml", {"train": 3, "distill": 6, "report": 1, "autoencoder": 1, "classifier": 1,
+                                                 "sample": 15, "evaluate": 15}),
     # 16 methods x 1 seed: one curve-evaluation job per run, no sCD
     ("configs/pipeline/ablation_mnist.yaml", {"train": 16, "distill": 0, "report": 1, "autoencoder": 1, "sample": 16,
                                               "evaluate": 16}),
