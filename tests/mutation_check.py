@@ -88,6 +88,8 @@ MUTATIONS = [
      "return torch.ops.aten._softmax_backward_data(ds.to(p.dtype), p, -1, p.dtype) @ v + p @ dv", "return p @ dv", SCD_TESTS),
     ("DiT tangent: gate's derivative dropped", "models/dit_tangent.py",
      "dx = dx + d_gate_mlp.unsqueeze(1) * h + gate_mlp.unsqueeze(1) * dh", "dx = dx + gate_mlp.unsqueeze(1) * dh", SCD_TESTS),
+    ("DiT tangent: time_scale missing from the time input's tangent", "consistency/trigflow.py",
+     "(self.time_scale * dt).to(dtype), y)  # c_noise is linear in t", "dt.to(dtype), y)  # c_noise is linear in t", SCD_TESTS),
     ("sCD sampler: t_mid not used for re-noising", "consistency/sampling.py",
      "x_mid = math.cos(self.mid_t) * x0 + math.sin(self.mid_t) * sigma_d * z2", "x_mid = x0 + sigma_d * z2", SCD_TESTS),
     ("TrigFlow: consistency sign", "consistency/trigflow.py",

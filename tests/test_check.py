@@ -62,6 +62,13 @@ def test_a_conclusion_that_no_longer_holds_fails_the_check(tmp_path, capsys):
     assert main([str(tmp_path)]) == 0
 
 
+def test_a_method_whose_student_the_run_lacks_fails_its_conclusion():
+    run = summary()
+    run["teachers"]["speed-s0"]["students"] = {}
+    failed = [c["conclusion"] for c in judge(run, expected()).conclusions if not c["holds"]]
+    assert failed == ["scd student of speed-s0 in the run"]
+
+
 def test_a_speed_up_the_reference_did_not_resolve_is_not_judged():
     reference = expected()
     reference["reference"]["tables"]["fid"]["speedup"]["speed"]["interval"] = [0.9, 1.6]  # includes 1

@@ -148,8 +148,8 @@ def test_the_dits_own_tangent_is_its_forward_mode_derivative(fused_attn):
 
 def test_the_dits_own_tangent_under_bf16_autocast_is_as_close_as_torch_func_jvps():
     """Under bf16 autocast (distill.precision=bf16) the value is still the DiT's forward bit for bit, and the tangent is
-    within 2 % of the fp32 derivative, at most 3x the error of torch.func.jvp under the same autocast (measured: 0.9 %
-    and 0.5 %)."""
+    within 1 % of the fp32 derivative, at most 1.5x the error of torch.func.jvp under the same autocast (measured: 0.52 %
+    and 0.52 %, the tangent's residual stream in fp32 as the primal's; 0.93 % with it in bf16)."""
     from torch.func import jvp
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -166,14 +166,16 @@ def test_the_dits_own_tangent_under_bf16_autocast_is_as_close_as_torch_func_jvps
         out, own = net.forward_with_tangent(x, dx, t, dt, y)
         assert torch.equal(out, net(x, t, y))
     error = lambda d: ((d.float() - exact).norm() / exact.norm()).item()  # noqa: E731
-    assert error(own) < min(0.02, 3 * error(reference)), (error(own), error(reference))
+    assert error(own) < min(0.01, 1.5 * error(reference)), (error(own), error(reference))
 
 
-@pytest.mark.parametrize("dtype,tolerance", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
-def test_an_scd_step_with_the_dits_own_tangent_equals_the_step_with_torch_func_jvp(dtype, tolerance):
+@pytest.mark.parametrize("dtype,tolerance,time_scale", [(torch.float64, 1e-10, 1.0), (torch.float64, 1e-10, 2.5),
+                                                        (torch.float32, 1e-4, 1.0)])
+def test_an_scd_step_with_the_dits_own_tangent_equals_the_step_with_torch_func_jvp(dtype, tolerance, time_scale):
     """One sCD step (guided teacher, tangent warmed up halfway): loss and every parameter gradient with the DiT's own
     tangent in its graded pass equal those of a graded pass plus torch.func.jvp through the math kernel (the
-    reference), within `tolerance` relative (fp32: the kernels' rounding)."""
+    reference, which differentiates the student's time input c_noise = time_scale·t itself), within `tolerance`
+    relative (fp32: the kernels' rounding)."""
     g = torch.Generator().manual_seed(6)
     x0, z = (0.5 * torch.randn(4, 4, 8, 8, generator=g, dtype=torch.float64) for _ in range(2))
     t, y = torch.tensor([0.1, 0.6, 1.1, 1.5], dtype=torch.float64), torch.tensor([0, 3, 7, 9])
@@ -181,7 +183,7 @@ def test_an_scd_step_with_the_dits_own_tangent_equals_the_step_with_torch_func_j
                                            0.5, cfg_scale=2.0)
     results = []
     for own_tangent in (True, False):
-        student = TrigFlowStudent(_tiny_dit(dtype), 0.5, own_tangent=own_tangent)
+        student = TrigFlowStudent(_tiny_dit(dtype), 0.5, time_scale=time_scale, own_tangent=own_tangent)
         head = LogvarHead().to(dtype)
         loss = SCDLoss(teacher, tangent_warmup=2)(student, head, x0, z, t, y, step=1)["loss"]
         loss.backward()

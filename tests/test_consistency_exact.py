@@ -8,13 +8,14 @@ the exact ODE endpoint; the warm-started student before the method, and (sCD) an
 same budget, must not.
 """
 import copy
-from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 
+from speedpipe.config import DistillConfig
 from speedpipe.consistency.methods import consistency_method, method_names
 from speedpipe.consistency.objectives import LogvarHead, TrigFlowDiffusionLoss, sample_time
 from speedpipe.consistency.sampling import ConsistencySampler
@@ -83,7 +84,8 @@ def distill(as_student, teacher, method="scd", warm_steps=300, scd_steps=900, ba
     head = LogvarHead()
     opt = torch.optim.Adam([*student.net.parameters(), *head.parameters()], lr=5e-4, betas=(0.9, 0.99))
     warm = TrigFlowDiffusionLoss(teacher, "teacher")
-    scd = consistency_method(method).objective(teacher, SimpleNamespace(tangent_warmup=scd_steps // 4, tangent_c=0.1, precision="fp32"))
+    settings = OmegaConf.structured(DistillConfig(tangent_warmup=scd_steps // 4, sigma_d=SIGMA_D))  # every distill.* key
+    scd = consistency_method(method).objective(teacher, settings)
     y = torch.zeros(batch, dtype=torch.long)
     snapshots = []
     for step in range(1, warm_steps + scd_steps + 1):

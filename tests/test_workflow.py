@@ -278,6 +278,17 @@ def test_an_invalid_table_or_variant_is_refused_with_a_clear_message(change, mes
         Experiment(pipe, base_dir=REPO).evaluation_keys()
 
 
+def test_consistency_methods_without_teachers_are_refused():
+    from speedpipe.config import ConfigError
+    from speedpipe.workflow import CONSISTENCY_KEYS, Experiment
+
+    pipe = {k: v for k, v in yaml.safe_load((REPO / "tests/data/micro.yaml").read_text()).items()
+            if k not in CONSISTENCY_KEYS | {"consistency_methods"}}
+    Experiment({**pipe, "teachers": []}, base_dir=REPO)  # the default [scd] alone: no consistency models, no complaint
+    with pytest.raises(ConfigError, match=r"consistency_methods \['sct'\] configure consistency models, but `teachers` is empty"):
+        Experiment({**pipe, "teachers": [], "consistency_methods": ["sct"]}, base_dir=REPO)
+
+
 def test_an_invalid_table_is_refused_before_anything_runs(tmp_path):
     bad = micro_experiment(tables={"t": {"methods": ["baseline", "speedd"]}})
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad, sort_keys=False))

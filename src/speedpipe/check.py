@@ -85,6 +85,9 @@ def judge(run: dict, expected: dict) -> Judge:
         j.conclusion(f"teacher {teacher}: {t['reference_sampler']} samples land in their class at least "
                      f"{bars['teacher_label_accuracy']:.0%} of the time", accuracy(t), accuracy(mine))
         for method, student in t["students"].items():
+            if method not in mine.get("students", {}):
+                j.conclusion(f"{method} student of {teacher} in the run", True, False)
+                continue
             last = max(student, key=int)
             mine_student = mine["students"][method]
             for sampler, value in student[last].items():

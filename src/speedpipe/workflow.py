@@ -218,12 +218,16 @@ def check_experiment_file(pipe: dict, base_dir=None) -> dict:
     missing = sorted(set(schema()["required"]) - set(pipe))
     if missing:
         raise ConfigError(f"pipeline config: missing key(s) {missing}")
+    given_keys = set(pipe)  # before the schema fills in its defaults
     pipe = json.loads(json.dumps(pipe))  # a copy, with tuples as lists (as YAML gives them)
     try:
         validate(pipe, str(SCHEMA), set_default=True)
     except WorkflowError:
         raise _schema_error(pipe) from None
     teachers = pipe["teachers"]
+    if not teachers and "consistency_methods" in given_keys:
+        raise ConfigError(f"pipeline config: consistency_methods {pipe['consistency_methods']} configure consistency models, "
+                          f"but `teachers` is empty: name the train runs they start from")
     given, missing = sorted(CONSISTENCY_KEYS & set(pipe)), sorted(CONSISTENCY_KEYS - set(pipe))
     if teachers and missing:
         raise ConfigError(f"pipeline config: missing key(s) {missing} (they configure the consistency models of the "
@@ -526,7 +530,8 @@ class Experiment:
             "teacher_samplers": self.teacher_samplers(),
             "diffusion": {m: c["diffusion"] for m, c in method_cfgs.items()},
             "train": {"global_batch_size": train["trainer"]["global_batch_size"], "num_classes": train["model"]["num_classes"]},
-            "distill": None if distill is None else {k: distill[k] for k in ("cfg_scale", "sigma_d", "p_mean", "p_std", "lr")},
+            "distill": None if distill is None else {k: distill[k] for k in ("cfg_scale", "warm_start_target", "sigma_d", "p_mean",
+                                                                              "p_std", "lr")},
             "usage": [{"rule": rule, "job": job_label(wc), "path": str(self.layout.job_usage(rule, job_label(wc)))}
                       for rule, wc in self.all_jobs() if rule != "report"],
         }

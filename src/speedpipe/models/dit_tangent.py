@@ -120,9 +120,9 @@ def _block_tangent(block: DiTBlock, x, dx, c, dc):
 def forward_with_tangent(net: DiT, x, dx, t, dt, y):
     """(net(x, t, y) with gradients, its derivative along (dx, dt) without): the same value as net(x, t, y)."""
     h = net.x_embedder(x) + net.pos_embed
-    with torch.no_grad():
+    with torch.no_grad():  # the tangent's residual stream in the primal's dtype (fp32 under autocast, as h is)
         dh = F.conv2d(dx.to(net.x_embedder.proj.weight.dtype), net.x_embedder.proj.weight,
-                      stride=net.x_embedder.proj.stride).flatten(2).transpose(1, 2)
+                      stride=net.x_embedder.proj.stride).flatten(2).transpose(1, 2).to(h.dtype)
     t_emb, dc = _timestep_tangent(net.t_embedder, t, dt)
     c = t_emb + net.y_embedder(y, net.training)
     for block in net.blocks:

@@ -146,7 +146,9 @@ STAGES = {s.name: s for s in (
     Stage("train", "train", 2,
           reads=(*IDENTITY, "seed", "method", *LATENTS, "model", "diffusion", "optim", "trainer"),
           uses=loop_uses("trainer")),
-    Stage("distill", "train", 4,  # 4: consistency methods (distill.method), the DiT's own tangent in the graded pass  # the latents normalised as its teacher's were (the teacher checkpoint's latent_norm)
+    # 4: consistency methods (distill.method), the DiT's own tangent in the graded pass; its latents are normalised as its
+    # teacher's were (the teacher checkpoint's latent_norm), so data.latent_norm is not read
+    Stage("distill", "train", 4,
           reads=(*IDENTITY, "seed", *(k for k in LATENTS if k != "data.latent_norm"), "distill"),
           uses=loop_uses("distill")),
     Stage("sample", "sample", 3,

@@ -352,7 +352,10 @@ def usage_tables(records) -> tuple[tuple[str, str, pd.DataFrame], tuple[str, str
 def method_lines(cfg) -> str:
     """One line per consistency method of the experiment: what its student follows (the method's section)."""
     methods = [consistency_method(m) for m in dict.fromkeys(d["method"] for d in cfg["distill_runs"])]
-    return "\n".join(f"- {m.title} (`{m.name}`): the student follows {m.follows}." for m in methods)
+    guidance = cfg["distill"]["cfg_scale"]
+    return "\n".join(f"- {m.title} (`{m.name}`): the student follows {m.follows}"
+                      + (f"; its objective evaluates the teacher, at guidance {guidance}." if m.teacher_velocity else
+                         "; its objective evaluates no teacher.") for m in methods)
 
 
 def experiment_readme(cfg, tables: dict, scm, df, usage) -> str:
@@ -371,6 +374,8 @@ def experiment_readme(cfg, tables: dict, scm, df, usage) -> str:
 
 FID and the other metrics at the table's iterations: `tables/{name}.md` (also `.csv`, `.tex`).
 """ for name, speedup in tables.items())
+    warm_start = None if d is None else ("a regression on the teacher's velocity at guidance " + str(d["cfg_scale"])
+                                         if d["warm_start_target"] == "teacher" else "the TrigFlow diffusion loss on the data")
     scm_section = "" if scm is None else f"""
 ## The teachers
 
@@ -379,8 +384,8 @@ FID and the other metrics at the table's iterations: `tables/{name}.md` (also `.
 ## Consistency models versus teacher
 
 Teachers {list(students_by_teacher(cfg))} at {pipe['train_steps']} iterations; from each, every consistency method starts
-from the teacher's weights with the same {pipe['distill_warm_start']}-step TrigFlow warm start (on the teacher's velocity at
-guidance {d['cfg_scale']}), then takes {pipe['distill_steps']} steps of its own objective (σ_d = {d['sigma_d']},
+from the teacher's weights with the same {pipe['distill_warm_start']}-step TrigFlow warm start ({warm_start}), then takes
+{pipe['distill_steps']} steps of its own objective (σ_d = {d['sigma_d']},
 P_mean = {d['p_mean']}, P_std = {d['p_std']}, lr {d['lr']}); {pipe['final_samples']} samples per evaluation. The methods:
 {method_lines(cfg)}
 

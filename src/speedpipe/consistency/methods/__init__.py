@@ -24,7 +24,7 @@ class ConsistencyMethod:
     name: str  # the module's name: distill.method, the experiment file's consistency_methods, run names {name}-{teacher}
     title: str  # how tables and figures name it (sCD)
     follows: str  # the velocity its student follows, in words, for the report
-    teacher_velocity: bool  # whether its objective evaluates the teacher network (then distill.cfg_scale guides it)
+    teacher_velocity: bool  # whether its objective evaluates the teacher network (then distill.cfg_scale guides it; the report says so)
     objective: Callable  # objective(teacher: TrigFlowTeacher, distill_config) -> loss(student, head, x0, z, t, y, step)
     sampler: Callable = None  # sampler(student, latent_shape, steps, mid_t) for the labels scm<steps> (None: ConsistencySampler)
 
@@ -35,9 +35,9 @@ class ConsistencyMethod:
 
 
 def method_names() -> list[str]:
-    """The methods' names (the modules of this package), without importing them (the experiment file checks names
-    while Snakemake parses the workflow, before torch is imported)."""
-    return sorted(info.name for info in pkgutil.iter_modules(__path__))
+    """The methods' names (the modules of this package; a module whose name starts with '_' is a helper), without
+    importing them (the experiment file checks names while Snakemake parses the workflow, before torch is imported)."""
+    return sorted(info.name for info in pkgutil.iter_modules(__path__) if not info.name.startswith("_"))
 
 
 @functools.lru_cache(maxsize=None)

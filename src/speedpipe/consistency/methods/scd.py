@@ -23,6 +23,6 @@ class SCDLoss(ConsistencyLoss):
 
 
 METHOD = ConsistencyMethod(
-    name="scd", title="sCD", follows="the teacher's velocity (its probability-flow ODE, with its guidance)",
+    name="scd", title="sCD", follows="the teacher's velocity (its probability-flow ODE)",
     teacher_velocity=True,
     objective=lambda teacher, d: SCDLoss(teacher, d.tangent_warmup, d.tangent_c, d.precision))

@@ -15,6 +15,6 @@ class SCTLoss(ConsistencyLoss):
 
 
 METHOD = ConsistencyMethod(
-    name="sct", title="sCT", follows="the data's velocity cos t·z − sin t·x0 of the pair that made x_t (no teacher, no guidance)",
+    name="sct", title="sCT", follows="the data's velocity cos t·z − sin t·x0 of the pair that made x_t",
     teacher_velocity=False,
     objective=lambda teacher, d: SCTLoss(d.tangent_warmup, d.tangent_c, d.precision))
