@@ -203,15 +203,14 @@ def test_every_key_a_stage_module_reads_is_declared():
 
 
 def test_an_experiment_reports_the_stage_config_values_it_replaces(tmp_path):
-    from speedpipe.workflow import Experiment
+    from speedpipe.workflow import CONSISTENCY_KEYS, Experiment
 
     (tmp_path / "configs").mkdir()
     config = tmp_path / "configs" / "base.yaml"
     config.write_text((REPO / "configs/mnist5k/base.yaml").read_text().replace("trainer:\n", "trainer:\n  steps: 2000\n"))
     pipe = yaml.safe_load((REPO / "tests/data/micro.yaml").read_text())
     pipe.update(base_config=str(config), methods={"baseline": str(config)}, teachers=[], tables=None)
-    for key in ("teacher_sampler", "teacher_ode_sampler", "teacher_baselines", "scm_samplers", "final_samples",
-                "distill_warm_start", "distill_steps", "distill_eval_steps"):
+    for key in CONSISTENCY_KEYS | {"consistency_methods"}:
         pipe.pop(key)
     messages = Experiment(pipe).overridden_values()
     assert any(f"{config} sets trainer.steps: 2000, but the experiment (train_steps) sets 4" in m for m in messages), messages

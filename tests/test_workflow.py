@@ -214,14 +214,13 @@ def test_an_experiment_file_plans_only_its_own_methods(tmp_path):
 def test_a_sweep_expands_to_the_expected_jobs(tmp_path):
     """A grid (2 x 2 values) and named variants become one method each, with their overrides in the train config; the
     dry run plans exactly their train runs (x 2 seeds) and one curve-evaluation job per run."""
-    from speedpipe.workflow import Experiment
+    from speedpipe.workflow import CONSISTENCY_KEYS, Experiment
 
     speed = str(REPO / "configs/mnist5k/speed.yaml")
     pipe = micro_experiment(seeds=[0, 1], teachers=[], tables={"grid": {"methods": ["g-k1-lam0.5", "g-k10-lam0.8"], "reference": "g-k1-lam0.5"}}, methods={
         "g": {"config": speed, "grid": {"diffusion.timestep_sampler.k": [1, 10], "diffusion.loss_weighting.lam": [0.5, 0.8]}},
         "tau": {"config": speed, "variants": {"t500": ["diffusion.timestep_sampler.tau=500", "diffusion.loss_weighting.tau=500"]}}})
-    for key in ("teacher_sampler", "teacher_ode_sampler", "teacher_baselines", "scm_samplers", "final_samples",
-                "distill_warm_start", "distill_steps", "distill_eval_steps"):
+    for key in CONSISTENCY_KEYS | {"consistency_methods"}:
         del pipe[key]
     exp = Experiment(pipe)
     assert list(exp.methods) == ["g-k1-lam0.5", "g-k1-lam0.8", "g-k10-lam0.5", "g-k10-lam0.8", "tau-t500"]

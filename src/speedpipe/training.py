@@ -1,4 +1,4 @@
-"""The pieces of a DiT training step (the train stage's loop, the sCD stage's EMA and the benchmarks use them).
+"""The pieces of a DiT training step (the train stage's loop, the distill stage's EMA and the benchmarks use them).
 
 Everything random about a step is drawn for the global batch by `StepRandomness` from generators whose state is
 checkpointed, so a resumed run draws as an uninterrupted one and each rank takes its slice of the same batch.

@@ -156,7 +156,7 @@ class NormalizedLatents:
 
 def open_training_data(cfg, model_cfg=None, normalization: LatentNormalization | None = None) -> NormalizedLatents:
     """The latent dataset of cfg.data, checked against the model (cfg.model, or a teacher's model_cfg), normalised with
-    the given normalization (sCD: its teacher's, so that it sees the teacher's data) or else per data.latent_norm."""
+    the given normalization (a consistency student: its teacher's, so that it sees the teacher's data) or else per data.latent_norm."""
     from speedpipe.config import ConfigError
     from speedpipe.layout import latents_dir
 
