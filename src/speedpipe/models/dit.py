@@ -42,15 +42,20 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.proj = nn.Linear(dim, dim)
 
+    def split_heads(self, qkv):
+        """[B, N, 3C] -> q, k, v, each [B, heads, N, head_dim]."""
+        B, N, _ = qkv.shape
+        return qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+
+    def attend(self, q, k, v):
+        """softmax(q kᵀ/√d) v: the fused kernel, or the explicit product with fused_attn off."""
+        if self.fused_attn:
+            return F.scaled_dot_product_attention(q, k, v)
+        return ((q * self.head_dim**-0.5) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+
     def forward(self, x):
         B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        if self.fused_attn:
-            x = F.scaled_dot_product_attention(q, k, v)
-        else:
-            attn = (q * self.head_dim**-0.5) @ k.transpose(-2, -1)
-            x = attn.softmax(dim=-1) @ v
+        x = self.attend(*self.split_heads(self.qkv(x)))
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
 

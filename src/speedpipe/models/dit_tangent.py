@@ -94,15 +94,10 @@ def _block_tangent(block: DiTBlock, x, dx, c, dc):
     attn = block.attn
     m, dm = _modulated_norm(block.norm1, x, dx, shift_msa, scale_msa, d_shift_msa, d_scale_msa)
     B, N, C = m.shape
-    heads = lambda u: u.reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # noqa: E731
-    q, k, v = heads(attn.qkv(m))
-    if attn.fused_attn:
-        o = F.scaled_dot_product_attention(q, k, v)
-    else:
-        o = ((q * attn.head_dim**-0.5) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
-    a = attn.proj(o.transpose(1, 2).reshape(B, N, C))
+    q, k, v = attn.split_heads(attn.qkv(m))
+    a = attn.proj(attn.attend(q, k, v).transpose(1, 2).reshape(B, N, C))
     with torch.no_grad():
-        do = _attention_tangent(q, k, v, *heads(_linear_tangent(attn.qkv, dm)))
+        do = _attention_tangent(q, k, v, *attn.split_heads(_linear_tangent(attn.qkv, dm)))
         da = _linear_tangent(attn.proj, do.transpose(1, 2).reshape(B, N, C))
         dx = dx + d_gate_msa.unsqueeze(1) * a + gate_msa.unsqueeze(1) * da
     x = x + gate_msa.unsqueeze(1) * a

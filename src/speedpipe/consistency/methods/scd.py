@@ -1,7 +1,5 @@
 """sCD: continuous-time consistency distillation. The student follows the teacher's probability-flow ODE,
 dx_t/dt = σ_d·F_teacher(x_t/σ_d, t) (with the teacher's classifier-free guidance, distill.cfg_scale)."""
-import torch
-
 from speedpipe.consistency.methods import ConsistencyMethod
 from speedpipe.consistency.objectives import ConsistencyLoss
 
@@ -12,7 +10,6 @@ class TeacherVelocity:
     def __init__(self, teacher):
         self.teacher = teacher
 
-    @torch.no_grad()
     def __call__(self, x0, z, x_t, t, y, sigma_d):
         return sigma_d * self.teacher(x_t.float() / sigma_d, t.float(), y).double()
 
