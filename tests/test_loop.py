@@ -61,7 +61,7 @@ def test_the_signal_waits_for_the_step_boundary_and_its_state_is_saved(tmp_path,
     with pytest.raises(Requeued):
         loop.run(*_step_fns(model, opt, gen, signal_at=5))
     assert submitit_like_handler == [signal.SIGUSR2] and loop.step == 5  # step 5 finished before the handler ran
-    saved = safe_torch_load(tmp_path / "a" / "latest.pt")
+    saved = safe_torch_load(loop.state_dir / "latest.pt")
     assert saved["step"] == 5 and torch.equal(saved["model"]["weight"], model.weight.detach())
     assert [(e["event"], e["step"], e["source"], e["steps_performed"]) for e in events(tmp_path / "a")] == [
         ("start", 0, "", ""), ("preempted", 5, "latest.pt", "5")]
@@ -86,12 +86,47 @@ def test_resume_prefers_the_newest_state(tmp_path):
     loop, model, opt, gen = _loop(tmp_path, steps=9, resume_every_steps=4)
     loop.resume()
     loop.run(*_step_fns(model, opt, gen))
-    assert safe_torch_load(tmp_path / "latest.pt")["step"] == 8  # step 9 is the final evaluation checkpoint
+    assert safe_torch_load(loop.state_dir / "latest.pt")["step"] == 8  # step 9 is the final evaluation checkpoint
     fresh, *_ = _loop(tmp_path, steps=12)
     assert fresh.resume()["step"] == 9 and events(tmp_path)[-1]["source"] == "ckpt-0000009.pt"
-    (tmp_path / "ckpt-0000009.pt").unlink()
+    fresh.folder.unlock()
+    (loop.state_dir / "ckpt-0000009.pt").unlink()
     fresh, *_ = _loop(tmp_path, steps=12)
     assert fresh.resume()["step"] == 8 and events(tmp_path)[-1]["source"] == "latest.pt"
+    fresh.folder.unlock()
+
+
+def test_a_corrupt_resume_file_is_passed_over_for_the_newest_valid_checkpoint(tmp_path):
+    """A latest.pt cut short (a full disk on a file system without atomic renames, a bad block) does not stop the
+    resume: the newest evaluation checkpoint before it is loaded, and events.csv names the unreadable file."""
+    loop, model, opt, gen = _loop(tmp_path, steps=9, resume_every_steps=2, ckpt_steps=(4,))
+    loop.resume()
+    loop.run(*_step_fns(model, opt, gen))
+    (loop.state_dir / "ckpt-0000009.pt").unlink()
+    latest = loop.state_dir / "latest.pt"
+    latest.write_bytes(latest.read_bytes()[:100])
+    fresh, *_ = _loop(tmp_path, steps=9, ckpt_steps=(4,))
+    assert fresh.resume()["step"] == 4
+    assert [(e["event"], e["source"]) for e in events(tmp_path)[-2:]] == [("unreadable", "latest.pt"), ("resume", "ckpt-0000004.pt")]
+    fresh.folder.unlock()
+
+
+def test_the_declared_files_are_remade_from_the_store(tmp_path):
+    """Snakemake removes a job's declared files (before a re-run, after a failure): the re-run finds its state, performs
+    no step and links the same checkpoint files (same inode: not rewritten) back into the run folder."""
+    loop, model, opt, gen = _loop(tmp_path, steps=6, ckpt_steps=(3,))
+    loop.resume()
+    loop.run(*_step_fns(model, opt, gen))
+    inodes = {p.name: p.stat().st_ino for p in tmp_path.glob("ckpt-*.pt")}
+    assert sorted(inodes) == ["ckpt-0000003.pt", "ckpt-0000006.pt"]
+    log = (tmp_path / "log.csv").read_text()
+    for path in [*tmp_path.glob("ckpt-*.pt"), tmp_path / "log.csv"]:
+        path.unlink()
+    again, model, opt, gen = _loop(tmp_path, steps=6, ckpt_steps=(3,))
+    again.resume()
+    assert again.run(*_step_fns(model, opt, gen)) == 0
+    assert {p.name: p.stat().st_ino for p in tmp_path.glob("ckpt-*.pt")} == inodes
+    assert (tmp_path / "log.csv").read_text() == log
 
 
 def test_nonfinite_stop_names_the_step_before_any_save(tmp_path):
@@ -105,7 +140,7 @@ def test_nonfinite_stop_names_the_step_before_any_save(tmp_path):
 
     with pytest.raises(FloatingPointError, match=r"non-finite training loss at step 3.*latest\.pt"):
         loop.run(poisoned, update)
-    assert safe_torch_load(tmp_path / "latest.pt")["step"] == 2  # nothing saved from step 3 on
+    assert safe_torch_load(loop.state_dir / "latest.pt")["step"] == 2  # nothing saved from step 3 on
 
 
 def test_a_term_that_first_appears_later_is_checked_too(tmp_path):

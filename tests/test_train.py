@@ -11,6 +11,7 @@ from conftest import REPO, events, run_python
 from speedpipe.checkpoint import latest_checkpoint, load_checkpoint
 from speedpipe.config import load_config
 from speedpipe.layout import train_run_dir
+from speedpipe.runstore import current_state
 from speedpipe.stages import train
 
 
@@ -99,10 +100,13 @@ def test_resume_checkpoint_between_evaluation_checkpoints(tiny_train_config, tmp
 
     overrides = ["trainer.steps=8", "trainer.ckpt_every=1000", "trainer.resume_every_steps=3"]
     full = train.run(load_config(tiny_train_config, overrides + [f"trainer.run_dir={tmp_path / 'full'}"], phase="train"))
-    assert [p.name for p in sorted(full.glob("*.pt"))] == ["ckpt-0000008.pt", "latest.pt"]
-    assert load_checkpoint(full / "latest.pt")["step"] == 6
+    state = current_state(full)
+    assert [p.name for p in sorted(full.glob("*.pt"))] == ["ckpt-0000008.pt"]
+    assert [p.name for p in sorted(state.glob("*.pt"))] == ["ckpt-0000008.pt", "latest.pt"]
+    assert load_checkpoint(state / "latest.pt")["step"] == 6
     (tmp_path / "cut").mkdir()
-    shutil.copy(full / "latest.pt", tmp_path / "cut" / "latest.pt")  # a run that stopped after step 6
+    # a run that stopped after step 6, its latest.pt in the run folder as written before the store: adopted
+    shutil.copy(state / "latest.pt", tmp_path / "cut" / "latest.pt")
     cut = train.run(load_config(tiny_train_config, overrides + [f"trainer.run_dir={tmp_path / 'cut'}"], phase="train"))
     assert [(e["event"], e["step"], e["source"], e["steps_performed"]) for e in events(cut)] == [
         ("resume", 6, "latest.pt", ""), ("finished", 8, "", "2")]
@@ -184,20 +188,28 @@ def test_a_resumed_curriculum_draws_as_an_uninterrupted_one(tiny_train_config, t
     _assert_same_state(load_checkpoint(straight / "ckpt-0000004.pt"), load_checkpoint(resumed / "ckpt-0000004.pt"))
 
 
-def test_a_run_of_other_settings_is_not_resumed(tiny_train_config, tmp_path):
-    """Snakemake re-runs a training job whose settings were edited and removes only its declared outputs: what is left
-    in the run's folder (latest.pt, checkpoints between the evaluated ones) was made with the old settings, so the run
-    starts afresh (and says so in events.csv) and ends as a fresh run of the new settings would."""
+def test_a_run_of_other_settings_is_not_resumed_and_the_old_run_is_kept(tiny_train_config, tmp_path):
+    """Snakemake re-runs a training job whose settings were edited and removes its declared outputs: the run of the new
+    settings starts afresh in a state folder of its own (events.csv names the one kept beside it and the key that
+    differs), ends as a fresh run of the new settings would, and the old run's checkpoints stay, not rewritten."""
     first = ["trainer.steps=4", "trainer.ckpt_every=1", "optim.lr=1.0e-3", f"trainer.run_dir={tmp_path / 'run'}"]
     train.run(load_config(tiny_train_config, first, phase="train"))
+    old_state = current_state(tmp_path / "run")
+    old_files = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in old_state.glob("*.pt")}
     for stale in ("ckpt-0000004.pt", "ckpt-0000003.pt"):  # the declared outputs Snakemake removes before the re-run
         (tmp_path / "run" / stale).unlink()
     edited = ["trainer.steps=4", "trainer.ckpt_every=1", "optim.lr=5.0e-3"]
     rerun = train.run(load_config(tiny_train_config, [*edited, f"trainer.run_dir={tmp_path / 'run'}"], phase="train"))
     fresh = train.run(load_config(tiny_train_config, [*edited, f"trainer.run_dir={tmp_path / 'fresh'}"], phase="train"))
-    assert [e["event"] for e in events(rerun)] == ["start", "finished", "restart", "start", "finished"]
-    assert "optim.lr" in [e for e in events(rerun) if e["event"] == "restart"][0]["source"]
+    assert [e["event"] for e in events(rerun)] == ["start", "finished"]
+    assert f"store/{old_state.name} (optim.lr)" in events(rerun)[0]["source"]
+    assert current_state(rerun) != old_state
+    assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in old_state.glob("*.pt")} == old_files
     _assert_same_state(load_checkpoint(rerun / "ckpt-0000004.pt"), load_checkpoint(fresh / "ckpt-0000004.pt"))
+    # going back to the first settings resumes the kept run: nothing is trained again
+    back = train.run(load_config(tiny_train_config, first, phase="train"))
+    assert [(e["event"], e["steps_performed"]) for e in events(back)][-2:] == [("resume", ""), ("finished", "0")]
+    assert {p.name for p in back.glob("ckpt-*.pt")} == {f"ckpt-{s:07d}.pt" for s in (1, 2, 3, 4)}
     # a continued run (more steps) of the same settings resumes
     longer = train.run(load_config(tiny_train_config, ["trainer.steps=6", "trainer.ckpt_every=1", "optim.lr=5.0e-3",
                                                        f"trainer.run_dir={tmp_path / 'fresh'}"], phase="train"))

@@ -7,6 +7,7 @@
   samples/{run}/{step:07d}/{sampler}.npz|json|png            metrics/{run}/{step:07d}/{sampler}.json
   tables/  figures/  README.md                               the report
   logs/{rule}/{job}.log, .usage.json    benchmarks/{rule}/{job}.tsv    every Snakemake job's log and resources
+  standalone/train/…, distill/…, samples/…, metrics/…  what `speedpipe STAGE` and main.py write where no path is given
 
 The rules (speedpipe.workflow), the stages (their defaults when run alone) and the report all ask this module;
 none of them assembles a results path itself.
@@ -30,6 +31,12 @@ class Layout:
     def of(cls, cfg) -> "Layout":
         """The layout of a stage config's experiment ({output_dir}/{experiment})."""
         return cls(Path(cfg.output_dir) / cfg.experiment)
+
+    @classmethod
+    def standalone(cls, cfg) -> "Layout":
+        """Where a stage run alone writes its runs, samples and metrics: {output_dir}/{experiment}/standalone, never a
+        folder of the pipeline's (a command with one setting changed must not take over the pipeline's run)."""
+        return cls(cls.of(cfg).root / "standalone")
 
     def autoencoder_dir(self) -> Path:
         return self.root / "autoencoder"
@@ -97,8 +104,8 @@ def student_run_name(method: str, teacher_run: str) -> str:
 
 
 # --- A stage config's paths: the path the config names, else the layout's place. The pipeline always names its
-# runs' and evaluations' paths; the fallbacks that read a run's identity out of a file name serve standalone
-# `speedpipe STAGE` runs, which name only a checkpoint or a samples file.
+# runs' and evaluations' paths; the fallbacks serve standalone `speedpipe STAGE` runs: they read the experiment's
+# shared data (latents, reference, classifier, autoencoder) and write runs, samples and metrics to Layout.standalone.
 
 def latents_dir(cfg) -> Path:
     return Path(cfg.data.latents_dir or Layout.of(cfg).latents_dir())
@@ -117,12 +124,12 @@ def tiny_autoencoder_weights(cfg) -> Path:
 
 
 def train_run_dir(cfg) -> Path:
-    return Path(cfg.trainer.run_dir or Layout.of(cfg).train_dir(cfg.method, cfg.seed))
+    return Path(cfg.trainer.run_dir or Layout.standalone(cfg).train_dir(cfg.method, cfg.seed))
 
 
 def distill_run_dir(cfg) -> Path:
     """distill.run_dir, else distill/{method}-{the teacher's run folder name}."""
-    return Path(cfg.distill.run_dir or Layout.of(cfg).distill_dir(cfg.distill.method, Path(cfg.distill.teacher).parent.name))
+    return Path(cfg.distill.run_dir or Layout.standalone(cfg).distill_dir(cfg.distill.method, Path(cfg.distill.teacher).parent.name))
 
 
 def samples_path(cfg) -> Path:
@@ -136,11 +143,11 @@ def samples_path(cfg) -> Path:
         from speedpipe.config import ConfigError
 
         raise ConfigError(f"config key 'sampling.out': required when the checkpoint name {ckpt.name} is not ckpt-NNNNNNN.pt")
-    return Layout.of(cfg).samples(ckpt.parent.name, int(step.group(1)), s.sampler)
+    return Layout.standalone(cfg).samples(ckpt.parent.name, int(step.group(1)), s.sampler)
 
 
 def metrics_path(cfg) -> Path:
-    """eval.out, else the samples path with its last samples/ folder as metrics/ and .json for .npz."""
+    """eval.out, else standalone/metrics/ with the samples path's part below its last samples/ folder, .json for .npz."""
     if cfg.eval.out:
         return Path(cfg.eval.out)
     samples = Path(cfg.eval.samples)
@@ -149,5 +156,5 @@ def metrics_path(cfg) -> Path:
         from speedpipe.config import ConfigError
 
         raise ConfigError(f"config key 'eval.out': required when the samples path {samples} has no samples/ folder")
-    parts[len(parts) - 1 - parts[::-1].index("samples")] = "metrics"
-    return Path(*parts).with_suffix(".json")
+    below = parts[len(parts) - parts[::-1].index("samples"):]
+    return (Layout.standalone(cfg).root / "metrics" / Path(*below)).with_suffix(".json")

@@ -5,10 +5,14 @@ A stage supplies its step as two callables, as EDM's training loop separates the
 tangent "g") and `update(terms)` (backward, optimizer, EMA), together with its stateful objects (modules,
 optimizers, the data order: anything with state_dict/load_state_dict) and its random generators. The loop owns:
 
-- resume: from the newest of the evaluation checkpoints ckpt-{step:07d}.pt and the resume checkpoint latest.pt,
-  restoring every stateful object and generator, so a resumed run ends bit-identical to an uninterrupted one (CPU) --
-  if it was made with the same settings: checkpoints of other settings (Snakemake re-runs a job whose settings were
-  edited, and removes only its declared outputs) are removed and the run starts afresh;
+- the run folder (speedpipe.runstore): every file the loop writes lives in the folder's store, in the state folder of
+  its settings (`settings`: what a resumed run must share with the run it resumes), where no cleanup of Snakemake's
+  removes it; the declared files (checkpoints, log.csv, events.csv) are made from it as checkpoints are saved and
+  when the run ends, so a re-run after Snakemake removed them recomputes nothing. One process writes a run folder
+  at a time (its lock);
+- resume: from the newest valid file of the state, latest.pt or an evaluation checkpoint ckpt-{step:07d}.pt,
+  restoring every stateful object and generator, so a resumed run ends bit-identical to an uninterrupted one (CPU);
+  a file that does not load (a corrupt latest.pt) is passed over for the next newest, and events.csv says so;
 - cadence: log rows every log_every steps, evaluation checkpoints at ckpt_every, at every step of ckpt_steps and at
   the end, and latest.pt (rewritten atomically) every resume_every_steps steps or resume_every_minutes minutes;
 - preemption: under SLURM (launch.StageJob), the pre-timeout or preemption signal is held until the current step
@@ -16,8 +20,8 @@ optimizers, the data order: anything with state_dict/load_state_dict) and its ra
 - the non-finite policy: "stop" raises, naming the step and the quantity, at the next log or checkpoint step and
   before anything is saved after the bad step (no synchronisation per step); "skip" checks every step on all
   ranks, leaves the weights untouched for a non-finite step and counts it;
-- events.csv: one row per start, resume (with the step and file), restart (the settings that differ), preemption save
-  and finish.
+- events.csv: one row per start (with the other settings' states kept beside it), resume (with the step and file),
+  unreadable file passed over, preemption save and finish.
 """
 import csv
 import signal
@@ -32,9 +36,8 @@ from speedpipe.checkpoint import list_checkpoints, rng_state, restore_rng, save_
 from speedpipe.csvlog import CsvLog
 from speedpipe.distributed import DistEnv, all_reduce_mean, all_reduce_min, barrier
 from speedpipe.io import atomic_torch_save, safe_torch_load
-from speedpipe.stages import Stage
+from speedpipe.runstore import RESUME_FILE, RunFolder
 
-RESUME_FILE = "latest.pt"
 _ACTIVE: "ResumableLoop | None" = None  # the loop running in this process (the signal handlers' target)
 
 
@@ -73,42 +76,59 @@ class ResumableLoop:
 
     def __post_init__(self):
         self.run_dir = Path(self.run_dir)
+        self.folder = RunFolder(self.run_dir, self.settings)
+        self.state_dir = self.folder.state_dir
         if self.nonfinite not in ("stop", "skip"):
             raise ValueError(f"non-finite policy {self.nonfinite!r}: expected 'stop' or 'skip'")
         self._preempt = None
 
     # ----- resume and checkpoints -----
     def _newest(self) -> tuple[Path | None, dict | None]:
-        """(path, state) of the newest of latest.pt and the last ckpt-*.pt (each file loaded at most once)."""
-        ckpts = list_checkpoints(self.run_dir)
-        latest = self.run_dir / RESUME_FILE
+        """(path, state) of the newest file of the state folder that loads: latest.pt and the ckpt-*.pt by step, newest
+        first (each loaded at most once); one that does not load is recorded in events.csv and passed over."""
+        files = [(step, path) for step, path in list_checkpoints(self.state_dir)]
+        latest = self.state_dir / RESUME_FILE
         if latest.is_file():
-            state = safe_torch_load(latest)
-            if not ckpts or state["step"] >= ckpts[-1][0]:
-                return latest, state
-        return (ckpts[-1][1], safe_torch_load(ckpts[-1][1])) if ckpts else (None, None)
+            files.append((float("inf"), latest))  # ranked by the step it holds once loaded
+        loaded = []
+        for _, path in sorted(files, key=lambda f: f[0], reverse=True):
+            try:
+                state = safe_torch_load(path)
+            except ValueError as err:
+                print(f"speedpipe: {err}; resuming from an older state", flush=True)
+                self._event("unreadable", path.name)
+                continue
+            loaded.append((int(state["step"]), path != latest, path, state))
+            if path != latest:  # an evaluation checkpoint: nothing older can be newer
+                break
+        if not loaded:
+            return None, None
+        _, _, path, state = max(loaded, key=lambda f: (f[0], f[1]))
+        return path, state
 
     def resume(self) -> dict | None:
-        """Load the newest state into the stateful objects and generators; returns it (None for a fresh run). A state
-        made with other settings is not resumed: its checkpoint files are removed and the run starts afresh."""
+        """Take the run folder's lock, open the state of this run's settings and load its newest state into the stateful
+        objects and generators; returns it (None for a fresh run). The states of other settings stay in the store."""
+        others = []
+        if self.env.is_main:
+            self.folder.lock()
+            others = self.folder.open_state()
+        barrier(self.env)
         path, state = self._newest()
-        differ = Stage.settings_differ(state.get("settings", self.settings), self.settings) if state and self.settings else []
-        if differ:
-            for stale in [*(p for _, p in list_checkpoints(self.run_dir)), self.run_dir / RESUME_FILE]:
-                stale.unlink(missing_ok=True)
-            self._event("restart", f"settings changed: {', '.join(differ)}")
-            path, state = None, None
         if state is not None:
             for name, obj in self.stateful.items():
                 obj.load_state_dict(state[name])
             restore_rng(state["rng"], self.generators)
             self.step, self.skipped = int(state["step"]), int(state.get("skipped", 0))
-        self._event("resume" if path else "start", path.name if path else "")
+        kept = f"other settings kept in {'; '.join(others)}" if others else ""
+        self._event("resume" if path else "start", path.name if path else kept)
+        if self.env.is_main:
+            self.folder.publish_file("events.csv")
         return state
 
     def last_checkpoint(self) -> str:
-        ckpts = list_checkpoints(self.run_dir)
-        candidates = [p for p in (self.run_dir / RESUME_FILE, ckpts[-1][1] if ckpts else None) if p and p.is_file()]
+        ckpts = list_checkpoints(self.state_dir)
+        candidates = [p for p in (self.state_dir / RESUME_FILE, ckpts[-1][1] if ckpts else None) if p and p.is_file()]
         return ", ".join(str(p) for p in candidates) or "none"
 
     def state(self) -> dict:
@@ -117,7 +137,7 @@ class ResumableLoop:
 
     def save_resume_checkpoint(self):
         if self.env.is_main:
-            atomic_torch_save(self.state(), self.run_dir / RESUME_FILE)
+            atomic_torch_save(self.state(), self.state_dir / RESUME_FILE)
         self._last_resume_save = time.monotonic()
 
     def _event(self, event: str, source: str = "", steps_performed: int | str = ""):
@@ -125,7 +145,7 @@ class ResumableLoop:
         the step and, for the last two, how many steps this process performed."""
         if not self.env.is_main:
             return
-        path = self.run_dir / "events.csv"
+        path = self.state_dir / "events.csv"
         path.parent.mkdir(parents=True, exist_ok=True)
         new = not path.exists()
         with open(path, "a", newline="") as f:
@@ -139,7 +159,7 @@ class ResumableLoop:
         """Steps self.step+1 .. cadence.steps; returns the number of steps this call performed."""
         global _ACTIVE
         c, env = self.cadence, self.env
-        log = CsvLog(self.run_dir / "log.csv", self.columns, resume_step=self.step) if env.is_main else None
+        log = CsvLog(self.state_dir / "log.csv", self.columns, resume_step=self.step) if env.is_main else None
         from tqdm.auto import tqdm
 
         bar = tqdm(total=c.steps, initial=self.step, disable=not (self.progress and env.is_main), desc=self.what, dynamic_ncols=True)
@@ -191,17 +211,21 @@ class ResumableLoop:
                     sums, count, last_time = None, 0, now
                 if at_ckpt:
                     if env.is_main:
-                        save_checkpoint(self.state(), self.run_dir, step)
+                        save_checkpoint(self.state(), self.state_dir, step)
+                        self.folder.publish_file(f"ckpt-{step:07d}.pt")
                     barrier(env)
                     self._last_resume_save = time.monotonic()
                 elif resume_due:
                     self.save_resume_checkpoint()
                 if self._preempt is not None:
                     self._yield_to_the_scheduler(f"ckpt-{step:07d}.pt" if at_ckpt else RESUME_FILE, performed)
+            self._event("finished", "", performed)
+            if env.is_main:
+                self.folder.publish()
         finally:
             _ACTIVE = None
             bar.close()
-        self._event("finished", "", performed)
+            self.folder.unlock()
         return performed
 
     def _stop_if_nonfinite(self, first_bad, checked):

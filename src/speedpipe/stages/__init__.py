@@ -82,11 +82,13 @@ class Stage:
         return {"version": self.version, "reads": {k: v for k, v in values.items() if k not in defaults or defaults[k] != v}}
 
     def run_settings(self, config) -> dict:
-        """What a resumed run (or a kept latent shard) must share with the run that made it: the read values except the
-        run's length, its checkpoint and log cadence, and where its data and its outputs lie (a continued run may change
-        them; the stages record their data's content: a dataset's fingerprint, a latent store's checksums)."""
-        return {k: v for k, v in self.params(config)["reads"].items()
-                if k not in LOCATIONS and k.rsplit(".", 1)[-1] not in CONTINUABLE}
+        """What a resumed run (or a kept latent shard) must share with the run that made it: the stage's version and the
+        read values except the run's length, its checkpoint and log cadence, and where its data and its outputs lie (a
+        continued run may change them; the stages record their data's content: a dataset's fingerprint, a latent store's
+        checksums). Whatever re-runs a job also keeps it from resuming another version's state."""
+        params = self.params(config)
+        return {"version": params["version"], **{k: v for k, v in params["reads"].items()
+                                                 if k not in LOCATIONS and k.rsplit(".", 1)[-1] not in CONTINUABLE}}
 
     @staticmethod
     def settings_differ(recorded: dict, current: dict) -> list[str]:

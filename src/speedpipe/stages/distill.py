@@ -97,7 +97,7 @@ def run(cfg, provenance):
                              "objective": "warm_start" if step <= d.warm_start_steps else method.name})
     loop.resume()
     if env.is_main:
-        save_config(provenance, run_dir / "config.yaml")
+        save_config(provenance, loop.state_dir / "config.yaml")
     net_ddp = DDP(trained, device_ids=[device.index] if device.type == "cuda" else None) if env.world_size > 1 else trained
     model_params, ema_params = list(student.net.parameters()), list(ema.parameters())
     mine = lambda v: None if v is None else rank_slice(v, env.rank, env.world_size)  # noqa: E731

@@ -67,7 +67,7 @@ def run(cfg, provenance):
                          log_fields=lambda step, mean, steps_per_s: {"images_per_s": steps_per_s * tr.global_batch_size})
     loop.resume()
     if env.is_main:
-        save_config(provenance, run_dir / "config.yaml")
+        save_config(provenance, loop.state_dir / "config.yaml")
     mine = lambda v: None if v is None else rank_slice(v, env.rank, env.world_size)  # noqa: E731
 
     def forward(step):
