@@ -9,14 +9,19 @@ wrong types and impossible values are refused with the dotted key named, before 
 """
 import dataclasses
 import difflib
+import functools
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional, get_args, get_origin, get_type_hints
+from typing import Any, List, NamedTuple, Optional, get_args, get_origin, get_type_hints
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 PHASES = ("train", "inference", "sample")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # experiment, method and table names: they become folder and file names
+NAME_RULE = "names are letters, digits, '_', '.' and '-' (they become folder and file names), starting with a letter or digit"
 
 
 class ConfigError(ValueError):
@@ -276,6 +281,52 @@ POSITIVE = ("trainer.steps", "trainer.global_batch_size", "trainer.log_every", "
             "distill.ckpt_every")
 
 
+class Range(NamedTuple):
+    """The valid values of a numeric key: low..high, `ends` saying which end is included ("[", "]") or excluded ("(",
+    ")"); null too where `null`; a list key (`each`): one or more values (exactly `length` if set), each in the range."""
+
+    low: float
+    high: float = math.inf
+    ends: str = "[)"
+    null: bool = False
+    each: bool = False
+    length: int | None = None
+    note: str = ""  # what a special value means, for the message
+
+    def holds(self, value) -> bool:
+        if value is None:
+            return self.null
+        values = value if self.each else [value]
+        if self.each and (len(values) != self.length if self.length is not None else not values):
+            return False
+        return all((self.low < v or (self.ends[0] == "[" and v == self.low))
+                   and (v < self.high or (self.ends[1] == "]" and v == self.high)) for v in values)
+
+    def expected(self) -> str:
+        shown = lambda x: {math.inf: "inf", math.pi / 2: "pi/2"}.get(x, f"{x:g}")  # noqa: E731
+        interval = f"{self.ends[0]}{shown(self.low)}, {shown(self.high)}{self.ends[1]}"
+        what = (f"{self.length or 'one or more'} values, each in {interval}" if self.each else f"a value in {interval}")
+        return ("null or " if self.null else "") + what + (f" ({self.note})" if self.note else "")
+
+
+UNIT = Range(0, 1, "[)")  # an EMA decay or a dropout probability (1 would freeze the average, drop every label)
+ADAM_BETAS = Range(0, 1, "[)", each=True, length=2)
+RANGES = {  # key: its valid values, beyond POSITIVE (every float of the config is also checked finite)
+    "model.class_dropout_prob": UNIT, "trainer.ema_decay": UNIT, "distill.ema_decay": UNIT,
+    "optim.betas": ADAM_BETAS, "distill.betas": ADAM_BETAS, "optim.eps": Range(0, ends="()"), "optim.weight_decay": Range(0),
+    "optim.grad_clip": Range(0, null=True, note="null or 0: no clipping"), "optim.warmup_steps": Range(0, note="0: none"),
+    "distill.warm_start_steps": Range(0, note="0: none"),
+    **{f"{section}.{key}": Range(0, note="0: off") for section in ("trainer", "distill", "autoencoder")
+       for key in ("resume_every_steps", "resume_every_minutes")},
+    "autoencoder.kl_weight": Range(0), "autoencoder.block_out_channels": Range(1, each=True),
+    "encode.num_workers": Range(0, note="0: the main process"), "eval.num_workers": Range(0, note="0: the main process"),
+    "eval.reference_max_images": Range(0, null=True, note="null or 0: all images"), "eval.classifier_lr": Range(0, ends="()"),
+    "sampling.ddim_eta": Range(0, 1, "[]", note="0: deterministic, 1: DDPM's variance"),
+    "sampling.scm_mid_t": Range(0, math.pi / 2, "()", note="a TrigFlow time: 0 is the data, pi/2 pure noise"),
+    "distill.tangent_c": Range(0),
+}
+
+
 def base_chain(path: Path) -> list[Path]:
     """Every base.yaml from the outermost `configs` folder above `path` down to path's own folder."""
     folders = [path.parent]
@@ -320,26 +371,37 @@ def _check_keys(raw: Any, schema: type, prefix: str = ""):
 
 
 def validate(cfg: DictConfig) -> DictConfig:
-    """Semantic checks beyond types: choices, positive counts, names the code can build."""
+    """Semantic checks beyond types: finite numbers, choices, ranges, names the code can build."""
     from speedpipe.consistency.methods import method_names
     from speedpipe.diffusion import create_diffusion
     from speedpipe.diffusion.timesteps import build_sampler, build_weighting
     from speedpipe.models.dit import DiT_models
     from speedpipe.sampler_labels import parse_sampler
 
+    try:
+        plain = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as err:
+        message = str(getattr(err, 'msg', err)).splitlines()[0]
+        raise ConfigError(f"config key '{getattr(err, 'full_key', '?')}': {message}") from None
+    _check_finite(plain)
+
+    def value(key):
+        return functools.reduce(dict.__getitem__, key.split("."), plain)
+
+    if not NAME.fullmatch(plain["experiment"]):
+        raise ConfigError(f"config key 'experiment': {plain['experiment']!r}: {NAME_RULE}")
     for key, allowed in CHOICES.items():
-        value = OmegaConf.select(cfg, key)
-        if value not in allowed:
-            raise ConfigError(f"config key '{key}': {value!r} is not one of {list(allowed)}")
+        if value(key) not in allowed:
+            raise ConfigError(f"config key '{key}': {value(key)!r} is not one of {list(allowed)}")
     for key in POSITIVE:
-        value = OmegaConf.select(cfg, key)
-        if value is None or value <= 0:
-            raise ConfigError(f"config key '{key}': expected a positive number, got {value!r}")
+        if value(key) is None or value(key) <= 0:
+            raise ConfigError(f"config key '{key}': expected a positive number, got {value(key)!r}")
+    for key, valid in RANGES.items():
+        if not valid.holds(value(key)):
+            raise ConfigError(f"config key '{key}': expected {valid.expected()}, got {value(key)!r}")
     if cfg.model.name not in DiT_models:
         close = difflib.get_close_matches(cfg.model.name, list(DiT_models), n=1)
         raise ConfigError(f"config key 'model.name': unknown model {cfg.model.name!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
-    if not 0.0 <= cfg.model.class_dropout_prob < 1.0:
-        raise ConfigError(f"config key 'model.class_dropout_prob': expected a value in [0, 1), got {cfg.model.class_dropout_prob}")
     try:
         label = parse_sampler(cfg.sampling.sampler)
     except ValueError as err:
@@ -353,19 +415,9 @@ def validate(cfg: DictConfig) -> DictConfig:
     if unknown_metrics:
         raise ConfigError(f"config key 'eval.metrics': unknown {unknown_metrics}; expected a subset of [fid, kid, isc, prc]")
     for key, total in (("trainer.ckpt_steps", cfg.trainer.steps), ("distill.ckpt_steps", cfg.distill.warm_start_steps + cfg.distill.steps)):
-        outside = [s for s in OmegaConf.select(cfg, key) if not 0 < s <= total]
+        outside = [s for s in value(key) if not 0 < s <= total]
         if outside:
             raise ConfigError(f"config key '{key}': steps {outside} lie outside 1..{total}")
-    for section in ("trainer", "distill", "autoencoder"):
-        for key in ("resume_every_steps", "resume_every_minutes"):
-            if OmegaConf.select(cfg, f"{section}.{key}") < 0:
-                raise ConfigError(f"config key '{section}.{key}': expected 0 (off) or more, got {OmegaConf.select(cfg, f'{section}.{key}')}")
-    if cfg.optim.warmup_steps < 0:
-        raise ConfigError(f"config key 'optim.warmup_steps': expected 0 or more, got {cfg.optim.warmup_steps}")
-    if cfg.distill.warm_start_steps < 0:
-        raise ConfigError(f"config key 'distill.warm_start_steps': expected 0 or more, got {cfg.distill.warm_start_steps}")
-    if not 0.0 <= cfg.trainer.ema_decay < 1.0:
-        raise ConfigError(f"config key 'trainer.ema_decay': expected a value in [0, 1), got {cfg.trainer.ema_decay}")
     diffusion = create_diffusion(noise_schedule=cfg.diffusion.noise_schedule, diffusion_steps=cfg.diffusion.diffusion_steps)
     for key, build in (("diffusion.timestep_sampler", build_sampler), ("diffusion.loss_weighting", build_weighting)):
         section = OmegaConf.select(cfg, key)
@@ -374,6 +426,17 @@ def validate(cfg: DictConfig) -> DictConfig:
         except ValueError as err:
             raise ConfigError(f"config key '{key}': {err}") from None
     return cfg
+
+
+def _check_finite(tree, prefix: str = ""):
+    """Refuse NaN and infinity anywhere in a plain config (every float, in lists too), naming the key."""
+    items = tree.items() if isinstance(tree, dict) else ((f"[{i}]", v) for i, v in enumerate(tree))
+    for key, value in items:
+        dotted = f"{prefix}{key}" if not prefix or isinstance(tree, list) else f"{prefix}.{key}"
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"config key '{dotted}': expected a finite number, got {value!r}")
+        if isinstance(value, (dict, list)):
+            _check_finite(value, dotted)
 
 
 def named_params(section: DictConfig | dict) -> dict:

