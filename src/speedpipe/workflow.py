@@ -30,7 +30,7 @@ from typing import ClassVar
 
 import yaml
 
-from speedpipe.config import ConfigError, file_values, load_config, parse_override, to_plain
+from speedpipe.config import NAME, NAME_RULE, ConfigError, file_values, load_config, parse_override, to_plain
 from speedpipe.consistency.methods import method_names
 from speedpipe.layout import Layout, checkpoint, student_run_name, train_run_name
 from speedpipe.sampler_labels import SamplerLabel, parse_sampler
@@ -42,7 +42,6 @@ CONSISTENCY_KEYS = {"teacher_sampler", "teacher_ode_sampler", "teacher_baselines
 # names of the report's own tables and figures, which a named table (tables/{name}.*, figures/{name}.*) must not take
 RESERVED_NAMES = ("metrics", "scm", "usage", "summary", "training_loss", "timestep_methods", "samples_per_method", "teacher_grid",
                   "teacher_vs_scm", "distillation")
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # method and table names: they become folder and file names
 # Keys the experiment sets in its jobs' configs, and where: a config file or stage override that also sets one is dead.
 # A run's identity (experiment, output_dir, method, seed) always comes from the experiment and is not listed.
 JOB_VALUES = {"trainer.steps": "train_steps", "trainer.ckpt_steps": "eval_steps", "eval.extractor": "extractor",
@@ -53,7 +52,8 @@ JOB_VALUES = {"trainer.steps": "train_steps", "trainer.ckpt_steps": "eval_steps"
               "distill.ckpt_steps": "distill_eval_steps", "distill.run_dir": "the results layout",
               "sampling.checkpoint": "the evaluated checkpoint", "sampling.sampler": "the sampler label",
               "sampling.cfg_scale": "the sampler label", "sampling.out": "the results layout",
-              "sampling.num_samples": "curve_samples / final_samples", "eval.samples": "the results layout"}
+              "sampling.num_samples": "curve_samples / final_samples", "eval.samples": "the results layout",
+              "eval.out": "the results layout"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -155,11 +155,11 @@ def _check_keys(where: str, given: dict, allowed: set):
             raise _refuse(f"{where}: unknown key", key, sorted(allowed))
 
 
-def _check_name(where: str, name) -> str:
+def _check_name(where: str, name, runs: bool = True) -> str:
+    """An experiment, method or table name (NAME); a method or table name (runs) must not look like a student run's."""
     if not isinstance(name, str) or not NAME.fullmatch(name):
-        raise ConfigError(f"pipeline config: {where} {name!r}: names are letters, digits, '_', '.' and '-' (they become "
-                          f"folder and file names), starting with a letter or digit")
-    reserved = [m for m in method_names() if name.startswith(f"{m}-")]
+        raise ConfigError(f"pipeline config: {where} {name!r}: {NAME_RULE}")
+    reserved = [m for m in method_names() if name.startswith(f"{m}-")] if runs else []
     if reserved:
         raise ConfigError(f"pipeline config: {where} {name!r}: names starting with '{reserved[0]}-' are the "
                           f"{reserved[0]} students' runs")
@@ -224,6 +224,7 @@ def check_experiment_file(pipe: dict, base_dir=None) -> dict:
         validate(pipe, str(SCHEMA), set_default=True)
     except WorkflowError:
         raise _schema_error(pipe) from None
+    _check_name("experiment", pipe["experiment"], runs=False)  # {output_dir}/{experiment}/: no '..', '/' or hidden folder
     teachers = pipe["teachers"]
     if not teachers and "consistency_methods" in given_keys:
         raise ConfigError(f"pipeline config: consistency_methods {pipe['consistency_methods']} configure consistency models, "
@@ -494,7 +495,8 @@ class Experiment:
             label = sampler_label(e.sampler)
             job = {"sampling.checkpoint": str(e.run.checkpoint(e.step)), "sampling.sampler": label.name,
                    "sampling.cfg_scale": label.cfg_scale, "sampling.out": str(self.samples(e)),
-                   "sampling.num_samples": int(e.num_samples), "eval.samples": str(self.samples(e))}
+                   "sampling.num_samples": int(e.num_samples), "eval.samples": str(self.samples(e)),
+                   "eval.out": str(self.metrics(e))}
         job.update(self._pipeline_paths(stage, cfg))  # last: no stage or method override moves them
         self._note_overridden(path, stage, (), {k: v for k, v in job.items() if k in JOB_VALUES})
         for dotted, value in job.items():
