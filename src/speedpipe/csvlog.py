@@ -2,7 +2,7 @@
 import csv
 from pathlib import Path
 
-from speedpipe.io import atomic_write_text
+from speedpipe.io import WriteError, atomic_write_text
 
 
 class CsvLog:
@@ -19,12 +19,15 @@ class CsvLog:
         atomic_write_text(self.path, "\n".join(lines) + "\n")
 
     def write(self, **row):
-        new_file = not self.path.exists()  # removed under a running job (e.g. Snakemake's --rerun-incomplete)
-        with open(self.path, "a", newline="") as f:
-            writer = csv.DictWriter(f, self.columns)
-            if new_file:
-                writer.writeheader()
-            writer.writerow({c: _fmt(row.get(c, "")) for c in self.columns})
+        new_file = not self.path.exists()
+        try:
+            with open(self.path, "a", newline="") as f:
+                writer = csv.DictWriter(f, self.columns)
+                if new_file:
+                    writer.writeheader()
+                writer.writerow({c: _fmt(row.get(c, "")) for c in self.columns})
+        except OSError as err:
+            raise WriteError(f"cannot append to {self.path}: {err}") from err
 
 
 def _fmt(value):

@@ -1,8 +1,8 @@
 """Where a stage runs: in this process (`executor: local`) or as a SLURM job through submitit (`executor: slurm`).
 
-For SLURM the job is named after the stage and a hash of its resolved config, and its submitit folder is
-derived from the same hash: a re-run after Snakemake itself died finds the job still pending or running
-(squeue) and waits for it instead of submitting a duplicate. Job state is polled with squeue and, once the
+For SLURM the job is named after the stage and a hash of its resolved config and of the folder it was launched from,
+and its submitit folder is derived from the same hash: a re-run after Snakemake itself died finds the job still
+pending or running among the user's own jobs (squeue --me) and waits for it instead of submitting a duplicate. Job state is polled with squeue and, once the
 job left the queue, scontrol (clusters without accounting have no sacct, where submitit alone would wait
 forever on a cancelled job); a failed, cancelled or timed-out job raises with its id, state and stderr tail.
 Multi-task jobs get their DDP environment from submitit's TorchDistributedEnvironment; preempted or
@@ -73,8 +73,10 @@ def parse_launcher(settings: dict) -> LauncherConfig:
     return cfg
 
 
-def config_hash(stage: str, config: dict) -> str:
-    return hashlib.sha256(json.dumps([stage, config], sort_keys=True, default=str).encode()).hexdigest()[:12]
+def config_hash(stage: str, config) -> str:
+    """12 hex digits naming a job: its stage, its resolved config and the folder it was launched from (relative paths in
+    the config mean another results folder in another checkout, so two clones, or two users, never share a job)."""
+    return hashlib.sha256(json.dumps([stage, config, str(Path.cwd().resolve())], sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def run_in_process(stage: str, config: dict):
@@ -230,7 +232,7 @@ class LogStream:
 
 
 def queued_job_ids(name: str) -> list[str]:
-    out = subprocess.run(["squeue", "-h", "-n", name, "-o", "%i %T"], capture_output=True, text=True)
+    out = subprocess.run(["squeue", "--me", "-h", "-n", name, "-o", "%i %T"], capture_output=True, text=True)
     if out.returncode != 0:
         raise SlurmJobFailed(f"squeue failed: {out.stderr.strip()}")
     return [line.split()[0] for line in out.stdout.splitlines() if line.split()[1] in QUEUED_STATES]
@@ -239,7 +241,7 @@ def queued_job_ids(name: str) -> list[str]:
 def job_state(job_id: str) -> str | None:
     """The job's state from squeue while queued, else from scontrol (works without accounting/sacct)."""
     main_id = str(job_id).split("_")[0]
-    out = subprocess.run(["squeue", "-h", "-j", main_id, "-o", "%T"], capture_output=True, text=True)
+    out = subprocess.run(["squeue", "--me", "-h", "-j", main_id, "-o", "%T"], capture_output=True, text=True)
     if out.returncode == 0 and out.stdout.strip():
         return out.stdout.split()[0]
     out = subprocess.run(["scontrol", "show", "job", main_id], capture_output=True, text=True)

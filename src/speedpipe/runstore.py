@@ -116,16 +116,7 @@ class RunFolder:
     # ----- the declared files
     def publish_file(self, name: str):
         """Make {run folder}/{name} the state's file of that name (a hard link; a copy where the file system has none)."""
-        source, target = self.state_dir / name, self.path / name
-        tmp = self.path / f".tmp-{name}.{os.getpid()}"
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        try:
-            os.link(source, tmp)
-        except OSError:
-            shutil.copy2(source, tmp)
-        os.replace(tmp, target)
-        os.utime(target)  # newer than the job's inputs: Snakemake's mtime trigger sees a finished output
+        _link(self.state_dir / name, self.path / name)
 
     def publish(self):
         """Re-make every declared file from the state (a re-run after Snakemake removed them recomputes nothing) and
@@ -145,6 +136,43 @@ class RunFolder:
         for name in LINKED:
             if (self.state_dir / name).is_file():
                 self.publish_file(name)
+
+
+class KeptFiles:
+    """The files one stage run of a grouped job writes (a sampling job's samples of several checkpoints), kept where
+    Snakemake's cleanup of the failed job does not reach: {folder}/store/{identity}/. A re-run of the job restores the
+    finished ones (hard links) instead of computing them again."""
+
+    def __init__(self, files: list[Path], settings: dict):
+        self.files = [Path(f) for f in files]
+        self.dir = self.files[0].parent / STORE / identity(settings)
+
+    def restore(self) -> bool:
+        """Re-make the files from the store if every one of them was kept; whether they were."""
+        if not all((self.dir / f.name).is_file() for f in self.files):
+            return False
+        for f in self.files:
+            _link(self.dir / f.name, f)
+        return True
+
+    def keep(self):
+        """Keep the written files (links into the store)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for f in self.files:
+            _link(f, self.dir / f.name)
+
+
+def _link(source: Path, target: Path):
+    """Make `target` the file `source` (a hard link; a copy where the file system has none), atomically."""
+    tmp = target.parent / f".tmp-{target.name}.{os.getpid()}"
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    try:
+        os.link(source, tmp)
+    except OSError:
+        shutil.copy2(source, tmp)
+    os.replace(tmp, target)
+    os.utime(target)  # newer than the job's inputs: Snakemake's mtime trigger sees a finished output
 
 
 def states(run_folder) -> list[Path]:
@@ -188,7 +216,7 @@ def main(argv=None):
     parser.add_argument("results", help="an experiment's results folder, e.g. results/demo")
     parser.add_argument("--yes", action="store_true", help="prune: really remove the superseded states")
     args = parser.parse_args(argv)
-    folders = sorted({p.parent.parent for p in Path(args.results).rglob(f"{STORE}/*/{SETTINGS}")})
+    folders = sorted({p.parent.parent.parent for p in Path(args.results).rglob(f"{STORE}/*/{SETTINGS}")})
     freed = 0
     for folder in folders:
         published = current_state(folder)

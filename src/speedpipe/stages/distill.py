@@ -27,7 +27,7 @@ from speedpipe.data.latents import LatentNormalization, open_training_data
 from speedpipe.data.order import EpochBatches, rank_slice
 from speedpipe.diffusion import create_diffusion
 from speedpipe.distributed import setup_device, shutdown
-from speedpipe.io import sha256_file
+from speedpipe.io import state_fingerprint
 from speedpipe.layout import distill_run_dir
 from speedpipe.loop import Cadence, ResumableLoop
 from speedpipe.models.dit import build_model
@@ -85,11 +85,13 @@ def run(cfg, provenance):
                                  LatentNormalization.from_state(teacher_state.get("latent_norm"), teacher_cfg.model.in_channels))
     order = EpochBatches(len(dataset), d.global_batch_size, cfg.seed, key="distill.global_batch_size")
     batch_gen = torch.Generator().manual_seed(cfg.seed)
+    # what a resumed run must share with the run it resumes: the settings, the data, and the teacher's content
+    settings = {**STAGES["distill"].run_settings(provenance), "data": dataset.identity(),
+                "teacher": state_fingerprint({k: teacher_state.get(k) for k in ("ema", "config", "latent_norm")})}
     loop = ResumableLoop(run_dir, Cadence(total_steps(d), d.log_every, d.ckpt_every, (d.warm_start_steps, *d.ckpt_steps),
                                           d.resume_every_steps, d.resume_every_minutes),
                          {"model": student.net, "logvar_head": trained.logvar_head, "ema": ema, "opt": opt, "data_order": order},
-                         {"batch_gen": batch_gen}, env, LOG_COLUMNS, what="distill", progress=d.progress, settings={**STAGES["distill"].run_settings(provenance), "data": dataset.identity(),
-                                                                                           "teacher": sha256_file(d.teacher)},
+                         {"batch_gen": batch_gen}, env, LOG_COLUMNS, what="distill", progress=d.progress, settings=settings,
                          nonfinite="skip" if d.skip_nonfinite else "stop",
                          checkpoint_extra=lambda: {"config": to_plain(provenance), "teacher_config": teacher_state["config"],
                                                    "latent_norm": teacher_state.get("latent_norm")},

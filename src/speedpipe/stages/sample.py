@@ -22,10 +22,11 @@ from speedpipe.data.samples import write_npz
 from speedpipe.diffusion import create_diffusion
 from speedpipe.diffusion.gaussian import cfg_model_fn
 from speedpipe.distributed import barrier, setup_device, shutdown
-from speedpipe.io import atomic_path, atomic_write_text
+from speedpipe.io import atomic_path, atomic_write_text, state_fingerprint
 from speedpipe.layout import samples_path
 from speedpipe.models.autoencoder import decode_latents, open_autoencoder
 from speedpipe.models.dit import build_model
+from speedpipe.runstore import KeptFiles
 from speedpipe.sampler_labels import SamplerLabel, parse_sampler
 from speedpipe.stages import STAGES
 
@@ -115,9 +116,17 @@ def run(cfg, provenance):
     device, env = setup_device(s.device, "sampling.device")
     out = samples_path(cfg)
     state = load_checkpoint(s.checkpoint)
+    vae, scale, decoder = open_autoencoder(cfg)
+    # a sampling job samples several checkpoints: each one's finished files are kept where a failed job's cleanup does
+    # not reach, and a re-run of the job restores them instead of sampling again (same settings, model and decoder)
+    kept = KeptFiles([out.with_suffix(ext) for ext in (".npz", ".png", ".json", ".yaml")],
+                     {**STAGES["sample"].run_settings(provenance), "checkpoint": state_fingerprint(state), "decoder": decoder})
+    if kept.restore():
+        print(f"speedpipe: {out} restored from {kept.dir} (sampled by an earlier run of this job)", flush=True)
+        shutdown(env)
+        return out
     sampler = build_sampler_for(state, cfg, device)
     normalization = LatentNormalization.from_state(state.get("latent_norm"), sampler.latent_shape[0])
-    vae, scale, _ = open_autoencoder(cfg)
     vae = vae.to(device)
     labels = make_labels(s.num_samples, sampler.model.num_classes, s.labels, s.seed)
     batches = [range(b, min(b + s.batch_size, s.num_samples)) for b in range(0, s.num_samples, s.batch_size)]
@@ -162,5 +171,6 @@ def run(cfg, provenance):
         }
         atomic_write_text(out.with_suffix(".json"), json.dumps(info, indent=2))
         save_config(provenance, out.with_suffix(".yaml"))
+        kept.keep()
     shutdown(env)
     return out
