@@ -447,7 +447,7 @@ class Experiment:
     def job_params(self, rule: str, wildcards: dict | None = None) -> list[dict]:
         """A job's Snakemake params: per stage run, its version and the values it reads (speedpipe.stages) -- so an
         edit re-runs exactly the jobs whose stages read the edited key."""
-        return [STAGES[stage].params(config) for stage, config in self.jobs(rule, wildcards)]
+        return [_with_contents(STAGES[stage].params(config), config) for stage, config in self.jobs(rule, wildcards)]
 
     # --- stage configs
 
@@ -593,6 +593,41 @@ class Experiment:
 
 
 _file_values = functools.lru_cache(maxsize=None)(file_values)
+
+
+def _with_contents(params: dict, config: dict) -> dict:
+    """A stage run's params with each user input it reads (speedpipe.stages.INPUT_FILES: photos, a pretrained VAE folder,
+    weights files) that names an existing file or folder replaced by {"content": its fingerprint}: an edit of the data
+    re-runs the jobs that read it, moving it elsewhere re-runs none. A path that does not exist (a hub id, or a file a
+    later preflight check reports) is kept as it is."""
+    from speedpipe.stages import INPUT_FILES
+
+    reads = params["reads"]
+    for key in INPUT_FILES:
+        value = reads.get(key)
+        if not isinstance(value, str) or not value:
+            continue
+        if key == "autoencoder.path" and config["autoencoder"]["name"] == "tiny":
+            continue  # the pipeline's own autoencoder: a rule input
+        if key == "data.root" and config["data"]["name"] == "mnist5k":
+            continue  # the built-in digits read no folder (data.images.open_image_dataset)
+        path = Path(value)
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        stamp = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+        reads[key] = {"content": _content_fingerprint(str(path.absolute()), stamp, Path.cwd() / ".snakemake")}
+    return params
+
+
+@functools.lru_cache(maxsize=None)
+def _content_fingerprint(path: str, stamp: tuple, snakemake_dir: Path) -> str:
+    """content_fingerprint of a path, once per process and stat of the path itself (every job of a Snakemake invocation
+    that reads the photos or a weights file asks for it), remembered under .snakemake/ when there is one."""
+    from speedpipe.fingerprint import content_fingerprint
+
+    return content_fingerprint(path, snakemake_dir / "speedpipe-fingerprints" if snakemake_dir.is_dir() else None)
 
 
 def _affecting(stage: str, overrides) -> list[str]:

@@ -128,6 +128,12 @@ class Stage:
 _ABSENT = object()
 CONTINUABLE = ("steps", "ckpt_steps", "log_every", "ckpt_every", "run_dir")
 LOCATIONS = (*IDENTITY, "data.root", "data.latents_dir")
+# Config keys naming a user's input file or folder (no rule makes it, so Snakemake does not see it change): a job's
+# params carry the content fingerprint of what each names (speedpipe.fingerprint), not its path, so editing the data
+# re-runs the jobs that read it and moving it re-runs none (speedpipe.workflow.Experiment.job_params).
+# autoencoder.path only for a pretrained autoencoder: the tiny one's is the pipeline's own file, a rule input like
+# eval.classifier_weights, eval.reference and data.latents_dir.
+INPUT_FILES = ("data.root", "autoencoder.path", "eval.inception_weights", "eval.reference_npz", "model.init_from")
 
 STAGES = {s.name: s for s in (
     Stage("autoencoder", None, 2,  # 2: the scale factor from streamed float64 moments

@@ -14,7 +14,7 @@ from speedpipe.config import ConfigError, save_config
 from speedpipe.data.samples import NpzImages, SamplesError, read_labels
 from speedpipe.fidelity import (EvaluationError, LAYERS, classifier_weights_path, compute_metrics, label_accuracy, stream_features,
                                 use_cuda, weights_for)
-from speedpipe.io import atomic_write_text, safe_torch_load
+from speedpipe.io import atomic_write_text, safe_torch_load, sha256_tree
 from speedpipe.layout import metrics_path, reference_path
 from speedpipe.stages import STAGES
 
@@ -44,6 +44,11 @@ def run(cfg, provenance):
     reference = safe_torch_load(reference_path(cfg))
     if reference["identity"]["extractor"] != e.extractor:
         raise EvaluationError(f"{reference_path(cfg)} holds {reference['identity']['extractor']} statistics, not {e.extractor}")
+    recorded, current = reference["identity"].get("extractor_sha256"), sha256_tree(weights)  # hashed as the reference stage does
+    if recorded != current:
+        raise EvaluationError(f"{reference_path(cfg)} holds {e.extractor} statistics made with other extractor weights "
+                              f"(sha256 {str(recorded)[:12]}) than this evaluation's {weights} (sha256 {current[:12]}): "
+                              f"re-run the reference stage with these weights")
     features = stream_features(images, e.extractor, weights, e.metrics, e.batch_size, use_cuda(e.device))[0]
     metrics, settings, unavailable = compute_metrics(features, reference, e.extractor, e.metrics, e.kid_subset_size)
     per_class = None
