@@ -15,6 +15,7 @@ from speedpipe.launch import config_hash, queued_job_ids
 from speedpipe.models.autoencoder import save_tiny_autoencoder, tiny_autoencoder_config
 from speedpipe.runstore import RunFolder, current_state, main as runstore_main, states
 from speedpipe.stages import sample, train
+from speedpipe.stages.report import kept_runs
 
 
 def test_a_standalone_command_never_writes_into_a_pipeline_run(tiny_train_config, tmp_path):
@@ -96,6 +97,8 @@ def test_superseded_states_are_listed_and_removed_only_with_yes(tiny_train_confi
         train.run(load_config(tiny_train_config, ["trainer.steps=2", f"optim.lr={lr}", f"trainer.run_dir={run}"], phase="train"))
     old, new = states(run)
     assert current_state(run) == new
+    report = kept_runs({"root": str(tmp_path / "results/tiny"), "train_runs": [{"log": str(run / "log.csv")}], "distill_runs": []})
+    assert f"- `train/baseline-s0/store/{old.name}`: optim.lr" in report  # the experiment's README lists the kept run
     runstore_main(["list", str(tmp_path / "results/tiny")])
     listing = capsys.readouterr().out
     assert f"superseded {old}" in listing and f"current    {new}" in listing
@@ -103,6 +106,7 @@ def test_superseded_states_are_listed_and_removed_only_with_yes(tiny_train_confi
     assert old.is_dir() and "would remove" in capsys.readouterr().out
     runstore_main(["prune", str(tmp_path / "results/tiny"), "--yes"])
     assert not old.is_dir() and new.is_dir() and (run / "ckpt-0000002.pt").exists()
+    assert kept_runs({"root": str(tmp_path / "results/tiny"), "train_runs": [{"log": str(run / "log.csv")}], "distill_runs": []}) == ""
 
 
 def test_slurm_job_names_differ_between_checkouts(tmp_path, monkeypatch):
@@ -138,3 +142,18 @@ def test_the_declared_checkpoints_are_links_to_the_store(tiny_train_config, tmp_
     assert os.path.samefile(declared, stored)
     declared.unlink()
     assert stored.exists()
+
+
+def test_an_atomic_write_syncs_the_file_and_then_its_folder(tmp_path, monkeypatch):
+    """After a crash (power, kernel) a renamed file is the whole new one only if its data was synced before the rename,
+    and the rename itself survives only if the folder was synced after it."""
+    import stat
+
+    from speedpipe import io
+
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(io.os, "fsync", lambda fd: synced.append((stat.S_ISDIR(os.fstat(fd).st_mode),
+                                                                  (tmp_path / "out.txt").exists())) or real_fsync(fd))
+    io.atomic_write_text(tmp_path / "out.txt", "done")
+    assert synced == [(False, False), (True, True)]  # the file's data before the rename, the folder after it

@@ -20,6 +20,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
+from speedpipe import runstore  # noqa: E402
 from speedpipe.config import named_params  # noqa: E402
 from speedpipe.consistency.methods import consistency_method  # noqa: E402
 from speedpipe.diffusion import create_diffusion  # noqa: E402
@@ -358,6 +359,22 @@ def method_lines(cfg) -> str:
                          "; its objective evaluates no teacher.") for m in methods)
 
 
+def kept_runs(cfg) -> str:
+    """A section listing the runs of other settings kept in the run folders' stores (docs/faults.md), if any."""
+    root = Path(cfg["root"])
+    folders = [Path(r["log"]).parent for r in cfg["train_runs"]] + [root / "distill" / r["name"] for r in cfg["distill_runs"]]
+    lines = []
+    for folder in folders:
+        current = runstore.current_state(folder)
+        for state, differ in runstore.superseded(folder, runstore.recorded_settings(current) if current else {}):
+            lines.append(f"- `{state.relative_to(root)}`: {', '.join(differ) or 'the same settings'}")
+    if not lines:
+        return ""
+    return ("\n## Runs of other settings, kept\n\nThe run folders' stores keep these runs of earlier settings (the keys in "
+            "which they differ from the run reported above); `python -m speedpipe.runstore prune "
+            f"{root} --yes` removes them.\n\n" + "\n".join(lines) + "\n")
+
+
 def experiment_readme(cfg, tables: dict, scm, df, usage) -> str:
     import diffusers
     import snakemake
@@ -418,7 +435,7 @@ with its t-interval ("resolved" when it excludes 0).
 {sections}
 Every metric of every run: `tables/metrics.md`. Figures: `figures/training_loss.png`, `figures/timestep_methods.png`,
 `figures/samples_per_method.png`.
-{scm_section}
+{scm_section}{kept_runs(cfg)}
 ## Where the time went
 
 {usage[1][2].to_markdown(index=False)}
