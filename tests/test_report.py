@@ -98,3 +98,42 @@ def test_t_interval_of_three_values():
 
     low, high = t_interval([1.0, 2.0, 3.0])  # mean 2, sd 1, t(0.975, 2) = 4.3027
     assert low == pytest.approx(2 - 4.302653 / 3 ** 0.5, abs=1e-5) and high == pytest.approx(2 + 4.302653 / 3 ** 0.5, abs=1e-5)
+
+
+def test_the_speed_up_at_every_budget_against_a_hand_computation(curve):
+    """Budget B = each evaluated iteration: the iterations a method needs to reach the reference's FID at B. fast_k
+    against base at B = 200 (base's mean FID 21; fast_k's mean curve 29, 13, 7 reaches it at 100 + 8/16 * 100 = 150:
+    1.33x); seed by seed, base's FIDs at 200 are 20 and 22, fast_k's seeds (28, 12, 8) and (30, 14, 6) reach them at
+    100 + 8/16*100 = 150 and 100 + 8/16*100 = 150 (both 1.33x: no spread). At B = 300 as the final-FID speed-up above."""
+    from scipy.stats import t
+
+    from speedpipe.stages.report import budget_table
+
+    table = {"name": "t", "methods": ["base", "fast_k", "slow"], "reference": "base", "steps": [300], "caption": "", "budgets": True}
+    b = budget_table(curve, table).set_index(["method", "budget"])
+    assert list(b.loc["fast_k"].index) == [100, 200, 300] and "base" not in b.index.get_level_values(0)
+    row = b.loc[("fast_k", 200)]
+    assert row["reference FID at budget"] == 21.0 and row["iterations to reach it"] == 150 and row["speed-up"] == round(200 / 150, 2)
+    assert row["speed-up by seed"] == "per seed 1.33, 1.33; mean 1.33 ± 0.00, 95% t-interval 1.33-1.33"
+    assert row["separable from 1"] == "yes"
+    first = b.loc[("fast_k", 100)]  # base at 100: 30 and 34; fast_k's first FIDs 28 and 30 are already below
+    assert first["reached"] == "at or before the first evaluation" and first["speed-up"] == 1.0
+    assert first["speed-up 95% t-interval"] == "bounds only"
+    last = b.loc[("fast_k", 300)]  # the same numbers as the final-FID speed-up: seeds at 250 and 225
+    x, y = 300 / 250, 300 / 225
+    mean, sd = (x + y) / 2, abs(x - y) / 2 ** 0.5
+    half = t.ppf(0.975, 1) * sd / 2 ** 0.5
+    assert last["speed-up 95% t-interval"] == f"{mean - half:.2f}-{mean + half:.2f}" and last["speed-up mean over seeds"] == round(mean, 2)
+    slower = b.loc[("slow", 200)]  # slow's 40, 30, 20 reaches 21 at 200 + 9/10 * 100 = 290, after the budget: below 1
+    assert slower["iterations to reach it"] == 290 and slower["speed-up"] == round(200 / 290, 2)
+    assert b.loc[("slow", 300), "reached"] == "not reached" and pd.isna(b.loc[("slow", 300), "speed-up"])
+
+
+def test_the_budget_figure_draws_the_interval_where_every_seed_crossed(curve, tmp_path):
+    from speedpipe.stages.report import budget_figure, budget_table
+
+    budgets = budget_table(curve, {"name": "t", "methods": ["base", "fast_k"], "reference": "base", "steps": [300], "caption": ""})
+    ax = budget_figure(budgets, "base").axes[0]
+    assert ax.get_xscale() == "log"
+    bars = [c for c in ax.containers if hasattr(c, "has_yerr") and c.has_yerr]
+    assert len(bars) == 1 and list(bars[0][0].get_xdata()) == [200, 300]  # B = 100 is a bound: no interval drawn

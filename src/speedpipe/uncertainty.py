@@ -116,6 +116,18 @@ def seed_speedups(curves: dict[int, tuple[list, list]], targets: dict[int, float
     return SeedSpeedups(tuple(values), tuple(how))
 
 
+def budget_speedups(curves: dict[int, tuple[list, list]], reference: dict[int, tuple[list, list]],
+                    budgets) -> dict[int, SeedSpeedups]:
+    """The speed-up as a function of the training budget: for each budget B (an evaluated iteration), seed by seed, B
+    over the iteration at which the method's curve reaches the reference's FID at B in the same seed (SpeeD's figure:
+    the iterations the baseline needs at B against those the method needs for the same FID)."""
+    result = {}
+    for budget in budgets:
+        targets = {seed: fids[list(steps).index(budget)] for seed, (steps, fids) in reference.items() if budget in steps}
+        result[budget] = seed_speedups(curves, targets, budget)
+    return result
+
+
 def paired_difference(method: dict[int, float], reference: dict[int, float]) -> tuple[float, tuple[float, float] | None, int]:
     """(mean of method - reference over the seeds both have, its t-interval or None, n)."""
     seeds = sorted(set(method) & set(reference))

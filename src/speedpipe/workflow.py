@@ -140,6 +140,7 @@ class Table:
     reference: str | None
     steps: tuple[int, ...]
     caption: str
+    budgets: bool = False  # also the speed-up at every eval step taken as the training budget
 
 
 def _refuse(what: str, name, valid) -> ConfigError:
@@ -336,9 +337,9 @@ class Experiment:
         result = {}  # the schema checked each table's keys and types
         for name, spec in tables.items():
             _check_name("table", name)
-            if name in RESERVED_NAMES or name.endswith(("_speedup", "_differences", "_per_stage")):
+            if name in RESERVED_NAMES or name.endswith(("_speedup", "_differences", "_per_stage", "_budgets")):
                 raise ConfigError(f"pipeline config: table name {name!r} is taken by one of the report's own files "
-                                  f"({', '.join(RESERVED_NAMES)}, or a table's {{name}}_speedup / _differences)")
+                                  f"({', '.join(RESERVED_NAMES)}, or a table's {{name}}_speedup / _differences / _budgets)")
             methods = spec["methods"]
             for m in methods:
                 if m not in self.methods:
@@ -352,7 +353,10 @@ class Experiment:
             if any(s not in self.pipe["eval_steps"] for s in steps):
                 raise ConfigError(f"pipeline config: tables.{name}.steps {steps}: expected a non-empty list of eval_steps "
                                   f"{self.pipe['eval_steps']} (only those have checkpoints)")
-            result[name] = Table(name, tuple(methods), reference, tuple(sorted(steps)), str(spec.get("caption") or ""))
+            if spec.get("budgets") and reference is None:
+                raise ConfigError(f"pipeline config: tables.{name}.budgets: needs the table's reference method")
+            result[name] = Table(name, tuple(methods), reference, tuple(sorted(steps)), str(spec.get("caption") or ""),
+                                 bool(spec.get("budgets", False)))
         return result
 
     # --- runs and evaluations
@@ -528,7 +532,7 @@ class Experiment:
                              "seed": e.run.seed if e.run.kind == "train" else 0, "step": e.step, "sampler": e.sampler,
                              "metrics": str(self.metrics(e)), "grid": str(self.samples(e, "png"))} for e in self.evaluations()],
             "tables": [{"name": t.name, "methods": list(t.methods), "reference": t.reference, "steps": list(t.steps),
-                        "caption": t.caption} for t in self.tables.values()],
+                        "caption": t.caption, **({"budgets": True} if t.budgets else {})} for t in self.tables.values()],
             "teacher_samplers": self.teacher_samplers(),
             "diffusion": {m: c["diffusion"] for m, c in method_cfgs.items()},
             "train": {"global_batch_size": train["trainer"]["global_batch_size"], "num_classes": train["model"]["num_classes"]},

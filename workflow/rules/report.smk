@@ -6,6 +6,8 @@ TABLE_OUTPUTS = {f"table_{t}": report(str(LAYOUT.table(t, "md")), caption="../re
                                      subcategory=t, labels=TABLE_LABELS[t]) for t in EXP.tables}
 TABLE_FIGURES = {f"figure_{t}": report(str(LAYOUT.figure(t)), caption="../report/named_table_figure.rst", category="Figures",
                                       subcategory=t, labels=TABLE_LABELS[t]) for t in EXP.tables}
+BUDGET_FIGURES = {f"budgets_{t}": report(str(LAYOUT.figure(f"{t}_budgets")), caption="../report/budgets.rst", category="Figures",
+                                        subcategory=t, labels=TABLE_LABELS[t]) for t, table in EXP.tables.items() if table.budgets}
 SCM_OUTPUTS = dict(
     scm=report(str(LAYOUT.table("scm", "md")), caption="../report/scm.rst", category="Tables"),
     scm_grids=report(str(LAYOUT.figure("teacher_vs_scm")), caption="../report/scm_grids.rst", category="Figures"),
@@ -29,6 +31,7 @@ rule report:
         grids=report(str(LAYOUT.figure("samples_per_method")), caption="../report/grids.rst", category="Figures"),
         **TABLE_OUTPUTS,
         **TABLE_FIGURES,
+        **BUDGET_FIGURES,
         **SCM_OUTPUTS,
     log:
         str(LAYOUT.job_log("report")),

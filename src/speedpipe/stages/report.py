@@ -29,7 +29,7 @@ from speedpipe.io import atomic_path, atomic_write_text  # noqa: E402
 from speedpipe.layout import Layout  # noqa: E402
 from speedpipe.sampler_labels import parse_sampler  # noqa: E402
 from speedpipe.stages import STAGES  # noqa: E402
-from speedpipe.uncertainty import LEVEL, crossing, paired_difference, seed_speedups  # noqa: E402
+from speedpipe.uncertainty import LEVEL, budget_speedups, crossing, paired_difference, seed_speedups  # noqa: E402
 
 METRIC_KEYS = {"frechet_inception_distance": "FID", "label_accuracy": "label acc.", "kernel_inception_distance_mean": "KID",
                "inception_score_mean": "IS", "precision": "precision", "recall": "recall"}
@@ -129,15 +129,61 @@ def named_table(curve: pd.DataFrame, table: dict) -> tuple[pd.DataFrame, pd.Data
     return metrics, pd.DataFrame(speedup), pd.DataFrame(differences)
 
 
+def budget_table(curve: pd.DataFrame, table: dict) -> pd.DataFrame:
+    """The speed-up as a function of the training budget: for every evaluated iteration B and every method but the
+    reference, the iterations the method needs to reach the reference's FID at B -- from the mean curves, and seed by
+    seed against the same seed's reference FID at B, with the t-interval of the mean (speedpipe.uncertainty)."""
+    rows = curve[curve.method.isin(table["methods"])]
+    means = rows.groupby(["method", "step"]).FID.mean().unstack(0).sort_index()
+    reference, budgets = table["reference"], [int(b) for b in means.index]
+    out = []
+    for m in table["methods"]:
+        if m == reference:
+            continue
+        by_seed = budget_speedups(_seed_curves(rows, m), _seed_curves(rows, reference), budgets)
+        for budget in budgets:
+            target = means.loc[budget, reference]
+            reached, how = crossing(list(means.index), list(means[m]), target)
+            seeds = by_seed[budget]
+            mean_sd = seeds.mean_sd()
+            out.append({"method": m, "budget": budget, "reference FID at budget": round(target, 3),
+                        "iterations to reach it": None if reached is None else round(reached), "reached": how,
+                        "speed-up": None if reached is None else round(budget / reached, 2),
+                        "speed-up mean over seeds": None if mean_sd is None else round(mean_sd[0], 2),
+                        f"speed-up {LEVEL:.0%} t-interval": seeds.interval_text(), "speed-up by seed": seeds.summary(),
+                        "separable from 1": seeds.separable()})
+    return pd.DataFrame(out)
+
+
+def budget_figure(budgets: pd.DataFrame, reference: str) -> plt.Figure:
+    """The speed-up against the budget (log axis): per method the mean over seeds with its t-interval as an error bar
+    (where every seed's crossing is interpolated), and the mean curve's speed-up; 1 = the reference's own speed."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for i, (m, rows) in enumerate(budgets.groupby("method", sort=False)):
+        color = f"C{i + 1}"
+        ax.plot(rows.budget, rows["speed-up"], ls="--", lw=1, color=color, label=f"{m}: mean curve")
+        exact = rows[rows[f"speed-up {LEVEL:.0%} t-interval"].str.fullmatch(r"[\d.]+-[\d.]+")]
+        if len(exact):
+            bounds = exact[f"speed-up {LEVEL:.0%} t-interval"].str.split("-", expand=True).astype(float)
+            mean = exact["speed-up mean over seeds"]
+            ax.errorbar(exact.budget, mean, yerr=[mean - bounds[0], bounds[1] - mean], fmt="o", ms=4, capsize=3, color=color,
+                        label=f"{m}: mean over seeds, {LEVEL:.0%} t-interval")
+    ax.axhline(1.0, color="gray", lw=1, label=f"{reference} (1x)")
+    ax.set(xscale="log", xlabel="training budget B (iterations of the reference)",
+           ylabel=f"speed-up at the {reference}'s FID at B", title="Speed-up against the training budget")
+    ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.16))
+    return fig
+
+
 def _seed_curves(rows: pd.DataFrame, method: str, final: bool = False) -> dict:
     """seed -> (steps, FIDs) of a method's runs, or seed -> its final FID."""
     curves = {seed: (list(c.step), list(c.FID)) for seed, c in rows[rows.method == method].sort_values("step").groupby("seed")}
     return {seed: fids[-1] for seed, (_, fids) in curves.items()} if final else curves
 
 
-def fid_figure(curve: pd.DataFrame, methods, reference, pipe, speedup: pd.DataFrame) -> plt.Figure:
-    """FID against iterations: the mean over seeds, a band from the best to the worst seed; the legend gives each
-    method's speed-up against the reference with its interval over seeds."""
+def fid_figure(curve: pd.DataFrame, methods, reference, pipe, speedup: pd.DataFrame, log_steps: bool = False) -> plt.Figure:
+    """FID against iterations (a log axis for a budget study): the mean over seeds, a band from the best to the worst
+    seed; the legend gives each method's speed-up against the reference with its interval over seeds."""
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     rows = speedup.set_index("method")
     for m in methods:
@@ -152,7 +198,8 @@ def fid_figure(curve: pd.DataFrame, methods, reference, pipe, speedup: pd.DataFr
         ax.axhline(curve[curve.method == reference].groupby("step").FID.mean().iloc[-1], ls="--", lw=1, color="gray",
                    label=f"{reference} final")
     ax.set(xlabel="training iterations", ylabel=f"FID ({pipe['extractor']}, {pipe['curve_samples']} samples)",
-           title=f"FID vs iterations ({pipe['curve_sampler']}, seeds {pipe['seeds']})", yscale="log")
+           title=f"FID vs iterations ({pipe['curve_sampler']}, seeds {pipe['seeds']})", yscale="log",
+           xscale="log" if log_steps else "linear")
     ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.16))  # below the axes: the curves stay visible
     return fig
 
@@ -226,9 +273,16 @@ def run(cfg, provenance):
         parts = [("", "", metrics), ("_speedup", "Speed-up and final values", speedup)]
         if len(differences):
             parts.append(("_differences", f"FID minus the reference's, paired by seed ({LEVEL:.0%} t-interval of the mean)", differences))
+        budgets = None
+        if table.get("budgets"):
+            budgets = budget_table(curve, table)
+            parts.append(("_budgets", "Speed-up against the training budget B: the iterations to reach the reference's FID "
+                                      f"at B, seed by seed ({LEVEL:.0%} t-interval of the mean)", budgets))
+            save_figure(budget_figure(budgets, table["reference"]), layout, f"{table['name']}_budgets")
         write_table(layout, table["name"], f"Table `{table['name']}`. {table['caption']} {setting}.{reference}".replace("  ", " "), *parts)
-        save_figure(fid_figure(curve, table["methods"], table["reference"], pipe, speedup), layout, table["name"])
-        tables[table["name"]] = speedup
+        save_figure(fid_figure(curve, table["methods"], table["reference"], pipe, speedup, log_steps=bool(table.get("budgets"))),
+                    layout, table["name"])
+        tables[table["name"]] = (speedup, budgets)
 
     # --- training and method figures
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
@@ -375,6 +429,21 @@ def kept_runs(cfg) -> str:
             f"{root} --yes` removes them.\n\n" + "\n".join(lines) + "\n")
 
 
+def budget_section(name: str, budgets: pd.DataFrame) -> str:
+    shown = budgets[["method", "budget", "reference FID at budget", "iterations to reach it", "speed-up",
+                     f"speed-up {LEVEL:.0%} t-interval", "speed-up by seed"]]
+    return f"""
+#### Speed-up against the training budget
+
+For each evaluated iteration B taken as the budget: the iterations each method needs to reach the reference's FID at
+B (mean curves; then seed by seed against the same seed's reference, with the t-interval of the mean).
+
+![speed-up against the budget, table {name}](figures/{name}_budgets.png)
+
+{without_empty_columns(shown).to_markdown(index=False)}
+"""
+
+
 def experiment_readme(cfg, tables: dict, scm, df, usage) -> str:
     import diffusers
     import snakemake
@@ -390,7 +459,7 @@ def experiment_readme(cfg, tables: dict, scm, df, usage) -> str:
 {without_empty_columns(speedup).to_markdown(index=False)}
 
 FID and the other metrics at the table's iterations: `tables/{name}.md` (also `.csv`, `.tex`).
-""" for name, speedup in tables.items())
+{"" if budgets is None else budget_section(name, budgets)}""" for name, (speedup, budgets) in tables.items())
     warm_start = None if d is None else ("a regression on the teacher's velocity at guidance " + str(d["cfg_scale"])
                                          if d["warm_start_target"] == "teacher" else "the TrigFlow diffusion loss on the data")
     scm_section = "" if scm is None else f"""
