@@ -37,7 +37,8 @@ wildcard_constraints:
 
 
 include: "workflow/rules/common.smk"
-include: "workflow/rules/data.smk"
+if not EXP.data_from:  # else the data stages' files are another experiment's: read, never made here (preflight)
+    include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/distill.smk"
 include: "workflow/rules/evaluate.smk"

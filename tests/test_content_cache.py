@@ -248,6 +248,16 @@ def test_snakemake_replans_edited_photos_and_not_moved_ones(tmp_path):
     assert sorted(planned_jobs(edited.stdout)) == [*DATA_JOBS, "train[run=baseline-s0]"], planned_jobs(edited.stdout)
     assert "params have changed" in edited.stdout
 
+    # and the jobs, run, see the new content too: new latents, and the training run starts afresh on them (the old kept)
+    from speedpipe.runstore import current_state
+
+    made_from = json.loads((root / "latents/manifest.json").read_text())["dataset"]
+    old_run = current_state(root / "train/baseline-s0")
+    rerun = snakemake(tmp_path, *targets, "--configfile", str(tmp_path / "exp.yaml"), timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-5000:]
+    assert json.loads((root / "latents/manifest.json").read_text())["dataset"] != made_from
+    assert current_state(root / "train/baseline-s0") != old_run and (old_run / "ckpt-0000004.pt").is_file()
+
 
 # --- evaluation against reference statistics of other extractor weights
 
@@ -291,3 +301,23 @@ def test_evaluation_refuses_reference_statistics_of_other_extractor_weights(tmp_
     message = str(refused.value)
     assert str(stats) in message and recorded[:12] in message and sha256_tree(weights)[:12] in message, message
     assert not out.exists()
+
+
+def test_a_runs_settings_follow_the_contents_of_its_init_checkpoint(tiny_train_config, tmp_path):
+    """model.init_from names a user's file: what a resumed run must share with the run it resumes is its content, as
+    for the job's params -- a new file at the same path starts a new run, the same file elsewhere resumes the old."""
+    import torch
+
+    from speedpipe.config import load_config
+    from speedpipe.stages import STAGES
+
+    init = tmp_path / "init.pt"
+    torch.save({"w": torch.zeros(3)}, init)
+    settings = lambda path: STAGES["train"].run_settings(load_config(tiny_train_config, [f"model.init_from={path}"], phase="train"))  # noqa: E731
+    before = settings(init)
+    assert before["model.init_from"] == {"content": content_fingerprint(init)}
+    moved = tmp_path / "elsewhere.pt"
+    shutil.copy(init, moved)
+    assert settings(moved) == before
+    torch.save({"w": torch.ones(3)}, init)
+    assert settings(init) != before

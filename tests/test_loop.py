@@ -91,6 +91,7 @@ def test_resume_prefers_the_newest_state(tmp_path):
     assert fresh.resume()["step"] == 9 and events(tmp_path)[-1]["source"] == "ckpt-0000009.pt"
     fresh.folder.unlock()
     (loop.state_dir / "ckpt-0000009.pt").unlink()
+    (tmp_path / "ckpt-0000009.pt").unlink()  # (its published link alone would be adopted back: it holds the data)
     fresh, *_ = _loop(tmp_path, steps=12)
     assert fresh.resume()["step"] == 8 and events(tmp_path)[-1]["source"] == "latest.pt"
     fresh.folder.unlock()
@@ -103,6 +104,7 @@ def test_a_corrupt_resume_file_is_passed_over_for_the_newest_valid_checkpoint(tm
     loop.resume()
     loop.run(*_step_fns(model, opt, gen))
     (loop.state_dir / "ckpt-0000009.pt").unlink()
+    (tmp_path / "ckpt-0000009.pt").unlink()
     latest = loop.state_dir / "latest.pt"
     latest.write_bytes(latest.read_bytes()[:100])
     fresh, *_ = _loop(tmp_path, steps=9, ckpt_steps=(4,))
@@ -155,3 +157,66 @@ def test_a_term_that_first_appears_later_is_checked_too(tmp_path):
 
     with pytest.raises(FloatingPointError, match=r"non-finite tangent at step 4"):
         loop.run(phases, update)
+
+
+def test_a_declared_checkpoint_below_the_newest_state_is_made_by_a_replay(tmp_path):
+    """An evaluation step added to a finished run, or a shorter run asked of it: the checkpoint is made by replaying from
+    the newest checkpoint before it, equal to an uninterrupted run's, and the kept checkpoints are not written again."""
+    loop, model, opt, gen = _loop(tmp_path / "run", steps=9, ckpt_steps=(6,))
+    loop.resume()
+    loop.run(*_step_fns(model, opt, gen))
+    kept = {p.name: p.stat().st_ino for p in loop.state_dir.glob("ckpt-*.pt")}
+    assert sorted(kept) == ["ckpt-0000006.pt", "ckpt-0000009.pt"]
+    fresh, model, opt, gen = _loop(tmp_path / "fresh", steps=9, ckpt_steps=(3, 6))
+    fresh.resume()
+    fresh.run(*_step_fns(model, opt, gen))
+
+    again, model, opt, gen = _loop(tmp_path / "run", steps=9, ckpt_steps=(3, 6))
+    again.resume()
+    assert again.step == 0 and events(tmp_path / "run")[-2]["event"] == "replay"
+    assert again.run(*_step_fns(model, opt, gen)) == 9
+    replayed, reference = (safe_torch_load(d / "ckpt-0000003.pt") for d in (again.state_dir, fresh.state_dir))
+    assert torch.equal(replayed["model"]["weight"], reference["model"]["weight"])
+    assert {p.name: p.stat().st_ino for p in again.state_dir.glob("ckpt-*.pt") if p.name in kept} == kept
+    assert (tmp_path / "run" / "ckpt-0000003.pt").exists()
+
+    shorter, model, opt, gen = _loop(tmp_path / "run", steps=4, ckpt_steps=(3,))
+    shorter.resume()
+    assert shorter.step == 3 and shorter.run(*_step_fns(model, opt, gen)) == 1
+    assert safe_torch_load(shorter.state_dir / "ckpt-0000004.pt")["step"] == 4
+
+
+def test_a_failed_resume_releases_the_lock_and_a_killed_write_leaves_nothing(tmp_path):
+    loop, model, opt, gen = _loop(tmp_path, steps=3)
+    loop.resume()
+    loop.run(*_step_fns(model, opt, gen))
+    (loop.state_dir / ".tmp-ckpt-0000006.pt.abc123").write_bytes(b"half a checkpoint")  # a write killed mid-way
+    broken, *_ = _loop(tmp_path, steps=6)
+    broken.stateful["model"] = torch.nn.Linear(4, 1)  # its state does not fit: load_state_dict raises
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        broken.resume()
+    assert not list(loop.state_dir.glob(".tmp-*"))
+    after, *_ = _loop(tmp_path, steps=6)
+    after.resume()  # would wait for ever (or be refused) if the failed resume had kept the lock
+    after.folder.unlock()
+
+
+def test_a_run_folder_written_before_the_store_is_adopted_with_its_log(tmp_path):
+    """An upgrade: a run folder whose checkpoints, log.csv and events.csv are files of their own (no store) resumes from
+    them, and its log keeps the rows logged before."""
+    import shutil
+
+    loop, model, opt, gen = _loop(tmp_path / "made", steps=4, ckpt_steps=(2,))
+    loop.resume()
+    loop.run(*_step_fns(model, opt, gen))
+    old = tmp_path / "old"
+    old.mkdir()
+    for name in ("ckpt-0000002.pt", "log.csv", "events.csv"):
+        shutil.copy(loop.state_dir / name, old / name)  # files of their own, as written before the store
+    rows = (old / "log.csv").read_text().splitlines()[:2]  # the header and step 2 (the resume drops step 4's row)
+    assert rows[1].startswith("2,")
+    later, model, opt, gen = _loop(old, steps=4, ckpt_steps=(2,))
+    assert later.resume()["step"] == 2 and (later.state_dir / "ckpt-0000002.pt").is_file()
+    later.run(*_step_fns(model, opt, gen))
+    assert (old / "log.csv").read_text().splitlines()[:2] == rows
+    assert (old / "ckpt-0000002.pt").samefile(later.state_dir / "ckpt-0000002.pt")

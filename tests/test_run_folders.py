@@ -7,6 +7,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 from diffusers import AutoencoderKL
 
 from conftest import events, run_python, slurm
@@ -35,18 +36,34 @@ def test_a_standalone_command_never_writes_into_a_pipeline_run(tiny_train_config
 def test_a_second_writer_waits_for_the_first_and_names_it(tmp_path, capsys):
     """A run folder whose lock another live process holds (a job whose Snakemake driver died) is not written beside it:
     the second writer waits until the first ends, and says so."""
+    import threading
+
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); f.write('pid 1234 on node7');"
-        " f.flush(); print('locked', flush=True); time.sleep(2)"), str(tmp_path / ".lock")], stdout=subprocess.PIPE, text=True)
+        "import fcntl, sys; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); f.write('pid 1234 on node7');"
+        " f.flush(); print('locked', flush=True); sys.stdin.readline()"), str(tmp_path / ".lock")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "locked"
-    start = time.monotonic()
-    folder = RunFolder(tmp_path, {"a": 1})
-    folder.lock()
-    waited = time.monotonic() - start
+    folder, taken = RunFolder(tmp_path, {"a": 1}), threading.Event()
+    writer = threading.Thread(target=lambda: (folder.lock(), taken.set()))
+    writer.start()
+    assert not taken.wait(1.0), "the second writer did not wait for the first"
+    holder.communicate("go\n")  # the first writer ends
+    assert taken.wait(30)
+    writer.join()
     folder.unlock()
-    holder.wait()
-    assert waited > 1.0, "the second writer did not wait for the first"
     assert f"{tmp_path} is being written by pid 1234 on node7; waiting" in capsys.readouterr().out
+
+
+def test_one_process_never_takes_a_run_folders_lock_twice(tmp_path):
+    """flock is per open file: a second lock() in the same process would wait for itself forever; it is refused."""
+    first = RunFolder(tmp_path, {})
+    first.lock()
+    with pytest.raises(RuntimeError, match="already locked by this process"):
+        RunFolder(tmp_path, {}).lock()
+    first.unlock()
+    again = RunFolder(tmp_path, {})
+    again.lock()
+    again.unlock()
 
 
 def test_a_dead_writer_holds_no_lock(tmp_path):
@@ -101,11 +118,20 @@ def test_superseded_states_are_listed_and_removed_only_with_yes(tiny_train_confi
     assert f"- `train/baseline-s0/store/{old.name}`: optim.lr" in report  # the experiment's README lists the kept run
     runstore_main(["list", str(tmp_path / "results/tiny")])
     listing = capsys.readouterr().out
-    assert f"superseded {old}" in listing and f"current    {new}" in listing
+    assert f"superseded {old}  step 2" in listing and f"current    {new}  step 2" in listing
     runstore_main(["prune", str(tmp_path / "results/tiny")])
     assert old.is_dir() and "would remove" in capsys.readouterr().out
     runstore_main(["prune", str(tmp_path / "results/tiny"), "--yes"])
     assert not old.is_dir() and new.is_dir() and (run / "ckpt-0000002.pt").exists()
+    # a superseded state further along than the current one (new settings started, then abandoned) needs --force too
+    train.run(load_config(tiny_train_config, ["trainer.steps=4", "optim.lr=3e-3", f"trainer.run_dir={run}"], phase="train"))
+    longest = current_state(run)
+    train.run(load_config(tiny_train_config, ["trainer.steps=2", "optim.lr=4e-3", f"trainer.run_dir={run}"], phase="train"))
+    runstore_main(["prune", str(tmp_path / "results/tiny"), "--yes"])
+    assert longest.is_dir() and not new.is_dir()
+    assert f"{longest} (step 4, the current one 2)" in capsys.readouterr().out
+    runstore_main(["prune", str(tmp_path / "results/tiny"), "--yes", "--force"])
+    assert not longest.is_dir() and current_state(run).is_dir()
     assert kept_runs({"root": str(tmp_path / "results/tiny"), "train_runs": [{"log": str(run / "log.csv")}], "distill_runs": []}) == ""
 
 
@@ -157,3 +183,20 @@ def test_an_atomic_write_syncs_the_file_and_then_its_folder(tmp_path, monkeypatc
                                                                   (tmp_path / "out.txt").exists())) or real_fsync(fd))
     io.atomic_write_text(tmp_path / "out.txt", "done")
     assert synced == [(False, False), (True, True)]  # the file's data before the rename, the folder after it
+
+
+def test_a_data_stage_run_alone_does_not_replace_the_pipelines_files_of_other_settings(tiny_train_config, tmp_path):
+    """`speedpipe autoencoder` with one setting changed writes where the experiment's pipeline keeps its autoencoder:
+    refused before it starts, naming the folder and the key; with the same settings it may run (it makes the same)."""
+    from speedpipe.cli import _refuse_to_replace
+    from speedpipe.config import ConfigError, save_config
+
+    made = load_config(tiny_train_config, ["autoencoder.lr=1.0e-3"])
+    save_config(made, tmp_path / "results/tiny/autoencoder/config.yaml")
+    result = run_python(["-m", "speedpipe.cli", "autoencoder", "--config", str(tiny_train_config), "autoencoder.lr=2.0e-3"])
+    assert result.returncode == 2
+    assert f"{tmp_path / 'results/tiny/autoencoder'} holds this stage's files made with other settings (autoencoder.lr)" \
+        in result.stderr
+    _refuse_to_replace("autoencoder", made)  # the same settings: no refusal
+    with pytest.raises(ConfigError, match="autoencoder.lr"):
+        _refuse_to_replace("autoencoder", load_config(tiny_train_config, ["autoencoder.lr=2.0e-3"]))

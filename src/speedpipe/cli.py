@@ -9,7 +9,7 @@ import sys
 import yaml
 
 from speedpipe.config import ConfigError, load_config
-from speedpipe.stages import STAGES
+from speedpipe.stages import DATA_STAGES, STAGES
 
 # main.py phases (SpeeD's entry point) -> stage; "inference" is SpeeD's name for sampling a trained model
 PHASE_STAGES = {"train": "train", "inference": "sample", "sample": "sample"}
@@ -24,7 +24,24 @@ def run_stage(stage: str, config_path: str, overrides: list[str], phase: str | N
             raise ConfigError(f"speedpipe {stage}: takes an experiment file and no overrides (got {overrides})")
         with open(config_path) as f:
             return entry.run(Experiment(yaml.safe_load(f)).report_config())
-    return entry.run(load_config(config_path, overrides, phase=phase or entry.phase))
+    config = load_config(config_path, overrides, phase=phase or entry.phase)
+    if stage in DATA_STAGES:
+        _refuse_to_replace(stage, config)
+    return entry.run(config)
+
+
+def _refuse_to_replace(stage: str, config):
+    """A data stage run alone writes where the experiment's pipeline keeps that stage's files: refused where those were
+    made with other settings (a command with one setting changed must not replace what the pipeline's runs read)."""
+    from speedpipe.layout import data_record
+
+    record = data_record(stage, config)
+    if record.is_file():
+        differ = STAGES[stage].made_otherwise(yaml.safe_load(record.read_text()), config)
+        if differ:
+            raise ConfigError(f"speedpipe {stage}: {record.parent} holds this stage's files made with other settings "
+                              f"({', '.join(differ)}); a stage run alone does not replace them: give it another experiment "
+                              f"or output_dir")
 
 
 def _exit_on_config_error(fn, *args):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from speedpipe.data.folders import is_hidden
 
-_CACHE_VERSION = 1  # bump when what a cache file holds, or how a file is hashed, changes
+_CACHE_VERSION = 2  # bump when what a cache file holds, or how a file is hashed, changes
 UNREADABLE = "unreadable"  # the content hash of a file that cannot be read (a broken link, no permission): not cached
 
 
@@ -68,8 +68,8 @@ def _files(root: Path) -> list[tuple[str, str]]:
     return found
 
 
-def _cache_file(cache_dir, root: Path) -> Path:
-    return Path(cache_dir) / f"{hashlib.sha256(str(root).encode()).hexdigest()[:32]}.json"
+def _cache_file(cache_dir, root: Path, kind: str) -> Path:
+    return Path(cache_dir) / f"{hashlib.sha256(f'{kind}:{root}'.encode()).hexdigest()[:32]}.json"
 
 
 def _read_cache(path: Path | None, root: Path) -> dict:
@@ -106,8 +106,23 @@ def content_fingerprint(path, cache_dir=None) -> str:
     if not root.exists():
         raise FileNotFoundError(f"cannot fingerprint {root}: no such file or folder")
     folder = root.is_dir()
-    listing = _files(root) if folder else [("", str(root))]
-    cache_path = _cache_file(cache_dir, root) if cache_dir is not None else None
+    hashes = _content_hashes(root, _files(root) if folder else [("", str(root))], cache_dir, "tree")
+    digest = hashlib.sha256(b"folder\n" if folder else b"file\n")
+    for relative in sorted(hashes):
+        digest.update(f"{relative}\0{hashes[relative]}\n".encode())
+    return digest.hexdigest()
+
+
+def file_contents(root, relative_paths, cache_dir=None) -> dict[str, str]:
+    """relative path -> sha256 of the content of the given files below root (a dataset's listed images), with the same
+    cache of content hashes under stat keys as content_fingerprint."""
+    root = Path(os.path.abspath(root))
+    listing = [(str(r), str(root / r)) for r in relative_paths]
+    return _content_hashes(root, listing, cache_dir, "files")
+
+
+def _content_hashes(root: Path, listing, cache_dir, kind: str) -> dict[str, str]:
+    cache_path = _cache_file(cache_dir, root, kind) if cache_dir is not None else None
     remembered = _read_cache(cache_path, root)
     files, changed = {}, len(remembered) != len(listing)
     for relative, full in listing:
@@ -126,11 +141,7 @@ def content_fingerprint(path, cache_dir=None) -> str:
         except OSError:
             files[relative] = None  # unreadable (permissions): the stage that reads it says so
         changed = True
-    digest = hashlib.sha256(b"folder\n" if folder else b"file\n")
-    for relative in sorted(files):
-        content = files[relative][4] if files[relative] is not None else UNREADABLE
-        digest.update(f"{relative}\0{content}\n".encode())
     if cache_path is not None and changed:
         with contextlib.suppress(OSError):  # a read-only cache folder costs speed, never the answer
             _write_cache(cache_path, root, {k: v for k, v in files.items() if v is not None})
-    return digest.hexdigest()
+    return {relative: entry[4] if entry is not None else UNREADABLE for relative, entry in files.items()}

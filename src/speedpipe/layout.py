@@ -123,6 +123,14 @@ def tiny_autoencoder_weights(cfg) -> Path:
     return Path(cfg.autoencoder.path or Layout.of(cfg).autoencoder_dir() / "model.safetensors")
 
 
+def data_record(stage: str, cfg) -> Path:
+    """The config a data stage recorded beside what it wrote for a stage config (where a run of that config writes)."""
+    return {"autoencoder": lambda: Layout.of(cfg).autoencoder_dir() / "config.yaml",
+            "encode": lambda: latents_dir(cfg) / "config.yaml",
+            "classifier": lambda: Layout.of(cfg).classifier_dir() / "config.yaml",
+            "reference": lambda: reference_path(cfg).with_suffix(".yaml")}[stage]()
+
+
 def train_run_dir(cfg) -> Path:
     return Path(cfg.trainer.run_dir or Layout.standalone(cfg).train_dir(cfg.method, cfg.seed))
 

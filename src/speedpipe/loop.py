@@ -33,6 +33,7 @@ from typing import Callable
 import torch
 
 from speedpipe.checkpoint import list_checkpoints, rng_state, restore_rng, save_checkpoint
+from speedpipe.layout import checkpoint as checkpoint_path
 from speedpipe.csvlog import CsvLog
 from speedpipe.distributed import DistEnv, all_reduce_mean, all_reduce_min, barrier
 from speedpipe.io import atomic_torch_save, safe_torch_load
@@ -78,6 +79,7 @@ class ResumableLoop:
         self.run_dir = Path(self.run_dir)
         self.folder = RunFolder(self.run_dir, self.settings)
         self.state_dir = self.folder.state_dir
+        self._replay_until = 0  # a replay (resume) saves no latest.pt before the step its newest state had reached
         if self.nonfinite not in ("stop", "skip"):
             raise ValueError(f"non-finite policy {self.nonfinite!r}: expected 'stop' or 'skip'")
         self._preempt = None
@@ -108,23 +110,43 @@ class ResumableLoop:
 
     def resume(self) -> dict | None:
         """Take the run folder's lock, open the state of this run's settings and load its newest state into the stateful
-        objects and generators; returns it (None for a fresh run). The states of other settings stay in the store."""
+        objects and generators; returns it (None for a fresh run). The states of other settings stay in the store. A
+        declared checkpoint the state lacks below its newest step (an evaluation step added to a finished run, a
+        shorter run asked of a longer one) is made by replaying the run from the newest checkpoint before it: every
+        step is drawn as before, so the checkpoints it passes are equal to the kept ones and are not written again."""
         others = []
         if self.env.is_main:
             self.folder.lock()
-            others = self.folder.open_state()
-        barrier(self.env)
-        path, state = self._newest()
-        if state is not None:
-            for name, obj in self.stateful.items():
-                obj.load_state_dict(state[name])
-            restore_rng(state["rng"], self.generators)
-            self.step, self.skipped = int(state["step"]), int(state.get("skipped", 0))
-        kept = f"other settings kept in {'; '.join(others)}" if others else ""
-        self._event("resume" if path else "start", path.name if path else kept)
-        if self.env.is_main:
-            self.folder.publish_file("events.csv")
+        try:
+            if self.env.is_main:
+                others = self.folder.open_state()
+            barrier(self.env)
+            path, state = self._newest()
+            missing = self._missing_checkpoints(int(state["step"]) if state is not None else 0)
+            if missing:
+                self._replay_until = int(state["step"])
+                older = [(s, p) for s, p in list_checkpoints(self.state_dir) if s < missing[0]]
+                path, state = (older[-1][1], safe_torch_load(older[-1][1])) if older else (None, None)
+                self._event("replay", f"from {path.name if path else 'the start'}: checkpoints "
+                                      f"{', '.join(map(str, missing))} are declared and missing")
+            if state is not None:
+                for name, obj in self.stateful.items():
+                    obj.load_state_dict(state[name])
+                restore_rng(state["rng"], self.generators)
+                self.step, self.skipped = int(state["step"]), int(state.get("skipped", 0))
+            kept = f"other settings kept in {'; '.join(others)}" if others else ""
+            self._event("resume" if path else "start", path.name if path else kept)
+            if self.env.is_main:
+                self.folder.publish_file("events.csv")
+        except BaseException:
+            self.folder.unlock()
+            raise
         return state
+
+    def _missing_checkpoints(self, newest: int) -> list[int]:
+        """The declared checkpoint steps (ckpt_steps and the last step) at or below `newest` that the state lacks."""
+        c = self.cadence
+        return [s for s in sorted({*c.ckpt_steps, c.steps}) if 0 < s <= newest and not checkpoint_path(self.state_dir, s).exists()]
 
     def last_checkpoint(self) -> str:
         ckpts = list_checkpoints(self.state_dir)
@@ -210,12 +232,13 @@ class ResumableLoop:
                         bar.set_postfix(loss=f"{mean['loss']:.4f}")
                     sums, count, last_time = None, 0, now
                 if at_ckpt:
-                    if env.is_main:
+                    if env.is_main and not checkpoint_path(self.state_dir, step).exists():  # a replay passes kept ones
                         save_checkpoint(self.state(), self.state_dir, step)
+                    if env.is_main:
                         self.folder.publish_file(f"ckpt-{step:07d}.pt")
                     barrier(env)
                     self._last_resume_save = time.monotonic()
-                elif resume_due:
+                elif resume_due and step >= self._replay_until:  # a replay keeps the newer latest.pt
                     self.save_resume_checkpoint()
                 if self._preempt is not None:
                     self._yield_to_the_scheduler(f"ckpt-{step:07d}.pt" if at_ckpt else RESUME_FILE, performed)

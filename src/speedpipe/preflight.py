@@ -21,7 +21,42 @@ def problems(exp: Experiment) -> list[str]:
     found += _missing_inputs(exp, data)
     found += _batches_larger_than_the_data(exp, size)
     found += _guidance_without_a_null_class(exp)
+    found += _data_made_otherwise(exp)
     return found
+
+
+def _data_made_otherwise(exp: Experiment) -> list[str]:
+    """With data_from: each data stage's files must exist and have been made with the settings this experiment would make
+    them with (the stage's reads, locations aside), as the config recorded beside them says."""
+    import yaml
+    from omegaconf import OmegaConf
+
+    from speedpipe.layout import data_record
+    from speedpipe.stages import DATA_STAGES, STAGES
+
+    if not exp.data_from:
+        return []
+    found = []
+    for stage in (s for s in DATA_STAGES if exp.needs_stage(s)):
+        wanted = exp.stage_config(stage)
+        path = data_record(stage, OmegaConf.create({**wanted, "experiment": exp.data_from}))
+        if not path.is_file():
+            found.append(f"data_from: {exp.data_from}: {path} not found: run that experiment's {stage} stage first (or drop "
+                         f"data_from to make this experiment's own)")
+            continue
+        made = yaml.safe_load(path.read_text())
+        differ = STAGES[stage].made_otherwise(made, wanted)
+        if differ:
+            found.append(f"data_from: {exp.data_from}: its {stage} stage was made with other settings ("
+                         + ", ".join(f"{k}: {_read(made, k)!r} there, {_read(wanted, k)!r} here" for k in differ)
+                         + "): drop data_from, or match them")
+    return found
+
+
+def _read(config: dict, key: str):
+    for part in key.split("."):
+        config = config.get(part) if isinstance(config, dict) else None
+    return config
 
 
 def refusal(exp: Experiment, found: list[str]) -> ConfigError:

@@ -37,7 +37,8 @@ SETTINGS = "settings.json"
 CURRENT = "current"
 RESUME_FILE = "latest.pt"
 COPIED = ("log.csv", "config.yaml")  # rewritten in place by a resumed run: published as copies
-LINKED = ("events.csv",)  # only appended to: published as a link, so it shows a running job's events too
+LINKED = ("events.csv",)
+_HELD: set[str] = set()  # the run folders this process holds the lock of (flock is per open file: never twice)  # only appended to: published as a link, so it shows a running job's events too
 
 
 def identity(settings: dict) -> str:
@@ -57,12 +58,22 @@ class RunFolder:
     # ----- one writer
     def lock(self, log=print):
         """Take the run folder's lock; while another live process holds it (a job whose Snakemake driver died, a second
-        command on the same run), wait for it to end and say whose it is. The kernel releases a dead process's lock."""
+        command on the same run), wait for it to end and say whose it is. The kernel releases the lock of a process
+        that ends, SIGKILL included (on a network file system, as its lock manager does: a dead node's lock can outlive
+        it on NFSv3). A file system without locks (Lustre mounted noflock) runs without one, and says so."""
         self.path.mkdir(parents=True, exist_ok=True)
+        key = str(self.path.resolve())
+        if key in _HELD:
+            raise RuntimeError(f"{self.path} is already locked by this process (a run folder has one writer)")
         f = open(self.path / LOCK, "a+")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
+            if err.errno in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP):
+                log(f"speedpipe: {self.path}: the file system refuses locks ({err.strerror}); running without the one-writer "
+                    f"lock: do not start a second run of this folder")
+                f.close()
+                return
             if err.errno not in (errno.EAGAIN, errno.EACCES):
                 raise
             f.seek(0)
@@ -74,20 +85,25 @@ class RunFolder:
         f.write(f"pid {os.getpid()} on {platform.node()} since {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
         f.flush()
         self._lock_file = f
+        _HELD.add(key)
 
     def unlock(self):
         if self._lock_file is not None:
             fcntl.flock(self._lock_file, fcntl.LOCK_UN)
             self._lock_file.close()
             self._lock_file = None
+            _HELD.discard(str(self.path.resolve()))
 
     # ----- the store
     def open_state(self) -> list[str]:
-        """Create the state folder (recording its settings), adopt the checkpoints of a run folder written before the
-        store existed, and return the other states' folders with the settings in which they differ."""
+        """Create the state folder (recording its settings), remove what a killed write left there (.tmp-* files: the lock
+        is held, so no write is under way), adopt the files of a run folder written before the store existed, and return
+        the other states' folders with the settings in which they differ."""
         from speedpipe.io import atomic_write_text
 
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        for partial in self.state_dir.glob(".tmp-*"):
+            partial.unlink()
         if not (self.state_dir / SETTINGS).is_file():
             atomic_write_text(self.state_dir / SETTINGS, json.dumps(self.settings, indent=1, sort_keys=True, default=str))
         atomic_write_text(self.path / STORE / CURRENT, self.state_dir.name + "\n")
@@ -95,11 +111,16 @@ class RunFolder:
         return [f"{STORE}/{other.name} ({', '.join(differ) or 'the same settings'})"
                 for other, differ in superseded(self.path, self.settings)]
 
+    def _published(self, path: Path) -> bool:
+        """Whether a run folder's file is one of the store's files (a published link)."""
+        return any((state / path.name).exists() and os.path.samefile(state / path.name, path) for state in states(self.path))
+
     def _adopt_loose_files(self):
         """Checkpoints that are files of their own in the run folder (made before the store): moved into the store, to the
-        current state if they recorded the current settings, else to a state folder of the settings they recorded."""
+        current state if they recorded the current settings (with the run's log.csv and events.csv), else to a state
+        folder of the settings they recorded."""
         loose = [p for p in self.path.iterdir() if (CKPT_NAME.fullmatch(p.name) or p.name == RESUME_FILE)
-                 and p.is_file() and p.stat().st_nlink == 1]
+                 and p.is_file() and not self._published(p)]
         for path in loose:
             from speedpipe.io import safe_torch_load
 
@@ -110,8 +131,9 @@ class RunFolder:
             same = all(recorded.get(k) == v for k, v in self.settings.items() if k != "version")
             target = self.state_dir if same else self.path / STORE / f"adopted-{identity(recorded)}"
             target.mkdir(parents=True, exist_ok=True)
-            if not (target / path.name).exists():
-                os.replace(path, target / path.name)
+            for name in (path.name, *(("log.csv", "events.csv") if same else ())):
+                if (self.path / name).is_file() and not (target / name).exists() and not self._published(self.path / name):
+                    shutil.copy2(self.path / name, target / name) if name != path.name else os.replace(path, target / name)
 
     # ----- the declared files
     def publish_file(self, name: str):
@@ -125,7 +147,7 @@ class RunFolder:
 
         current = {p.name for p in self.state_dir.iterdir() if CKPT_NAME.fullmatch(p.name)}
         for path in self.path.iterdir():
-            if CKPT_NAME.fullmatch(path.name) and path.name not in current and path.stat().st_nlink > 1:
+            if CKPT_NAME.fullmatch(path.name) and path.name not in current and self._published(path):
                 path.unlink()  # a link into another state folder
         for name in sorted(current):
             self.publish_file(name)
@@ -147,13 +169,14 @@ class KeptFiles:
         self.files = [Path(f) for f in files]
         self.dir = self.files[0].parent / STORE / identity(settings)
 
-    def restore(self) -> bool:
-        """Re-make the files from the store if every one of them was kept; whether they were."""
-        if not all((self.dir / f.name).is_file() for f in self.files):
-            return False
+    def complete(self) -> bool:
+        """Whether every file was kept (read only: each rank of a job may ask)."""
+        return all((self.dir / f.name).is_file() for f in self.files)
+
+    def restore(self):
+        """Re-make the files from the store (one process: a job's rank 0)."""
         for f in self.files:
             _link(self.dir / f.name, f)
-        return True
 
     def keep(self):
         """Keep the written files (links into the store)."""
@@ -163,7 +186,10 @@ class KeptFiles:
 
 
 def _link(source: Path, target: Path):
-    """Make `target` the file `source` (a hard link; a copy where the file system has none), atomically."""
+    """Make `target` the file `source` (a hard link; a copy where the file system has none), atomically; a target that
+    already is that file is left as it is (its time too: Snakemake does not see it changed)."""
+    if target.exists() and os.path.samefile(source, target):
+        return
     tmp = target.parent / f".tmp-{target.name}.{os.getpid()}"
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()
@@ -207,30 +233,45 @@ def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+def state_step(state: Path) -> int:
+    """The step a state's run reached (its events.csv's last row; 0 for none)."""
+    path = state / "events.csv"
+    rows = path.read_text().splitlines()[1:] if path.is_file() else []
+    return int(rows[-1].split(",")[2]) if rows else 0
+
+
 def main(argv=None):
     """`python -m speedpipe.runstore list|prune RESULTS`: the states of every run folder under RESULTS (an experiment's
-    results folder); prune removes the states that the run folders do not publish (superseded settings), and only with
-    --yes."""
+    results folder), with the step each reached; prune removes the superseded ones (other than the state the run
+    folder's last run opened), only with --yes, and a superseded state that got further than the current one only with
+    --force as well (the current one may be a run of new settings started and abandoned)."""
     parser = argparse.ArgumentParser(prog="python -m speedpipe.runstore", description=main.__doc__)
     parser.add_argument("action", choices=["list", "prune"])
     parser.add_argument("results", help="an experiment's results folder, e.g. results/demo")
     parser.add_argument("--yes", action="store_true", help="prune: really remove the superseded states")
+    parser.add_argument("--force", action="store_true", help="prune: also states that got further than the current one")
     args = parser.parse_args(argv)
     folders = sorted({p.parent.parent.parent for p in Path(args.results).rglob(f"{STORE}/*/{SETTINGS}")})
-    freed = 0
+    freed, spared = 0, []
     for folder in folders:
-        published = current_state(folder)
+        current = current_state(folder)
+        current_step = state_step(current) if current is not None else 0
         for state in states(folder):
-            kept = published is not None and state == published
-            size = _size(state)
-            print(f"{'current   ' if kept else 'superseded'} {state}  {size / 2**20:.1f} MiB")
-            if args.action == "prune" and not kept:
-                freed += size
-                if args.yes:
-                    shutil.rmtree(state)
+            kept, step, size = state == current, state_step(state), _size(state)
+            print(f"{'current   ' if kept else 'superseded'} {state}  step {step}  {size / 2**20:.1f} MiB")
+            if args.action != "prune" or kept:
+                continue
+            if step > current_step and not args.force:
+                spared.append(f"{state} (step {step}, the current one {current_step})")
+                continue
+            freed += size
+            if args.yes:
+                shutil.rmtree(state)
     if args.action == "prune":
         verb = "removed" if args.yes else "would remove (add --yes to remove)"
         print(f"{verb}: {freed / 2**20:.1f} MiB of superseded states")
+        if spared:
+            print("kept, further along than their folder's current state (--force removes them too):\n  " + "\n  ".join(spared))
     return 0
 
 

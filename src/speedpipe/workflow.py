@@ -34,7 +34,7 @@ from speedpipe.config import NAME, NAME_RULE, ConfigError, file_values, load_con
 from speedpipe.consistency.methods import method_names
 from speedpipe.layout import Layout, checkpoint, student_run_name, train_run_name
 from speedpipe.sampler_labels import SamplerLabel, parse_sampler
-from speedpipe.stages import STAGES
+from speedpipe.stages import DATA_STAGES, STAGES, with_contents
 
 SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "experiment.schema.yaml"  # every key, documented
 CONSISTENCY_KEYS = {"teacher_sampler", "teacher_ode_sampler", "teacher_baselines", "scm_samplers", "final_samples",
@@ -226,6 +226,10 @@ def check_experiment_file(pipe: dict, base_dir=None) -> dict:
     except WorkflowError:
         raise _schema_error(pipe) from None
     _check_name("experiment", pipe["experiment"], runs=False)  # {output_dir}/{experiment}/: no '..', '/' or hidden folder
+    if pipe.get("data_from") is not None:
+        _check_name("data_from", pipe["data_from"], runs=False)
+        if pipe["data_from"] == pipe["experiment"]:
+            raise ConfigError(f"pipeline config: data_from {pipe['data_from']!r}: names this experiment itself (leave it out)")
     teachers = pipe["teachers"]
     if not teachers and "consistency_methods" in given_keys:
         raise ConfigError(f"pipeline config: consistency_methods {pipe['consistency_methods']} configure consistency models, "
@@ -302,6 +306,9 @@ class Experiment:
         teachers, seeds = list(pipe.get("teachers") or []), pipe["seeds"]
         self.pipe = pipe
         self.layout = Layout(Path(pipe["output_dir"]) / pipe["experiment"])
+        # where the data stages' files are: this experiment's, or those of the experiment named by data_from
+        self.data_from = pipe.get("data_from")
+        self.data_layout = Layout(Path(pipe["output_dir"]) / (self.data_from or pipe["experiment"]))
         self.overridden: set[str] = set()  # values of the stage config files that the experiment file replaces
         for stage in pipe["overrides"]:  # each stage's overrides on their own, so that an error names them
             try:
@@ -557,8 +564,13 @@ class Experiment:
         return sorted(self.overridden)
 
     def runs_stage(self, stage: str) -> bool:
-        """Whether the experiment has a job of a data stage: the autoencoder only for the tiny (pipeline-trained) one,
-        the classifier only for classifier features or label accuracy."""
+        """Whether the experiment has a job of a data stage: none when it reads another experiment's (data_from), the
+        autoencoder only for the tiny (pipeline-trained) one, the classifier only for classifier features or label
+        accuracy."""
+        return not (self.data_from and stage in DATA_STAGES) and self.needs_stage(stage)
+
+    def needs_stage(self, stage: str) -> bool:
+        """Whether the experiment needs a data stage's files (made by its own job, or read from data_from)."""
         if stage == "autoencoder":
             return self.tiny_autoencoder
         if stage == "classifier":
@@ -572,7 +584,7 @@ class Experiment:
     def _pipeline_paths(self, stage: str, cfg: dict) -> dict:
         """The values every job takes from the experiment: its identity, and where the files the rules pass between jobs
         are (the latent store, the reference statistics, the pipeline's classifier and tiny autoencoder)."""
-        p, layout = self.pipe, self.layout
+        p, layout = self.pipe, self.data_layout
         paths = {"experiment": p["experiment"], "output_dir": p["output_dir"], "eval.extractor": p["extractor"]}
         if stage in ("encode", "train", "distill"):
             paths["data.latents_dir"] = str(layout.latents_dir())
@@ -600,29 +612,13 @@ _file_values = functools.lru_cache(maxsize=None)(file_values)
 
 
 def _with_contents(params: dict, config: dict) -> dict:
-    """A stage run's params with each user input it reads (speedpipe.stages.INPUT_FILES: photos, a pretrained VAE folder,
-    weights files) that names an existing file or folder replaced by {"content": its fingerprint}: an edit of the data
-    re-runs the jobs that read it, moving it elsewhere re-runs none. A path that does not exist (a hub id, or a file a
-    later preflight check reports) is kept as it is."""
-    from speedpipe.stages import INPUT_FILES
+    """A stage run's params with the user inputs it reads as their contents (speedpipe.stages.with_contents): an edit of
+    the data re-runs the jobs that read it, moving it elsewhere re-runs none."""
+    def fingerprint(path):
+        st = Path(path).stat()
+        return _content_fingerprint(path, (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino), Path.cwd() / ".snakemake")
 
-    reads = params["reads"]
-    for key in INPUT_FILES:
-        value = reads.get(key)
-        if not isinstance(value, str) or not value:
-            continue
-        if key == "autoencoder.path" and config["autoencoder"]["name"] == "tiny":
-            continue  # the pipeline's own autoencoder: a rule input
-        if key == "data.root" and config["data"]["name"] == "mnist5k":
-            continue  # the built-in digits read no folder (data.images.open_image_dataset)
-        path = Path(value)
-        try:
-            st = path.stat()
-        except OSError:
-            continue
-        stamp = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
-        reads[key] = {"content": _content_fingerprint(str(path.absolute()), stamp, Path.cwd() / ".snakemake")}
-    return params
+    return {**params, "reads": with_contents(params["reads"], config, fingerprint)}
 
 
 @functools.lru_cache(maxsize=None)

@@ -6,6 +6,7 @@ from speedpipe.layout import checkpoint as checkpoint_path
 
 ENV = "../envs/speedpipe.yaml"  # the rules' software environment (relative to workflow/rules/)
 AE_TINY = EXP.tiny_autoencoder
-AUTOENCODER_WEIGHTS = str(LAYOUT.autoencoder_dir() / "model.safetensors")
-CLASSIFIER_WEIGHTS = str(LAYOUT.classifier_dir() / "model.safetensors")
-REFERENCE = str(LAYOUT.reference(EXP.pipe["extractor"]))
+DATA = EXP.data_layout  # the data stages' files: this experiment's, or those of its data_from experiment
+AUTOENCODER_WEIGHTS = str(DATA.autoencoder_dir() / "model.safetensors")
+CLASSIFIER_WEIGHTS = str(DATA.classifier_dir() / "model.safetensors")
+REFERENCE = str(DATA.reference(EXP.pipe["extractor"]))

@@ -5,7 +5,7 @@
 rule distill:
     input:
         teacher=lambda wc: str(EXP.distill_runs[wc.student].teacher.checkpoint(EXP.pipe["train_steps"])),
-        latents=str(LAYOUT.latents_dir() / "manifest.json"),
+        latents=str(DATA.latents_dir() / "manifest.json"),
     output:
         ckpts=[str(checkpoint_path(LAYOUT.run_dir("distill", "{student}"), s)) for s in EXP.pipe.get("distill_eval_steps", [])],
         log=str(LAYOUT.run_dir("distill", "{student}") / "log.csv"),

@@ -3,7 +3,7 @@
 
 rule train:
     input:
-        str(LAYOUT.latents_dir() / "manifest.json"),
+        str(DATA.latents_dir() / "manifest.json"),
     output:
         ckpts=[str(checkpoint_path(LAYOUT.run_dir("train", "{run}"), s)) for s in EXP.pipe["eval_steps"]],
         log=str(LAYOUT.run_dir("train", "{run}") / "log.csv"),

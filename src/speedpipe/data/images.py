@@ -169,10 +169,17 @@ class ImageFolder(torch.utils.data.Dataset):
         return str(self.files[i][0])
 
     def fingerprint(self) -> str:
+        """The listed images' relative paths, labels and contents (a photo rewritten with its size and time restored
+        is a new dataset; the same photos elsewhere are the same one). Content hashes are remembered under each file's
+        stat key in .snakemake/speedpipe-fingerprints when the job runs in a Snakemake folder (speedpipe.fingerprint)."""
+        from speedpipe.fingerprint import file_contents
+
+        cache = Path(".snakemake")
+        relative = [str(f.relative_to(self.root)) for f, _ in self.files]
+        contents = file_contents(self.root, relative, cache / "speedpipe-fingerprints" if cache.is_dir() else None)
         h = hashlib.sha256(_READING)
-        for f, label in self.files:
-            st = f.stat()
-            h.update(f"{f.relative_to(self.root)}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        for (f, label), r in zip(self.files, relative):
+            h.update(f"{r}|{label}|{contents[r]}\n".encode())
         return f"image_folder-{self.image_size}-" + h.hexdigest()[:16]
 
 

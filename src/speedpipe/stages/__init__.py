@@ -19,6 +19,7 @@ import functools
 import importlib
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 from speedpipe.config import leaves
 
@@ -86,9 +87,20 @@ class Stage:
         read values except the run's length, its checkpoint and log cadence, and where its data and its outputs lie (a
         continued run may change them; the stages record their data's content: a dataset's fingerprint, a latent store's
         checksums). Whatever re-runs a job also keeps it from resuming another version's state."""
+        from speedpipe.fingerprint import content_fingerprint
+
         params = self.params(config)
-        return {"version": params["version"], **{k: v for k, v in params["reads"].items()
+        cache = Path(".snakemake")
+        reads = with_contents(params["reads"], _plain(config), lambda path: content_fingerprint(
+            path, cache / "speedpipe-fingerprints" if cache.is_dir() else None))
+        return {"version": params["version"], **{k: v for k, v in reads.items()
                                                  if k not in LOCATIONS and k.rsplit(".", 1)[-1] not in CONTINUABLE}}
+
+    def made_otherwise(self, recorded, config) -> list[str]:
+        """The keys this stage reads (locations aside) whose values differ between a config its outputs were made with and
+        another: what a re-run with `config` would change in them."""
+        made, wanted = self.params(recorded)["reads"], self.params(config)["reads"]
+        return sorted(k for k in {*made, *wanted} - set(LOCATIONS) if made.get(k) != wanted.get(k))
 
     @staticmethod
     def settings_differ(recorded: dict, current: dict) -> list[str]:
@@ -126,6 +138,7 @@ class Stage:
 
 
 _ABSENT = object()
+DATA_STAGES = ("autoencoder", "encode", "classifier", "reference")  # what every run of an experiment reads: its data
 CONTINUABLE = ("steps", "ckpt_steps", "log_every", "ckpt_every", "run_dir")
 LOCATIONS = (*IDENTITY, "data.root", "data.latents_dir")
 # Config keys naming a user's input file or folder (no rule makes it, so Snakemake does not see it change): a job's
@@ -134,6 +147,24 @@ LOCATIONS = (*IDENTITY, "data.root", "data.latents_dir")
 # autoencoder.path only for a pretrained autoencoder: the tiny one's is the pipeline's own file, a rule input like
 # eval.classifier_weights, eval.reference and data.latents_dir.
 INPUT_FILES = ("data.root", "autoencoder.path", "eval.inception_weights", "eval.reference_npz", "model.init_from")
+
+
+def with_contents(reads: dict, config: dict, fingerprint) -> dict:
+    """A stage's read values with each user input (INPUT_FILES) that names an existing file or folder replaced by
+    {"content": fingerprint(path)}: the job's params (what re-runs it) and a run's settings (what it may resume) both
+    follow the data, not where it lies. A path that does not exist (a hub id) is kept as it is."""
+    out = dict(reads)
+    for key in INPUT_FILES:
+        value = out.get(key)
+        if not isinstance(value, str) or not value:
+            continue
+        if key == "autoencoder.path" and config["autoencoder"]["name"] == "tiny":
+            continue  # the pipeline's own autoencoder: a rule input
+        if key == "data.root" and config["data"]["name"] == "mnist5k":
+            continue  # the built-in digits read no folder (data.images.open_image_dataset)
+        if Path(value).exists():
+            out[key] = {"content": fingerprint(str(Path(value).absolute()))}
+    return out
 
 STAGES = {s.name: s for s in (
     Stage("autoencoder", None, 2,  # 2: the scale factor from streamed float64 moments

@@ -121,8 +121,10 @@ def run(cfg, provenance):
     # not reach, and a re-run of the job restores them instead of sampling again (same settings, model and decoder)
     kept = KeptFiles([out.with_suffix(ext) for ext in (".npz", ".png", ".json", ".yaml")],
                      {**STAGES["sample"].run_settings(provenance), "checkpoint": state_fingerprint(state), "decoder": decoder})
-    if kept.restore():
-        print(f"speedpipe: {out} restored from {kept.dir} (sampled by an earlier run of this job)", flush=True)
+    if kept.complete():
+        if env.is_main:
+            kept.restore()
+            print(f"speedpipe: {out} restored from {kept.dir} (sampled by an earlier run of this job)", flush=True)
         shutdown(env)
         return out
     sampler = build_sampler_for(state, cfg, device)
