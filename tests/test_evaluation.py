@@ -96,7 +96,7 @@ def test_stage_metrics_equal_torch_fidelity(tmp_path, classifier_weights, digits
     samples = tmp_path / "ev" / "samples" / "run" / "0000010" / "ddpm250.npz"
     write_npz(samples, fake, np.zeros(300, dtype=np.int64))
     out = evaluate.run(load_config(path, overrides + [f"eval.samples={samples}"]))
-    assert out == tmp_path / "ev" / "metrics" / "run" / "0000010" / "ddpm250.json"
+    assert out == tmp_path / "ev" / "standalone" / "metrics" / "run" / "0000010" / "ddpm250.json"  # run alone: not the pipeline's
     ours = json.loads(out.read_text())["metrics"]
 
     theirs = torch_fidelity.calculate_metrics(**fidelity_kwargs(

@@ -1,7 +1,7 @@
 """No lost work: the faults of a real cluster, through the command a user runs (docs/faults.md).
 
-One experiment (tests/data/faults.yaml: a SpeeD run of 200 iterations and its sCD student of 80 steps) is run once
-without a fault: the reference. Each test then makes the same experiment from the reference's data stages, faults it
+One experiment (tests/data/faults.yaml: a SpeeD run of 200 iterations and its sCD student of 80 steps, on the micro
+experiment's data) is run once without a fault: the reference. Each test then makes the same experiment again, faults it
 the way clusters do -- SIGKILL of a job after its first checkpoint, SIGKILL of the Snakemake driver, a longer run asked
 of a finished one, `scancel` of a SLURM job -- and runs the same `snakemake` command again. Each asserts what a user
 whose week-long run died needs: every tensor of the final checkpoints equals the uninterrupted run's, log.csv too but
@@ -146,10 +146,10 @@ def assert_equal_to_reference(work, reference, run_folder, provenance=True):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """The experiment run once without a fault (its data stages are the other tests' starting point)."""
-    work = tmp_path_factory.mktemp("faults-reference")
-    shutil.copytree(REPO / "configs/mnist5k", work / "configs/mnist5k")
+def reference(tmp_path_factory, micro_run):
+    """The experiment run once without a fault, on the micro experiment's data (data_from: micro)."""
+    work = tmp_path_factory.mktemp("faults") / "reference"
+    shutil.copytree(micro_run, work, symlinks=True)
     (work / "faults.yaml").write_text((REPO / "tests/data/faults.yaml").read_text().replace(
         "configs/mnist5k/", f"{work}/configs/mnist5k/"))
     result = run(work)
@@ -280,27 +280,27 @@ def test_a_full_disk_keeps_the_previous_state_and_the_same_command_finishes_once
     """The disk fills while a run trains: the checkpoint write that fails names its path and the free space, leaves the
     state saved before it valid, and the same command, run again after space was freed, resumes from that state and
     ends as an uninterrupted run."""
-    steps = ["trainer.steps=600", "trainer.ckpt_every=150", "trainer.log_every=50"]
+    steps = ["trainer.steps=300", "trainer.ckpt_every=75", "trainer.log_every=25"]
     reference = train.run(load_config(tiny_train_config, [*steps, f"trainer.run_dir={tmp_path / 'reference'}"], phase="train"))
     run_dir = small_disk / "run"
     args = ["main.py", "-c", str(tiny_train_config), "-p", "train", *steps, f"trainer.run_dir={run_dir}"]
     proc = subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
-    wait_for_state_file(small_disk, "run", "ckpt-0000150.pt", proc)
+    wait_for_state_file(small_disk, "run", "ckpt-0000075.pt", proc)
     ballast = small_disk / "ballast"
     with open(ballast, "wb") as f:  # the disk fills (another job's output, a log gone wild)
         os.posix_fallocate(f.fileno(), 0, shutil.disk_usage(small_disk).free - 4096)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode != 0
     state = current_state(run_dir)
-    assert f"cannot write {state / 'ckpt-0000300.pt'}" in out and "MiB free on its file system" in out, out[-3000:]
-    assert safe_torch_load(state / "ckpt-0000150.pt")["step"] == 150  # the state before the fault loads
+    assert f"cannot write {state / 'ckpt-0000150.pt'}" in out and "MiB free on its file system" in out, out[-3000:]
+    assert safe_torch_load(state / "ckpt-0000075.pt")["step"] == 75  # the state before the fault loads
     assert not list(state.glob(".tmp-*")), "a half-written file was left behind"
 
     ballast.unlink()
     result = run_python(args)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert_resumed(small_disk, "run", 150, 600)
+    assert_resumed(small_disk, "run", 75, 300)
     names = sorted(p.name for p in reference.glob("ckpt-*.pt"))
     assert names == sorted(p.name for p in run_dir.glob("ckpt-*.pt"))
     for name in names:  # the run folders differ, and so do the configs the checkpoints record: tensors compared

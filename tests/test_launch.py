@@ -58,7 +58,12 @@ def test_failing_job_reports_state_and_stderr_tail(tmp_path):
 
 
 def _last_logged_step(run_dir) -> int:
-    lines = (run_dir / "log.csv").read_text().splitlines() if (run_dir / "log.csv").exists() else []
+    """The last step a running job logged (its run store's log.csv: the run folder's copy is made when it ends)."""
+    from speedpipe.runstore import current_state
+
+    state = current_state(run_dir)
+    log = state / "log.csv" if state is not None else run_dir / "log.csv"
+    lines = log.read_text().splitlines() if log.exists() else []
     return int(lines[-1].split(",")[0]) if len(lines) > 1 else 0
 
 

@@ -14,6 +14,7 @@ effect on the bits depends on the machine's kernels, are checked to reach the st
 import filecmp
 import hashlib
 import json
+import re
 import shutil
 
 import numpy as np
@@ -48,6 +49,8 @@ STOPS = {  # key, or stage:key -> (the run of its case that stops: before, after
     "evaluate:eval.reference": ("after", "reference statistics that do not exist (the reference stage writes them)"),
     "autoencoder.name": ("after", "the pretrained VAE, not in the (empty) Hugging Face cache, or not trainable"),
     "distill.skip_nonfinite": ("before", "a NaN teacher stops sCD unless non-finite steps are skipped"),
+    "evaluate:eval.classifier_weights": ("after", "reference statistics made with the other classifier's features: "
+                                                  "evaluation refuses them"),
 }
 NOT_RUN = {  # key -> why it has no test here (the mutation check lists it as not pinned, with this reason)
     "trainer.compile": "torch.compile of the DiT takes minutes on this CPU; its effect (rounding) is measured by "
@@ -247,8 +250,10 @@ def fingerprint(sandbox) -> dict:
 
     out = {}
     for path in sorted(p for p in sandbox.rglob("*") if p.is_file()):
-        rel = str(path.relative_to(sandbox))
-        if path.suffix == ".yaml" or path.name == "events.csv":
+        # a run store's state folder is named by its identity (provenance: the settings, a device included), its record
+        # of them and the lock are provenance too; what the state holds is compared
+        rel = re.sub(r"/store/[0-9a-f]{12}/", "/store/STATE/", str(path.relative_to(sandbox)))
+        if path.suffix == ".yaml" or path.name in ("events.csv", ".lock", "current", "settings.json"):
             continue
         if path.suffix == ".pt":
             out[rel] = _digest(_tensors(torch.load(path, weights_only=True)))
