@@ -305,3 +305,48 @@ def test_a_full_disk_keeps_the_previous_state_and_the_same_command_finishes_once
     assert names == sorted(p.name for p in run_dir.glob("ckpt-*.pt"))
     for name in names:  # the run folders differ, and so do the configs the checkpoints record: tensors compared
         same_checkpoint(reference / name, run_dir / name, provenance=False)
+
+
+def test_a_finished_student_extended_continues_from_its_last_checkpoint(work, reference):
+    """distill_steps raised on a finished student (its teacher unchanged): the student continues from its last
+    checkpoint and keeps every earlier one."""
+    experiment = work / "faults.yaml"
+    longer = experiment.read_text()
+    shorter = yaml.safe_load(longer)
+    shorter.update(distill_steps=30, distill_eval_steps=[20, 50])
+    experiment.write_text(yaml.safe_dump(shorter, sort_keys=False))
+    result = run(work)
+    assert result.returncode == 0, result.stderr[-5000:]
+    saved, before = saved_before(work, STUDENT)
+    assert saved == 50
+
+    experiment.write_text(longer)
+    result = run(work)
+    assert result.returncode == 0, result.stderr[-5000:]
+    assert "localrule distill:" in result.stdout + result.stderr
+    assert_equal_to_reference(work, reference, STUDENT, provenance=False)
+    assert_resumed(work, STUDENT, 50, 80)
+    assert_not_rewritten(work, STUDENT, before)
+
+
+@slurm
+def test_a_cancelled_slurm_distill_job_is_finished_by_the_same_command(work, reference):
+    experiment = work / "faults.yaml"
+    pipe = yaml.safe_load(experiment.read_text())
+    pipe["launcher"]["distill"] = {"executor": "slurm", "cpus_per_task": 1, "mem_gb": 2, "time_min": 10, "poll_seconds": 0.5}
+    experiment.write_text(yaml.safe_dump(pipe, sort_keys=False))
+    driver = start(work)
+    wait_for_state_file(work, STUDENT, "ckpt-0000020.pt", driver)
+    jobs = subprocess.run(["squeue", "--me", "-h", "-o", "%i %j"], capture_output=True, text=True, check=True).stdout.split("\n")
+    ours = [line.split()[0] for line in jobs if line.strip() and "speedpipe-distill-" in line]
+    assert len(ours) == 1, jobs
+    subprocess.run(["scancel", ours[0]], check=True)
+    assert driver.wait(timeout=120) != 0
+    saved, before = saved_before(work, STUDENT)
+    assert 20 <= saved < 80
+
+    result = run(work)
+    assert result.returncode == 0, result.stderr[-5000:]
+    assert_equal_to_reference(work, reference, STUDENT)
+    assert_resumed(work, STUDENT, saved, 80)
+    assert_not_rewritten(work, STUDENT, before)
