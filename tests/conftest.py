@@ -101,6 +101,10 @@ def _slurm_cluster_up() -> bool:
     return out.returncode == 0 and any(s in out.stdout for s in ("idle", "mixed", "alloc"))
 
 
+MISSING_CLUSTER = "SPEEDPIPE_REQUIRE_SLURM=1 but no local SLURM cluster answers sinfo (slurm/local-cluster/start.sh)"
+NO_CLUSTER = "no local SLURM cluster: start it with slurm/local-cluster/start.sh (.ci/run does)"
+
+
 def slurm(test):
     """Mark a test that needs the local SLURM cluster: skipped without it, unless SPEEDPIPE_REQUIRE_SLURM=1 (as in
     .ci/run), where a missing cluster fails the test instead."""
@@ -108,11 +112,19 @@ def slurm(test):
         return test
     if os.environ.get("SPEEDPIPE_REQUIRE_SLURM") == "1":
         def missing(*args, **kwargs):
-            pytest.fail("SPEEDPIPE_REQUIRE_SLURM=1 but no local SLURM cluster answers sinfo (slurm/local-cluster/start.sh)")
+            pytest.fail(MISSING_CLUSTER)
 
         missing.__name__ = test.__name__
         return missing
-    return pytest.mark.skip(reason="no local SLURM cluster: start it with slurm/local-cluster/start.sh (.ci/run does)")(test)
+    return pytest.mark.skip(reason=NO_CLUSTER)(test)
+
+
+def require_slurm():
+    """`slurm` inside a test, for one case of a parametrised test."""
+    if not _slurm_cluster_up():
+        if os.environ.get("SPEEDPIPE_REQUIRE_SLURM") == "1":
+            pytest.fail(MISSING_CLUSTER)
+        pytest.skip(NO_CLUSTER)
 
 
 @pytest.fixture(scope="session")

@@ -164,7 +164,7 @@ MUTATIONS = [
     ("teacher identity: the checkpoint file's bytes", "stages/distill.py",
      '"teacher": state_fingerprint({k: teacher_state.get(k) for k in ("ema", "config", "latent_norm")})',
      '"teacher": __import__("speedpipe.io").io.sha256_file(d.teacher)',
-     [T + "test_faults.py::test_a_killed_train_job_and_a_killed_distill_job_are_finished_by_the_same_command"]),
+     [T + "test_faults.py::test_a_failed_train_job_and_a_failed_distill_job_are_finished_by_the_same_command[SIGKILL]"]),
 ]
 
 

@@ -23,7 +23,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, SNAKEMAKE, events, run_python, slurm
+from conftest import REPO, SNAKEMAKE, events, require_slurm, run_python
 from speedpipe.config import load_config
 from speedpipe.io import safe_torch_load
 from speedpipe.runstore import current_state
@@ -169,20 +169,42 @@ def work(reference, tmp_path):
                 os.kill(int(proc.name), signal.SIGKILL)
 
 
-def test_a_killed_train_job_and_a_killed_distill_job_are_finished_by_the_same_command(work, reference):
+def kill_the_job(work, driver, stage):
+    """SIGKILL of the job's processes (an OOM kill, a node failure); Snakemake notices and fails the job."""
+    for pid in descendants(driver.pid):
+        os.kill(pid, signal.SIGKILL)
+
+
+def cancel_the_slurm_job(work, driver, stage):
+    """`scancel` of the stage's SLURM job (an admin, a node failure); the launcher reports it and the job fails."""
+    jobs = subprocess.run(["squeue", "--me", "-h", "-o", "%i %j"], capture_output=True, text=True, check=True).stdout.split("\n")
+    ours = [line.split()[0] for line in jobs if line.strip() and f"speedpipe-{stage}-" in line]
+    assert len(ours) == 1, jobs
+    subprocess.run(["scancel", ours[0]], check=True)
+
+
+@pytest.mark.parametrize("fault", [kill_the_job, cancel_the_slurm_job], ids=["SIGKILL", "scancel"])
+def test_a_failed_train_job_and_a_failed_distill_job_are_finished_by_the_same_command(work, reference, fault):
+    """The train job fails after its first checkpoint; the same command resumes it, and its student's job fails in its
+    turn; the same command again finishes both. With `scancel`, both stages run as jobs on the local SLURM cluster."""
+    if fault is cancel_the_slurm_job:
+        require_slurm()
+        experiment = work / "faults.yaml"
+        pipe = yaml.safe_load(experiment.read_text())
+        for stage in ("train", "distill"):
+            pipe["launcher"][stage] = {"executor": "slurm", "cpus_per_task": 1, "mem_gb": 2, "time_min": 10, "poll_seconds": 0.5}
+        experiment.write_text(yaml.safe_dump(pipe, sort_keys=False))
     driver = start(work)
     wait_for_state_file(work, TRAIN, "ckpt-0000050.pt", driver)
-    for pid in descendants(driver.pid):  # the job dies (OOM kill, node failure); Snakemake notices and fails it
-        os.kill(pid, signal.SIGKILL)
+    fault(work, driver, "train")
     assert driver.wait(timeout=120) != 0
     assert not (work / TRAIN / "ckpt-0000050.pt").exists(), "Snakemake kept the failed job's outputs: no fault was made"
     train_saved, train_before = saved_before(work, TRAIN)
     assert 50 <= train_saved < 200
 
-    driver = start(work)  # the same command: train resumes and finishes; distill is killed in its turn
+    driver = start(work)  # the same command: train resumes and finishes; distill fails in its turn
     wait_for_state_file(work, STUDENT, "ckpt-0000020.pt", driver)
-    for pid in descendants(driver.pid):
-        os.kill(pid, signal.SIGKILL)
+    fault(work, driver, "distill")
     assert driver.wait(timeout=120) != 0
     student_saved, student_before = saved_before(work, STUDENT)
     assert 20 <= student_saved < 80
@@ -235,31 +257,6 @@ def test_a_finished_run_extended_continues_from_its_last_checkpoint(work, refere
     assert "localrule train:" in result.stdout + result.stderr  # the job was re-run (its params changed), not skipped
     assert_equal_to_reference(work, reference, TRAIN, provenance=False)
     assert_resumed(work, TRAIN, 150, 200)
-    assert_not_rewritten(work, TRAIN, before)
-
-
-@slurm
-def test_a_cancelled_slurm_job_is_finished_by_the_same_command(work, reference):
-    """The train job runs on the local SLURM cluster; `scancel` ends it after its first checkpoint (what an admin or a
-    node failure does); the same command submits it again and it resumes."""
-    experiment = work / "faults.yaml"
-    pipe = yaml.safe_load(experiment.read_text())
-    pipe["launcher"]["train"] = {"executor": "slurm", "cpus_per_task": 1, "mem_gb": 2, "time_min": 10, "poll_seconds": 0.5}
-    experiment.write_text(yaml.safe_dump(pipe, sort_keys=False))
-    driver = start(work, f"{TRAIN}/log.csv")
-    wait_for_state_file(work, TRAIN, "ckpt-0000050.pt", driver)
-    jobs = subprocess.run(["squeue", "--me", "-h", "-o", "%i %j"], capture_output=True, text=True, check=True).stdout.split("\n")
-    ours = [line.split()[0] for line in jobs if line.strip() and "speedpipe-train-" in line]
-    assert len(ours) == 1, jobs
-    subprocess.run(["scancel", ours[0]], check=True)
-    assert driver.wait(timeout=120) != 0
-    saved, before = saved_before(work, TRAIN)
-    assert 50 <= saved < 200
-
-    result = run(work, f"{TRAIN}/log.csv")
-    assert result.returncode == 0, result.stderr[-5000:]
-    assert_equal_to_reference(work, reference, TRAIN)
-    assert_resumed(work, TRAIN, saved, 200)
     assert_not_rewritten(work, TRAIN, before)
 
 
@@ -326,27 +323,4 @@ def test_a_finished_student_extended_continues_from_its_last_checkpoint(work, re
     assert "localrule distill:" in result.stdout + result.stderr
     assert_equal_to_reference(work, reference, STUDENT, provenance=False)
     assert_resumed(work, STUDENT, 50, 80)
-    assert_not_rewritten(work, STUDENT, before)
-
-
-@slurm
-def test_a_cancelled_slurm_distill_job_is_finished_by_the_same_command(work, reference):
-    experiment = work / "faults.yaml"
-    pipe = yaml.safe_load(experiment.read_text())
-    pipe["launcher"]["distill"] = {"executor": "slurm", "cpus_per_task": 1, "mem_gb": 2, "time_min": 10, "poll_seconds": 0.5}
-    experiment.write_text(yaml.safe_dump(pipe, sort_keys=False))
-    driver = start(work)
-    wait_for_state_file(work, STUDENT, "ckpt-0000020.pt", driver)
-    jobs = subprocess.run(["squeue", "--me", "-h", "-o", "%i %j"], capture_output=True, text=True, check=True).stdout.split("\n")
-    ours = [line.split()[0] for line in jobs if line.strip() and "speedpipe-distill-" in line]
-    assert len(ours) == 1, jobs
-    subprocess.run(["scancel", ours[0]], check=True)
-    assert driver.wait(timeout=120) != 0
-    saved, before = saved_before(work, STUDENT)
-    assert 20 <= saved < 80
-
-    result = run(work)
-    assert result.returncode == 0, result.stderr[-5000:]
-    assert_equal_to_reference(work, reference, STUDENT)
-    assert_resumed(work, STUDENT, saved, 80)
     assert_not_rewritten(work, STUDENT, before)

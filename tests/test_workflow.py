@@ -1,4 +1,5 @@
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -156,25 +157,29 @@ def test_snakemake_report_builds_html(micro_run):
 
 
 @slurm
-def test_micro_run_on_slurm_survives_a_killed_snakemake(tmp_path):
-    """Every stage as a SLURM job; Snakemake is killed while a training job runs, and the re-run re-attaches to it."""
-
+def test_micro_run_on_slurm_survives_a_killed_snakemake(tmp_path, micro_run):
+    """Training, sampling and evaluation as SLURM jobs, on the micro experiment's data (data_from); Snakemake is killed
+    while a training job runs, and the re-run re-attaches to it."""
+    shutil.copytree(micro_run / "results/micro", tmp_path / "results/micro", symlinks=True)
     pipeline = micro_experiment(
+        experiment="on_slurm", data_from="micro",
         methods={m: str(REPO / f"configs/mnist5k/{m}.yaml") for m in ("baseline", "speed")}, train_steps=1000, eval_steps=[500, 1000],
         launcher={"default": {"executor": "slurm", "cpus_per_task": 1, "mem_gb": 1, "time_min": 10, "poll_seconds": 0.5,
                               "folder": str(tmp_path / "slurm")}, "report": {"executor": "local"}})
-    del pipeline["tables"]
-    pipeline["teachers"] = ["speed-s0"]
+    for key in ("tables", "teachers", "consistency_methods", "teacher_sampler", "teacher_ode_sampler", "teacher_baselines",
+                "scm_samplers", "final_samples", "distill_warm_start", "distill_steps", "distill_eval_steps"):
+        del pipeline[key]  # no students: a distill job on SLURM is faulted in tests/test_faults.py
     (tmp_path / "micro.yaml").write_text(yaml.safe_dump(pipeline, sort_keys=False))
     cmd = [*SNAKEMAKE, "--directory", str(tmp_path), "--cores", "2", "--configfile", str(tmp_path / "micro.yaml")]
-    first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    log = tmp_path / "first.log"
+    first = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 300
     running = []
     while time.time() < deadline and not running:
         out = subprocess.run(["squeue", "-h", "-o", "%i %j %T"], capture_output=True, text=True).stdout.split("\n")
         running = [line.split()[0] for line in out if "speedpipe-train-" in line and line.endswith("RUNNING")]
         time.sleep(0.5)
-    assert running, "no training job started"
+    assert running, f"no training job started: {log.read_text()[-3000:]}"
     os.killpg(first.pid, signal.SIGKILL)  # Snakemake and its job processes die; the SLURM job runs on
     first.wait()
 
@@ -182,9 +187,9 @@ def test_micro_run_on_slurm_survives_a_killed_snakemake(tmp_path):
     # SLURM jobs use no local cores: start every ready job at once, so the re-run reaches the training job while it runs
     second = snakemake(tmp_path, "--configfile", str(tmp_path / "micro.yaml"), "--rerun-incomplete", cores=8)
     assert second.returncode == 0, second.stderr[-5000:]
-    train_logs = "".join(p.read_text() for p in (tmp_path / "results/micro/logs/train").glob("*.log"))  # the launcher's messages
+    train_logs = "".join(p.read_text() for p in (tmp_path / "results/on_slurm/logs/train").glob("*.log"))  # the launcher's messages
     assert f"re-attaching to SLURM job {running[0]}" in train_logs
-    assert (tmp_path / "results/micro/README.md").exists()
+    assert (tmp_path / "results/on_slurm/README.md").exists()
     submitted_trains = {p.name for p in (tmp_path / "slurm").glob("train-*")}
     assert len(submitted_trains) == 2  # one job folder per training run: nothing was submitted twice
     assert len(list((tmp_path / "slurm").glob("train-*/*_submitted.pkl"))) == 2
