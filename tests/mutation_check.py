@@ -3,9 +3,15 @@
     python tests/mutation_check.py                 # every mutation: the formulas', then one per setting
     python tests/mutation_check.py --only sCD       # the mutations whose name contains "sCD"
     python tests/mutation_check.py --keys           # the setting mutations only
+    python tests/mutation_check.py --mechanical     # every numeric literal and binary operator of the formula modules
+    python tests/mutation_check.py --mechanical --only uncertainty.py   # ... of one module
 
 Formula mutations edit one line of a copy of src/ (the checkout is never touched) and run the tests that cover that
-module, stopping at the first failure. Setting mutations are generated from the stage registry (speedpipe.stages): for
+module, stopping at the first failure. The mechanical family (--mechanical) is generated from the formula modules'
+syntax: each numeric literal scaled (an integer + 1, a float x 2, 0.0 -> 1.0) and each binary operator swapped (+ -, * /,
+** -> *, // -> *, % -> //), one at a time, against the module's covering tests (FORMULA_MODULES); literals in
+error messages, default arguments, indices and assertions are left alone (they are not formulas). A survivor is
+killed by a new test or listed in EQUIVALENT with the reason. Setting mutations are generated from the stage registry (speedpipe.stages): for
 every key a stage reads, the stage sees that key at its default -- injected where the stage reads its config
 (`Stage.view`, patched by a sitecustomize module on the PYTHONPATH of every process of the run, Snakemake's jobs
 included), so the saved provenance config still shows the value asked for -- and the key's test in
@@ -17,6 +23,7 @@ the wrong way round, and their plumbing test runs. A mutation that leaves its te
 prints the keys no test pins, the README lists the survivors with the reason. Not part of `make test`.
 """
 import argparse
+import ast
 import os
 import shutil
 import signal
@@ -168,6 +175,74 @@ MUTATIONS = [
 ]
 
 
+FORMULAS = T + "test_formulas.py"  # the hand computations: first, so that most mutants fail within seconds
+# module under src/speedpipe -> the tests that cover its formulas (the mixture tests of test_consistency_exact judge
+# outcomes and take a minute: left out, so that a survivor here is a formula no test pins)
+FORMULA_MODULES = {
+    "diffusion/gaussian.py": [FORMULAS, T + "test_diffusion.py"],
+    "diffusion/timesteps.py": [FORMULAS, T + "test_timesteps.py"],
+    "consistency/objectives.py": [FORMULAS, T + "test_consistency.py"],
+    "consistency/trigflow.py": [FORMULAS, T + "test_consistency.py"],
+    "consistency/sampling.py": [FORMULAS, T + "test_consistency.py"],
+    "consistency/methods/scd.py": [FORMULAS, T + "test_consistency.py"],
+    "models/dit_tangent.py": [T + "test_consistency.py"],
+    "training.py": [FORMULAS, T + "test_contracts.py::test_the_ema_moves_towards_the_weights_by_one_minus_its_decay"],
+    "uncertainty.py": [FORMULAS, T + "test_report.py"],
+    "check.py": [FORMULAS, T + "test_check.py"],
+}
+SWAPPED = {ast.Add: ("+", "-"), ast.Sub: ("-", "+"), ast.Mult: ("*", "/"), ast.Div: ("/", "*"), ast.Pow: ("**", "*"),
+           ast.FloorDiv: ("//", "*"), ast.Mod: ("%", "//")}
+# "module: the line | old -> new #k" (the k-th such edit of that line's text in the module) -> why no test can kill it
+EQUIVALENT = {
+    'check.py: atomic_write_text(expected, json.dumps({**kept, "reference": json.loads(summary.read_text())}, indent=2)) | 2 -> 3 #1':
+        "the indentation of the recorded expected.json: its layout, not its content",
+}
+
+
+def _not_formulas(tree) -> set[int]:
+    """ids of the nodes that are no formula: error messages, default arguments, assertions, prints and indices."""
+    skipped = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.JoinedStr, ast.Raise, ast.arguments, ast.Assert)) or (
+                isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print"):
+            skipped.update(id(n) for n in ast.walk(node))
+        if isinstance(node, ast.Subscript):
+            skipped.update(id(n) for n in ast.walk(node.slice))
+    return skipped
+
+
+def mechanical_mutations(rel: str, source: str) -> list[tuple[str, int, int, str]]:
+    """(name, start, end, replacement) of each literal and operator mutant of a module's source, in source order."""
+    tree = ast.parse(source)
+    lines = source.splitlines(keepends=True)
+    starts = [sum(len(line) for line in lines[:i]) for i in range(len(lines) + 1)]
+    offset = lambda lineno, col: starts[lineno - 1] + len(lines[lineno - 1].encode()[:col].decode())  # noqa: E731
+    skipped, edits = _not_formulas(tree), []
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
+        if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+            start, end = offset(node.lineno, node.col_offset), offset(node.end_lineno, node.end_col_offset)
+            value = node.value
+            edits.append((start, end, repr(value + 1) if isinstance(value, int) else repr(value * 2) if value else "1.0"))
+        elif isinstance(node, ast.BinOp) and type(node.op) in SWAPPED:
+            symbol, swapped = SWAPPED[type(node.op)]
+            gap_start = offset(node.left.end_lineno, node.left.end_col_offset)
+            gap = source[gap_start:offset(node.right.lineno, node.right.col_offset)]
+            i = gap.find(symbol)
+            while len(symbol) == 1 and gap[i:i + 2] in ("**", "//"):  # * of **, / of //
+                i = gap.find(symbol, i + 2)
+            edits.append((gap_start + i, gap_start + i + len(symbol), swapped))
+    named, seen = [], {}
+    for start, end, new in sorted(edits):
+        lineno = next(i for i in range(len(lines)) if starts[i + 1] > start)
+        old = source[start:end]
+        key = (lines[lineno].strip(), old, new)  # #k counts the same edit of the same text, wherever it stands
+        seen[key] = seen.get(key, 0) + 1
+        named.append((f"{rel}: {lines[lineno].strip()} | {old} -> {new} #{seen[key]}", start, end, new))
+    return named
+
+
 # Injected into every Python process of a setting mutation (SPEEDPIPE_KEY_MUTATION="stage:key" or "stage:key:wrong"):
 # the stage's view of its config holds the key's default instead of its value, or the value applied the wrong way
 # round (a rate's complement, a flipped sign, a reciprocal, another of its choices, a pair swapped, a doubled count).
@@ -266,21 +341,30 @@ def run_key_mutation(stage: str, key: str, scratch: Path, wrong_way: bool = Fals
     return proc.returncode != 0, time.time() - start, failed[0] if failed else output.strip().splitlines()[-1]
 
 
-def run_mutation(name, rel, old, new, tests, scratch: Path) -> tuple[bool, float, str]:
+def run_mutation(name, rel, mutate, tests, scratch: Path) -> tuple[bool, float, str]:
+    """The tests on a copy of src/ whose module `rel` is mutate(its text)."""
     target = scratch / "src" / "speedpipe" / rel
     original = target.read_text()
-    if original.count(old) != 1:
-        raise SystemExit(f"mutation {name!r}: the text to mutate occurs {original.count(old)} times in {rel}")
-    target.write_text(original.replace(old, new))
+    target.write_text(mutate(original))
     try:
         env = {**os.environ, "PYTHONPATH": str(scratch / "src"), "OMP_NUM_THREADS": "2"}
         start = time.time()
         result = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
                                 cwd=scratch, env=env, capture_output=True, text=True)
+        if result.returncode in (4, 5):  # a usage error or no test: the covering tests are misnamed, nothing was judged
+            raise SystemExit(f"mutation {name!r}: pytest could not run {tests}:\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
         failed = [line for line in result.stdout.splitlines() if line.startswith("FAILED") or line.startswith("ERROR")]
         return result.returncode != 0, time.time() - start, failed[0] if failed else ""
     finally:
         target.write_text(original)
+
+
+def replace_once(name, old, new):
+    def mutate(text):
+        if text.count(old) != 1:
+            raise SystemExit(f"mutation {name!r}: the text to mutate occurs {text.count(old)} times")
+        return text.replace(old, new)
+    return mutate
 
 
 def setting_mutations() -> tuple[list[tuple[str, str]], dict[tuple[str, str], str], list[tuple[str, str]]]:
@@ -299,9 +383,20 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default="", help="run only mutations whose name contains this text")
     ap.add_argument("--keys", action="store_true", help="run the setting mutations only")
+    ap.add_argument("--mechanical", action="store_true", help="run the literal and operator mutants of the formula modules only")
+    ap.add_argument("--list", action="store_true", help="list the mutations that would run, and stop")
     args = ap.parse_args()
-    formulas = [] if args.keys else [m for m in MUTATIONS if args.only in m[0]]
-    keys, unpinnable, directional = setting_mutations()
+    formulas = [] if args.keys or args.mechanical else [(n, rel, replace_once(n, old, new), tests) for n, rel, old, new, tests in MUTATIONS
+                                                         if args.only in n]
+    if args.mechanical:
+        for rel, tests in FORMULA_MODULES.items():
+            source = (REPO / "src" / "speedpipe" / rel).read_text()
+            formulas += [(name, rel, lambda text, a=a, b=b, new=new: text[:a] + new + text[b:], tests)
+                         for name, a, b, new in mechanical_mutations(rel, source) if args.only in name]
+    keys, unpinnable, directional = ([], {}, []) if args.mechanical else setting_mutations()
+    if args.list:
+        print("\n".join([f[0] for f in formulas] + [f"{s}:{k}" for s, k in keys] + [f"{s}:{k} (wrong way round)" for s, k in directional]))
+        return
     keys = [(s, k) for s, k in keys if args.only in f"{s}:{k}"]
     directional = [(s, k) for s, k in directional if args.only in f"{s}:{k}"]
     started = time.time()
@@ -321,9 +416,18 @@ def main():
                                   env={**os.environ, "PYTHONPATH": str(scratch / "src"), "SPEEDPIPE_SETTINGS_INPUTS": str(scratch / "inputs")})
             if made.returncode != 0:
                 raise SystemExit(f"the settings tests fail without a mutation:\n{made.stdout[-3000:]}")
-        killed, by_module = 0, {}
-        for name, rel, old, new, tests in formulas:
-            caught, seconds, by = run_mutation(name, rel, old, new, tests, scratch)
+        for tests in {tuple(f[3]) for f in formulas}:  # each set of covering tests passes unmutated, or no mutant is judged
+            caught, _, by = run_mutation("none", "__init__.py", lambda text: text, list(tests), scratch)
+            if caught:
+                raise SystemExit(f"the covering tests {list(tests)} fail without a mutation: {by}")
+        killed, by_module, equivalent = 0, {}, 0
+        for name, rel, mutate, tests in formulas:
+            if name in EQUIVALENT:
+                equivalent += 1
+                by_module.setdefault(f"formulas {rel}", []).append(None)
+                print(f"equivalent  --   {name}: {EQUIVALENT[name]}", flush=True)
+                continue
+            caught, seconds, by = run_mutation(name, rel, mutate, tests, scratch)
             killed += caught
             by_module.setdefault(f"formulas {rel}", []).append(caught)
             print(f"{'killed  ' if caught else 'SURVIVED'} {seconds:6.1f}s  {name:55s} {by[:90]}", flush=True)
@@ -346,9 +450,9 @@ def main():
             unpinned += [] if caught else [f"{stage}:{key} (wrong way round)"]
             print(f"{'killed  ' if caught else 'SURVIVED'} {seconds:6.1f}s  {stage + ':' + key + ' the wrong way round':55s} {by[:90]}",
                   flush=True)
-    run = len(formulas) + sum(1 for s, k in keys if (s, k) not in unpinnable) + len(directional)
+    run = len(formulas) - equivalent + sum(1 for s, k in keys if (s, k) not in unpinnable) + len(directional)
     print(f"\n{killed} of {run} mutations killed ({killed / max(run, 1):.0%}) in {(time.time() - started) / 60:.1f} min; "
-          f"{sum(1 for s, k in keys if (s, k) in unpinnable)} setting(s) listed without a mutation run")
+          f"{sum(1 for s, k in keys if (s, k) in unpinnable)} setting(s) and {equivalent} equivalent mutant(s) listed without a run")
     print("\n| module | killed | run | listed |\n|---|---|---|---|")
     for module, results in by_module.items():
         print(f"| {module} | {sum(1 for r in results if r)} | {sum(1 for r in results if r is not None)} | "

@@ -75,3 +75,21 @@ def test_a_speed_up_the_reference_did_not_resolve_is_not_judged():
     j = judge(summary(speed_final=(6.5, 6.4, 6.6)), reference)
     assert not any("fewer iterations" in c["conclusion"] for c in j.conclusions)
     assert j.unresolved and "not resolved in the reference" in j.unresolved[0]
+
+
+def test_a_teacher_without_label_accuracy_fails_a_bar_the_reference_met():
+    """No classifier in the run (label accuracy None) counts as 0, not as meeting the bar."""
+    run = summary()
+    run["teachers"]["speed-s0"]["samplers"]["ddpm250-cfg3"]["label_accuracy"] = None
+    failed = [c["conclusion"] for c in judge(run, expected()).conclusions if not c["holds"]]
+    assert failed == ["teacher speed-s0: ddpm250-cfg3 samples land in their class at least 80% of the time"]
+
+
+def test_record_keeps_the_variation_and_exits_0_and_a_missing_summary_exits_2(tmp_path, capsys):
+    (tmp_path / "expected.json").write_text(json.dumps(expected()))
+    assert main([str(tmp_path)]) == 2 and "summary.json not found" in capsys.readouterr().err
+    (tmp_path / "tables").mkdir()
+    (tmp_path / "tables/summary.json").write_text(json.dumps(summary(student_two_step=2.1)))
+    assert main([str(tmp_path), "--record"]) == 0
+    recorded = json.loads((tmp_path / "expected.json").read_text())
+    assert recorded["variation"] == VARIATION and recorded["reference"] == summary(student_two_step=2.1)

@@ -20,6 +20,12 @@ def _histogram_matches(samples, probs):
     return chisquare(counts[keep], expected[keep]).pvalue
 
 
+def _nearest(table, values):
+    """The index of the entry of an increasing table nearest to each value."""
+    idx = np.clip(np.searchsorted(table, values), 1, len(table) - 1)
+    return np.where(np.abs(values - table[idx - 1]) <= np.abs(table[idx] - values), idx - 1, idx)
+
+
 def test_meaningful_steps_linear_schedule(diffusion):
     assert meaningful_steps(diffusion.alphas_cumprod) == 642
 
@@ -105,8 +111,7 @@ def test_lognormal_sampler_follows_the_formula(diffusion, p_mean, p_std):
     rng = np.random.default_rng(0)
     log_sigma = rng.normal(p_mean, p_std, 400_000)
     table = 0.5 * np.log((1 - diffusion.alphas_cumprod) / diffusion.alphas_cumprod)
-    idx = np.clip(np.searchsorted(table, log_sigma), 1, len(table) - 1)
-    nearest = np.where(np.abs(log_sigma - table[idx - 1]) <= np.abs(table[idx] - log_sigma), idx - 1, idx)
+    nearest = _nearest(table, log_sigma)
     direct = np.bincount(nearest, minlength=1000).reshape(20, 50).sum(1) / len(nearest)
     draws = build_sampler("lognormal", diffusion, p_mean=p_mean, p_std=p_std).sample(400_000, torch.Generator().manual_seed(1))
     ours = np.bincount(draws.numpy(), minlength=1000).reshape(20, 50).sum(1) / len(draws)
@@ -120,7 +125,7 @@ def test_logit_normal_sampler_follows_sd3(diffusion):
     log_snr = np.log(diffusion.alphas_cumprod / (1 - diffusion.alphas_cumprod))
     for m, s in ((0.0, 1.0), (1.0, 0.8)):
         t_rf = 1 / (1 + np.exp(-rng.normal(m, s, 400_000)))
-        draws = np.abs(np.log(((1 - t_rf) / t_rf) ** 2)[:, None] - log_snr[None, :]).argmin(1)
+        draws = _nearest(-log_snr, -np.log(((1 - t_rf) / t_rf) ** 2))  # -log SNR increases with t
         observed = np.bincount(draws, minlength=1000) / len(draws)
         probs = build_sampler("logit_normal", diffusion, m=m, s=s).probs.numpy()
         assert probs.sum() == pytest.approx(1.0)
