@@ -1,9 +1,12 @@
 """The pieces of a DiT training step (the train stage's loop, the distill stage's EMA and the benchmarks use them).
 
 Everything random about a step is drawn for the global batch by `StepRandomness` from generators whose state is
-checkpointed, so a resumed run draws as an uninterrupted one and each rank takes its slice of the same batch.
+checkpointed, so a resumed run draws as an uninterrupted one and each rank takes its slice of the same batch; each
+random stream has a generator of its own (speedpipe.randomness).
 """
 import torch
+
+from speedpipe.randomness import random_stream
 
 
 def make_optimizer(model, optim_cfg, device):
@@ -29,23 +32,20 @@ class StepRandomness:
     """Draws everything random about one global batch; each rank slices out its own examples."""
 
     def __init__(self, seed, sampler, latent_shape, class_dropout_prob, random_flip, posterior_latents, device):
-        self.batch_gen = torch.Generator().manual_seed(seed)  # timesteps, dropout, flips, posterior samples (CPU)
-        self.noise_gen = torch.Generator(device).manual_seed(seed)  # ε (on the training device)
+        self.generators = {name: random_stream(seed, name) for name in ("timesteps", "dropout", "flips", "posterior")}
+        self.generators["noise"] = random_stream(seed, "noise", device)  # ε, on the training device
         self.sampler, self.latent_shape, self.device = sampler, latent_shape, device
         self.class_dropout_prob, self.random_flip = class_dropout_prob, random_flip
         self.posterior_latents = posterior_latents
 
-    @property
-    def generators(self):
-        return {"batch_gen": self.batch_gen, "noise_gen": self.noise_gen}
-
     def draw(self, n: int, step: int):
         """(t, label-drop mask, flip mask, posterior ε or None, diffusion noise ε) for n examples at training step `step`."""
-        t = self.sampler.sample(n, self.batch_gen, step=step)
-        drop = torch.rand(n, generator=self.batch_gen) < self.class_dropout_prob
-        flip = torch.rand(n, generator=self.batch_gen) < 0.5 if self.random_flip else torch.zeros(n, dtype=torch.bool)
-        latent_eps = torch.randn((n, *self.latent_shape), generator=self.batch_gen) if self.posterior_latents else None
-        noise = torch.randn((n, *self.latent_shape), generator=self.noise_gen, device=self.device)
+        g = self.generators
+        t = self.sampler.sample(n, g["timesteps"], step=step)
+        drop = torch.rand(n, generator=g["dropout"]) < self.class_dropout_prob
+        flip = torch.rand(n, generator=g["flips"]) < 0.5 if self.random_flip else torch.zeros(n, dtype=torch.bool)
+        latent_eps = torch.randn((n, *self.latent_shape), generator=g["posterior"]) if self.posterior_latents else None
+        noise = torch.randn((n, *self.latent_shape), generator=g["noise"], device=self.device)
         return t, drop, flip, latent_eps, noise
 
 

@@ -182,15 +182,16 @@ STAGES = {s.name: s for s in (
           reads=(*IDENTITY, *IMAGES, "eval.extractor", "eval.inception_weights", "eval.classifier_weights", "eval.reference",
                  "eval.reference_npz", "eval.reference_max_images", "eval.batch_size", "eval.device"),
           uses=("eval.num_workers",)),
-    Stage("train", "train", 2,
+    # 3: a generator per random stream (timesteps, dropout, flips, posterior, noise) and the initialisation's own seed
+    Stage("train", "train", 3,
           reads=(*IDENTITY, "seed", "method", *LATENTS, "model", "diffusion", "optim", "trainer"),
           uses=loop_uses("trainer")),
     # 4: consistency methods (distill.method), the DiT's own tangent in the graded pass; its latents are normalised as its
-    # teacher's were (the teacher checkpoint's latent_norm), so data.latent_norm is not read
-    Stage("distill", "train", 4,
+    # teacher's were (the teacher checkpoint's latent_norm), so data.latent_norm is not read. 5: a generator per stream
+    Stage("distill", "train", 5,
           reads=(*IDENTITY, "seed", *(k for k in LATENTS if k != "data.latent_norm"), "distill"),
           uses=loop_uses("distill")),
-    Stage("sample", "sample", 3,
+    Stage("sample", "sample", 4,  # 4: labels and each batch's noise from streams of their own
           reads=(*IDENTITY, "autoencoder.name", "autoencoder.path", "sampling"),
           uses=("autoencoder.allow_download", "sampling.progress")),
     Stage("evaluate", None, 3,  # 3: unsupported metrics left out with the reason, samples streamed

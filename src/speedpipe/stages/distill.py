@@ -32,6 +32,7 @@ from speedpipe.layout import distill_run_dir
 from speedpipe.loop import Cadence, ResumableLoop
 from speedpipe.models.dit import build_model
 from speedpipe.stages import STAGES
+from speedpipe.randomness import random_stream, stream_seed
 from speedpipe.training import update_ema
 
 LOG_COLUMNS = ["step", "objective", "loss", "mse", "tangent_norm", "logvar", "skipped", "steps_per_s"]
@@ -61,7 +62,7 @@ def run(cfg, provenance):
     if d.global_batch_size % env.world_size:
         raise ConfigError(f"config key 'distill.global_batch_size': {d.global_batch_size} is not divisible by {env.world_size} ranks")
     run_dir = distill_run_dir(cfg)
-    torch.manual_seed(cfg.seed * env.world_size + env.rank)
+    torch.manual_seed(stream_seed(cfg.seed, "init"))  # the same on every rank: results do not depend on the world size
 
     teacher_state = load_checkpoint(d.teacher)
     teacher_cfg = OmegaConf.create(teacher_state["config"])
@@ -84,14 +85,14 @@ def run(cfg, provenance):
     dataset = open_training_data(cfg, teacher_cfg.model,
                                  LatentNormalization.from_state(teacher_state.get("latent_norm"), teacher_cfg.model.in_channels))
     order = EpochBatches(len(dataset), d.global_batch_size, cfg.seed, key="distill.global_batch_size")
-    batch_gen = torch.Generator().manual_seed(cfg.seed)
+    streams = {name: random_stream(cfg.seed, name) for name in ("times", "flips", "noise", "posterior")}
     # what a resumed run must share with the run it resumes: the settings, the data, and the teacher's content
     settings = {**STAGES["distill"].run_settings(provenance), "data": dataset.identity(),
                 "teacher": state_fingerprint({k: teacher_state.get(k) for k in ("ema", "config", "latent_norm")})}
     loop = ResumableLoop(run_dir, Cadence(total_steps(d), d.log_every, d.ckpt_every, (d.warm_start_steps, *d.ckpt_steps),
                                           d.resume_every_steps, d.resume_every_minutes),
                          {"model": student.net, "logvar_head": trained.logvar_head, "ema": ema, "opt": opt, "data_order": order},
-                         {"batch_gen": batch_gen}, env, LOG_COLUMNS, what="distill", progress=d.progress, settings=settings,
+                         streams, env, LOG_COLUMNS, what="distill", progress=d.progress, settings=settings,
                          nonfinite="skip" if d.skip_nonfinite else "stop",
                          checkpoint_extra=lambda: {"config": to_plain(provenance), "teacher_config": teacher_state["config"],
                                                    "latent_norm": teacher_state.get("latent_norm")},
@@ -107,10 +108,10 @@ def run(cfg, provenance):
     def forward(step):
         n = d.global_batch_size
         idx = order.next_global_batch()
-        t = sample_time(n, d.sigma_d, d.p_mean, d.p_std, generator=batch_gen)
-        flip = torch.rand(n, generator=batch_gen) < 0.5 if cfg.data.random_flip else torch.zeros(n, dtype=torch.bool)
-        z = d.sigma_d * torch.randn((n, *dataset.latent_shape), generator=batch_gen)
-        eps = torch.randn((n, *dataset.latent_shape), generator=batch_gen) if dataset.samples_posterior else None
+        t = sample_time(n, d.sigma_d, d.p_mean, d.p_std, generator=streams["times"])
+        flip = torch.rand(n, generator=streams["flips"]) < 0.5 if cfg.data.random_flip else torch.zeros(n, dtype=torch.bool)
+        z = d.sigma_d * torch.randn((n, *dataset.latent_shape), generator=streams["noise"])
+        eps = torch.randn((n, *dataset.latent_shape), generator=streams["posterior"]) if dataset.samples_posterior else None
         latents, y = dataset.get_batch(mine(idx), mine(flip), mine(eps))
         x0 = d.sigma_d * latents  # TrigFlow data: unit-variance latents scaled to std σ_d
         objective, k = (warm_start, step) if step <= d.warm_start_steps else (consistency, step - d.warm_start_steps)

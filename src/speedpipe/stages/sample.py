@@ -1,7 +1,7 @@
 """Stage `sample`: N images from a checkpoint, written in the ADM layout (arr_0 uint8 NHWC, arr_1 labels).
 
-Labels are class-balanced (or uniform random) and every batch b draws its noise from a generator seeded
-with (seed, b), so the same config gives the same images on any number of ranks: ranks take batches
+Labels are class-balanced (or uniform random, from the seed's "labels" stream) and every batch b draws its noise
+from the seed's stream "noise:{b}" (speedpipe.randomness), so the same config gives the same images on any number of ranks: ranks take batches
 round-robin, write their part, and rank 0 assembles `{sampler}.npz`, a grid PNG with one row per class
 (the first 10 classes, 10 samples each) and a JSON sidecar with the NFE per image and the wall-clock seconds.
 Generated latents are mapped back through the checkpoint's latent normalisation before decoding.
@@ -26,6 +26,7 @@ from speedpipe.io import atomic_path, atomic_write_text, state_fingerprint
 from speedpipe.layout import samples_path
 from speedpipe.models.autoencoder import decode_latents, open_autoencoder
 from speedpipe.models.dit import build_model
+from speedpipe.randomness import random_stream
 from speedpipe.runstore import KeptFiles
 from speedpipe.sampler_labels import SamplerLabel, parse_sampler
 from speedpipe.stages import STAGES
@@ -34,7 +35,12 @@ from speedpipe.stages import STAGES
 def make_labels(n: int, num_classes: int, mode: str, seed: int) -> torch.Tensor:
     if mode == "balanced":
         return torch.arange(n) % num_classes
-    return torch.randint(0, num_classes, (n,), generator=torch.Generator().manual_seed(seed))
+    return torch.randint(0, num_classes, (n,), generator=random_stream(seed, "labels"))
+
+
+def batch_noise(seed: int, batch: int, device="cpu") -> torch.Generator:
+    """The generator of batch `batch`'s noise: the same whichever rank samples the batch."""
+    return random_stream(seed, f"noise:{batch}", device)
 
 
 def class_grid(images: np.ndarray, labels: np.ndarray, rows: int = 10, cols: int = 10) -> np.ndarray:
@@ -138,7 +144,7 @@ def run(cfg, provenance):
     start = time.perf_counter()
     parts = []
     for b in tqdm(range(env.rank, len(batches), env.world_size), desc="sample", disable=not (s.progress and env.is_main)):
-        generator = torch.Generator(device).manual_seed(s.seed * 1_000_003 + b)
+        generator = batch_noise(s.seed, b, device)
         y = labels[batches[b].start : batches[b].stop].to(device)
         z = normalization.denormalize(sampler(y, generator))
         if not bool(torch.isfinite(z).all()):

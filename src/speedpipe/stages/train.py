@@ -2,7 +2,7 @@
 
 Reads the latent store, writes {run_dir}/ckpt-{step:07d}.pt, log.csv and config.yaml. Resumes from the
 newest checkpoint in run_dir. All per-step randomness (timesteps, label dropout, flips, noise) is drawn
-for the global batch from generators whose state is checkpointed, and each rank takes its slice: the
+for the global batch from one generator per stream whose state is checkpointed, and each rank takes its slice: the
 run is bit-identical after a resume on CPU, and the same global batch gives the same loss curve on any
 number of ranks.
 """
@@ -20,6 +20,7 @@ from speedpipe.distributed import setup_device, shutdown
 from speedpipe.layout import train_run_dir
 from speedpipe.loop import Cadence, ResumableLoop
 from speedpipe.models.dit import build_model
+from speedpipe.randomness import stream_seed
 from speedpipe.stages import STAGES
 from speedpipe.training import StepRandomness, hybrid_loss, make_optimizer, optimizer_step, update_ema, warmup_lr
 
@@ -36,7 +37,7 @@ def run(cfg, provenance):
     if tr.global_batch_size % env.world_size:
         raise ConfigError(f"config key 'trainer.global_batch_size': {tr.global_batch_size} is not divisible by {env.world_size} ranks")
     run_dir = train_run_dir(cfg)
-    torch.manual_seed(cfg.seed * env.world_size + env.rank)  # rank-local randomness only
+    torch.manual_seed(stream_seed(cfg.seed, "init"))  # the initialisation: the same on every rank and any world size
 
     dataset = open_training_data(cfg)
     model = build_model(cfg).to(device)
