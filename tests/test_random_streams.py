@@ -1,6 +1,6 @@
 """Every random stream follows its owner: the seed it must follow moves it, and nothing else does.
 
-Training draws timesteps, label dropout, flips, posterior samples and diffusion noise from one generator each
+Training (and distillation, with its time proposal as the timesteps) draws timesteps, label dropout, flips, posterior samples and diffusion noise from one generator each
 (speedpipe.randomness), so SpeeD's dual draws (half as many timesteps drawn), another dropout rate, a flip switched
 off or latents without a posterior leave every other stream's numbers as they were: baseline and SpeeD runs of one
 seed see the same noise, masks and flips. Sampling draws its labels and each batch's noise from streams of their own.
@@ -9,6 +9,7 @@ The initialisation does not depend on the number of ranks (test_train.py's two-p
 import pytest
 import torch
 
+from speedpipe.consistency.objectives import TimeProposal
 from speedpipe.diffusion import create_diffusion
 from speedpipe.diffusion.timesteps import build_sampler
 from speedpipe.randomness import stream_seed
@@ -21,8 +22,8 @@ NAMES = ("t", "drop", "flip", "posterior", "noise")
 
 
 def two_steps(seed, sampler, class_dropout_prob, random_flip, posterior_latents):
-    sampler = build_sampler(*(("speed", DIFFUSION) if sampler == "speed" else ("uniform", DIFFUSION)),
-                            **({"k": 5, "tau": 700} if sampler == "speed" else {}))
+    sampler = {"uniform": lambda: build_sampler("uniform", DIFFUSION), "speed": lambda: build_sampler("speed", DIFFUSION, k=5, tau=700),
+               "proposal": lambda: TimeProposal(0.5, -1.0, 1.4)}[sampler]()  # the distill stage's times
     r = StepRandomness(seed, sampler, (2, 2, 2), class_dropout_prob, random_flip, posterior_latents, "cpu")
     first, second = r.draw(16, 1), r.draw(16, 2)
     return {name: (a, b) for name, a, b in zip(NAMES, first, second)}
@@ -35,6 +36,7 @@ def same(a, b):
 @pytest.mark.parametrize("change,moves", [
     ({"seed": 4}, set(NAMES)),
     ({"sampler": "speed"}, {"t"}),  # dual draws: ⌊n/2⌋ + 1 drawn, the rest mirrored
+    ({"sampler": "proposal"}, {"t"}),  # the consistency time proposal (float64 draws)
     ({"class_dropout_prob": 0.5}, {"drop"}),
     ({"random_flip": False}, {"flip"}),
     ({"posterior_latents": False}, {"posterior"}),

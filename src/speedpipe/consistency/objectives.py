@@ -36,6 +36,16 @@ def sample_time(n, sigma_d, p_mean, p_std, generator=None, device="cpu"):
     return torch.atan(torch.exp(tau) / sigma_d)
 
 
+class TimeProposal:
+    """The time proposal as a training-time sampler (speedpipe.training.StepRandomness draws it like DDPM timesteps)."""
+
+    def __init__(self, sigma_d: float, p_mean: float, p_std: float):
+        self.sigma_d, self.p_mean, self.p_std = sigma_d, p_mean, p_std
+
+    def sample(self, n, generator=None, step=None):
+        return sample_time(n, self.sigma_d, self.p_mean, self.p_std, generator=generator)
+
+
 def trigflow_point(x0, z, t):
     """x_t = cos t·x0 + sin t·z in fp64, and t in fp64."""
     t64 = t.double()

@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from speedpipe.checkpoint import load_checkpoint
 from speedpipe.config import ConfigError, save_config, to_plain
 from speedpipe.consistency.methods import consistency_method
-from speedpipe.consistency.objectives import LogvarHead, TrigFlowDiffusionLoss, sample_time
+from speedpipe.consistency.objectives import LogvarHead, TimeProposal, TrigFlowDiffusionLoss
 from speedpipe.consistency.trigflow import TrigFlowStudent, TrigFlowTeacher
 from speedpipe.data.latents import LatentNormalization, open_training_data
 from speedpipe.data.order import EpochBatches, rank_slice
@@ -32,8 +32,8 @@ from speedpipe.layout import distill_run_dir
 from speedpipe.loop import Cadence, ResumableLoop
 from speedpipe.models.dit import build_model
 from speedpipe.stages import STAGES
-from speedpipe.randomness import random_stream, stream_seed
-from speedpipe.training import update_ema
+from speedpipe.randomness import stream_seed
+from speedpipe.training import StepRandomness, update_ema
 
 LOG_COLUMNS = ["step", "objective", "loss", "mse", "tangent_norm", "logvar", "skipped", "steps_per_s"]
 
@@ -85,14 +85,16 @@ def run(cfg, provenance):
     dataset = open_training_data(cfg, teacher_cfg.model,
                                  LatentNormalization.from_state(teacher_state.get("latent_norm"), teacher_cfg.model.in_channels))
     order = EpochBatches(len(dataset), d.global_batch_size, cfg.seed, key="distill.global_batch_size")
-    streams = {name: random_stream(cfg.seed, name) for name in ("times", "flips", "noise", "posterior")}
+    # the training streams with the time proposal for timesteps, no label dropout, z ~ N(0, I) (scaled by σ_d) as noise
+    randomness = StepRandomness(cfg.seed, TimeProposal(d.sigma_d, d.p_mean, d.p_std), dataset.latent_shape, 0.0,
+                                cfg.data.random_flip, dataset.samples_posterior, "cpu")
     # what a resumed run must share with the run it resumes: the settings, the data, and the teacher's content
     settings = {**STAGES["distill"].run_settings(provenance), "data": dataset.identity(),
                 "teacher": state_fingerprint({k: teacher_state.get(k) for k in ("ema", "config", "latent_norm")})}
     loop = ResumableLoop(run_dir, Cadence(total_steps(d), d.log_every, d.ckpt_every, (d.warm_start_steps, *d.ckpt_steps),
                                           d.resume_every_steps, d.resume_every_minutes),
                          {"model": student.net, "logvar_head": trained.logvar_head, "ema": ema, "opt": opt, "data_order": order},
-                         streams, env, LOG_COLUMNS, what="distill", progress=d.progress, settings=settings,
+                         randomness.generators, env, LOG_COLUMNS, what="distill", progress=d.progress, settings=settings,
                          nonfinite="skip" if d.skip_nonfinite else "stop",
                          checkpoint_extra=lambda: {"config": to_plain(provenance), "teacher_config": teacher_state["config"],
                                                    "latent_norm": teacher_state.get("latent_norm")},
@@ -108,10 +110,8 @@ def run(cfg, provenance):
     def forward(step):
         n = d.global_batch_size
         idx = order.next_global_batch()
-        t = sample_time(n, d.sigma_d, d.p_mean, d.p_std, generator=streams["times"])
-        flip = torch.rand(n, generator=streams["flips"]) < 0.5 if cfg.data.random_flip else torch.zeros(n, dtype=torch.bool)
-        z = d.sigma_d * torch.randn((n, *dataset.latent_shape), generator=streams["noise"])
-        eps = torch.randn((n, *dataset.latent_shape), generator=streams["posterior"]) if dataset.samples_posterior else None
+        t, _, flip, eps, noise = randomness.draw(n, step)
+        z = d.sigma_d * noise
         latents, y = dataset.get_batch(mine(idx), mine(flip), mine(eps))
         x0 = d.sigma_d * latents  # TrigFlow data: unit-variance latents scaled to std σ_d
         objective, k = (warm_start, step) if step <= d.warm_start_steps else (consistency, step - d.warm_start_steps)
