@@ -37,9 +37,8 @@ def run(cfg, provenance):
     if tr.global_batch_size % env.world_size:
         raise ConfigError(f"config key 'trainer.global_batch_size': {tr.global_batch_size} is not divisible by {env.world_size} ranks")
     run_dir = train_run_dir(cfg)
-    torch.manual_seed(stream_seed(cfg.seed, "init"))  # the initialisation: the same on every rank and any world size
-
     dataset = open_training_data(cfg)
+    torch.manual_seed(stream_seed(cfg.seed, "init"))  # the initialisation: the same on every rank and any world size
     model = build_model(cfg).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     diffusion = create_diffusion(
