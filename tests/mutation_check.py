@@ -20,7 +20,7 @@ take 20 minutes a key). A key added to a stage's reads is covered by constructio
 test_every_read_key_has_a_case fails). The directional keys of tests/test_contracts.py are mutated a second way, read
 the wrong way round, and their plumbing test runs. A mutation that leaves its tests green
 "survives": either a test is missing or the mutation does not change behaviour (an equivalent mutant); the script
-prints the keys no test pins, the README lists the survivors with the reason. Not part of `make test`.
+prints the keys no test pins, tests/README.md lists the survivors with the reason. Not part of `make test`.
 """
 import argparse
 import ast
