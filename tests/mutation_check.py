@@ -179,7 +179,9 @@ FORMULAS = T + "test_formulas.py"  # the hand computations: first, so that most 
 # module under src/speedpipe -> the tests that cover its formulas (the mixture tests of test_consistency_exact judge
 # outcomes and take a minute: left out, so that a survivor here is a formula no test pins)
 FORMULA_MODULES = {
-    "diffusion/gaussian.py": [FORMULAS, T + "test_diffusion.py"],
+    "diffusion/gaussian.py": [FORMULAS, T + "test_diffusion.py",
+                              T + "test_choices.py::test_linear_schedule_is_evenly_spaced_betas_from_1e4_to_002_times_1000_over_T",
+                              T + "test_choices.py::test_cosine_schedule_by_hand_on_three_steps"],
     "diffusion/timesteps.py": [FORMULAS, T + "test_timesteps.py"],
     "consistency/objectives.py": [FORMULAS, T + "test_consistency.py"],
     "consistency/trigflow.py": [FORMULAS, T + "test_consistency.py"],

@@ -363,20 +363,3 @@ def test_lognormal_and_logit_normal_masses_by_hand(three_steps):
         expected = [cdf[0], cdf[1] - cdf[0], 1 - cdf[1]]
         assert build_sampler(name, three_steps, **params).probs.numpy() == pytest.approx(expected, rel=1e-9), name
 
-
-def test_cosine_schedule_by_hand():
-    """Nichol & Dhariwal: ᾱ(t) = f(t)/f(0), f(t) = cos²((t/T + s)/(1 + s)·π/2), s = 0.008; β_i = 1 - ᾱ(i+1)/ᾱ(i),
-    clipped at 0.999 (the last step of any T, where f(1) = 0)."""
-    from speedpipe.diffusion.gaussian import get_named_beta_schedule
-
-    f = lambda u: math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
-    expected = [1 - f(1 / 3) / f(0), 1 - f(2 / 3) / f(1 / 3), 0.999]
-    assert get_named_beta_schedule("cosine", 3) == pytest.approx(expected, rel=1e-12)
-    assert expected[0] == pytest.approx(0.2571, abs=1e-4)  # cos²(0.5319)/cos²(0.0125): the numbers themselves
-
-
-def test_linear_schedule_is_rescaled_for_fewer_steps():
-    from speedpipe.diffusion.gaussian import get_named_beta_schedule
-
-    betas = get_named_beta_schedule("linear", 2000)  # β from 1e-4 to 0.02 at T = 1000, scaled by 1000/T
-    assert (betas[0], betas[-1]) == pytest.approx((0.5e-4, 0.01)) and np.diff(betas) == pytest.approx(np.full(1999, (0.01 - 0.5e-4) / 1999))

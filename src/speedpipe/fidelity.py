@@ -5,7 +5,6 @@ every argument against torch_fidelity.defaults.DEFAULTS and never uses its cache
 stored by the reference stage under results/{exp}/reference/ with the dataset and extractor identity.
 """
 import contextlib
-import os
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ from torch_fidelity.metric_kid import kid_features_to_metric
 from torch_fidelity.metric_prc import prc_features_to_metric
 from torch_fidelity.utils import create_feature_extractor
 
+from speedpipe.distributed import resolve_device
 from speedpipe.layout import classifier_weights
 from speedpipe.models.classifier import ClassifierFeatureExtractor
 
@@ -216,4 +216,6 @@ def weights_for(cfg) -> Path:
 
 
 def use_cuda(device_name: str) -> bool:
-    return device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available() and os.environ.get("CUDA_VISIBLE_DEVICES") != "")
+    """Whether eval.device puts the extractor on the GPU: auto where one is visible; cuda where none is, refused (naming
+    the key) before anything is read."""
+    return resolve_device(device_name, "eval.device").type == "cuda"

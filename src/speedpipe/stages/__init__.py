@@ -191,7 +191,7 @@ STAGES = {s.name: s for s in (
     Stage("distill", "train", 5,
           reads=(*IDENTITY, "seed", *(k for k in LATENTS if k != "data.latent_norm"), "distill"),
           uses=loop_uses("distill")),
-    Stage("sample", "sample", 4,  # 4: labels and each batch's noise from streams of their own
+    Stage("sample", "sample", 4,  # 4: labels and each batch's noise from streams of their own; students under bf16 too
           reads=(*IDENTITY, "autoencoder.name", "autoencoder.path", "sampling"),
           uses=("autoencoder.allow_download", "sampling.progress")),
     Stage("evaluate", None, 3,  # 3: unsupported metrics left out with the reason, samples streamed

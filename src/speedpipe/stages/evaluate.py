@@ -35,6 +35,7 @@ def run(cfg, provenance):
     e = cfg.eval
     if not e.samples:
         raise ConfigError("config key 'eval.samples': required (a samples npz)")
+    cuda = use_cuda(e.device)
     out = metrics_path(cfg)
     images = open_samples(e.samples)
     labels = read_labels(e.samples)
@@ -49,13 +50,13 @@ def run(cfg, provenance):
         raise EvaluationError(f"{reference_path(cfg)} holds {e.extractor} statistics made with other extractor weights "
                               f"(sha256 {str(recorded)[:12]}) than this evaluation's {weights} (sha256 {current[:12]}): "
                               f"re-run the reference stage with these weights")
-    features = stream_features(images, e.extractor, weights, e.metrics, e.batch_size, use_cuda(e.device))[0]
+    features = stream_features(images, e.extractor, weights, e.metrics, e.batch_size, cuda)[0]
     metrics, settings, unavailable = compute_metrics(features, reference, e.extractor, e.metrics, e.kid_subset_size)
     per_class = None
     if e.label_accuracy:
         logits_layer = LAYERS["classifier"]["isc"]
         if e.extractor != "classifier" or logits_layer not in features:
-            features = stream_features(images, "classifier", classifier_weights_path(cfg), ["isc"], e.batch_size, use_cuda(e.device))[0]
+            features = stream_features(images, "classifier", classifier_weights_path(cfg), ["isc"], e.batch_size, cuda)[0]
         accuracy = label_accuracy(features[logits_layer], labels, features[logits_layer].shape[1])
         metrics["label_accuracy"], per_class = accuracy["accuracy"], accuracy["per_class"]
     sidecar = Path(e.samples).with_suffix(".json")

@@ -22,7 +22,7 @@ from speedpipe.config import save_config
 from speedpipe.data.images import open_image_dataset, to_uint8
 from speedpipe.distributed import setup_device, shutdown
 from speedpipe.data.samples import NpzImages, SamplesError, npz_members
-from speedpipe.fidelity import LAYERS, EvaluationError, stream_features, use_cuda, weights_for
+from speedpipe.fidelity import LAYERS, EvaluationError, stream_features, weights_for
 from speedpipe.io import atomic_torch_save, sha256_tree
 from speedpipe.layout import reference_path
 from speedpipe.models.classifier import DigitClassifier
@@ -86,7 +86,7 @@ def load_adm_batch(path, extractor: str) -> tuple[np.ndarray, np.ndarray, NpzIma
 def run(cfg, provenance):
     device, env = setup_device(cfg.eval.device, "eval.device")
     weights = weights_for(cfg)
-    cuda = device.type == "cuda" or use_cuda(cfg.eval.device)
+    cuda = device.type == "cuda"
     skipped = []
     if cfg.eval.reference_npz:
         mu, sigma, images = load_adm_batch(cfg.eval.reference_npz, cfg.eval.extractor)

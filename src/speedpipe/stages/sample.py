@@ -89,6 +89,19 @@ class DiffusionSampler:
         return self.diffusion.ddim_sample_loop(autocast_fn, shape, eta=s.ddim_eta, noise=noise, generator=generator)
 
 
+class UnderAutocast:
+    """A consistency sampler whose student runs under bf16 autocast when sampling.precision is bf16 (the diffusion
+    samplers autocast each network call themselves); its model, latent_shape and nfe are the sampler's."""
+
+    def __init__(self, sampler, precision: str, device):
+        self.sampler, self.enabled, self.device = sampler, precision == "bf16", device
+        self.model, self.latent_shape, self.nfe = sampler.model, sampler.latent_shape, sampler.nfe
+
+    def __call__(self, labels, generator):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.enabled):
+            return self.sampler(labels, generator).float()
+
+
 def build_sampler_for(state, cfg, device):
     """The latent sampler for a checkpoint: diffusion samplers for train runs, the sampler its method gives for the
     consistency students of distill runs."""
@@ -105,8 +118,8 @@ def build_sampler_for(state, cfg, device):
         m = state["teacher_config"]["model"]
         student = student_from_checkpoint(state, cfg.sampling.use_ema).to(device)
         method = consistency_method(state["config"]["distill"].get("method", "scd"))  # checkpoints made before methods: sCD
-        return method.make_sampler(student, (m["in_channels"], m["input_size"], m["input_size"]), label.steps,
-                                   cfg.sampling.scm_mid_t)
+        return UnderAutocast(method.make_sampler(student, (m["in_channels"], m["input_size"], m["input_size"]), label.steps,
+                                                 cfg.sampling.scm_mid_t), cfg.sampling.precision, device)
     run_cfg = OmegaConf.create(state["config"])
     model = build_model(run_cfg, initialise=False)
     model.load_state_dict(state["ema" if cfg.sampling.use_ema else "model"])
