@@ -363,3 +363,45 @@ def test_lognormal_and_logit_normal_masses_by_hand(three_steps):
         expected = [cdf[0], cdf[1] - cdf[0], 1 - cdf[1]]
         assert build_sampler(name, three_steps, **params).probs.numpy() == pytest.approx(expected, rel=1e-9), name
 
+
+
+# ----- the VLB's pieces (ADM's improved-DDPM code, METHODS.md §1) -----
+
+def _approx_cdf(u):
+    """ADM's tanh approximation of the standard normal cdf, written out."""
+    return 0.5 * (1 + np.tanh(np.sqrt(2 / np.pi) * (u + 0.044715 * u**3)))
+
+
+def test_the_approximate_normal_cdf_is_the_tanh_formula_and_within_3e4_of_phi():
+    from scipy.stats import norm
+
+    from speedpipe.diffusion.gaussian import approx_standard_normal_cdf
+
+    u = np.array([-2.5, -1.0, 0.0, 0.3, 1.0, 2.0])
+    ours = approx_standard_normal_cdf(torch.tensor(u, dtype=torch.float64)).numpy()
+    assert ours == pytest.approx(_approx_cdf(u), rel=1e-12) and np.abs(ours - norm.cdf(u)).max() < 3e-4
+
+
+def test_the_discretised_decoder_likelihood_by_hand():
+    """log P(x) of a Gaussian discretised to 256 bins of width 2/255 on [-1, 1]: log(Φ(x⁺) − Φ(x⁻)) inside, with the
+    edge bins open to -∞ (x < -0.999: log Φ(x⁺)) and +∞ (x > 0.999: log(1 − Φ(x⁻))), each floored at 1e-12."""
+    from speedpipe.diffusion.gaussian import discretized_gaussian_log_likelihood
+
+    x = np.array([0.2, -0.9995, 0.9995, -1.0, 1.0, 0.9])
+    mean = np.array([0.1, -0.9995, 0.9995, 1.0, -1.0, -0.9])
+    scale = np.array([0.05, 0.05, 0.05, 0.01, 0.01, 0.01])
+    plus, minus = _approx_cdf((x - mean + 1 / 255) / scale), _approx_cdf((x - mean - 1 / 255) / scale)
+    expected = np.log(np.maximum([plus[0] - minus[0], plus[1], 1 - minus[2], plus[3], 1 - minus[4], plus[5] - minus[5]], 1e-12))
+    assert expected[3:] == pytest.approx([math.log(1e-12)] * 3)  # far off: each branch at its floor
+    ours = discretized_gaussian_log_likelihood(*(torch.tensor(v, dtype=torch.float64) for v in (x, mean, np.log(scale))))
+    assert ours.numpy() == pytest.approx(expected, rel=1e-9)
+
+
+def test_normal_kl_by_hand():
+    """KL(N(μ1, σ1²) ‖ N(μ2, σ2²)) = log(σ2/σ1) + (σ1² + (μ1 − μ2)²)/(2σ2²) − 1/2."""
+    from speedpipe.diffusion.gaussian import normal_kl
+
+    m1, lv1, m2, lv2 = 0.3, 0.2, -0.1, -0.4
+    s1, s2 = math.exp(lv1 / 2), math.exp(lv2 / 2)
+    expected = math.log(s2 / s1) + (s1**2 + (m1 - m2) ** 2) / (2 * s2**2) - 0.5
+    assert normal_kl(*(torch.tensor(v, dtype=torch.float64) for v in (m1, lv1, m2, lv2))).item() == pytest.approx(expected, rel=1e-12)
