@@ -72,6 +72,9 @@ def test_bad_values_and_files(tmp_path):
         load_config(path, ["seed"])
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(_write(tmp_path / "bad.yaml", "a: [1, 2\n"))
+    with pytest.raises(ConfigError, match=r"diffusion\.diffusion_steps': 20 steps of the linear schedule"):
+        load_config(path, ["diffusion.diffusion_steps=20"])
+    load_config(path, ["diffusion.diffusion_steps=20", "diffusion.noise_schedule=cosine"])  # the cosine schedule clips its β
 
 
 def test_resolved_config_is_written_next_to_training_outputs(tiny_train_config):

@@ -418,6 +418,9 @@ def validate(cfg: DictConfig) -> DictConfig:
         outside = [s for s in value(key) if not 0 < s <= total]
         if outside:
             raise ConfigError(f"config key '{key}': steps {outside} lie outside 1..{total}")
+    if cfg.diffusion.noise_schedule == "linear" and cfg.diffusion.diffusion_steps <= 20:
+        raise ConfigError(f"config key 'diffusion.diffusion_steps': {cfg.diffusion.diffusion_steps} steps of the linear schedule "
+                          f"end at β = 20/T ≥ 1 (no noise level is left); expected more than 20 (DiT: 1000)")
     diffusion = create_diffusion(noise_schedule=cfg.diffusion.noise_schedule, diffusion_steps=cfg.diffusion.diffusion_steps)
     for key, build in (("diffusion.timestep_sampler", build_sampler), ("diffusion.loss_weighting", build_weighting)):
         section = OmegaConf.select(cfg, key)
