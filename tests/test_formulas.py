@@ -405,3 +405,50 @@ def test_normal_kl_by_hand():
     s1, s2 = math.exp(lv1 / 2), math.exp(lv2 / 2)
     expected = math.log(s2 / s1) + (s1**2 + (m1 - m2) ** 2) / (2 * s2**2) - 0.5
     assert normal_kl(*(torch.tensor(v, dtype=torch.float64) for v in (m1, lv1, m2, lv2))).item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_vlb_terms_in_bits_by_hand(three_steps):
+    """L_t = KL(q(x_{t-1} | x_t, x_0) ‖ p(x_{t-1} | x_t))/ln 2 per dimension for t > 0, the decoder's −log P(x_0)/ln 2 at
+    t = 0; p's mean from x̂0 = (x_t − √(1−ᾱ)ε̂)/√ᾱ through the posterior's coefficients, its log-variance
+    f·log β + (1 − f)·log β̃ (β̃_0 := β̃_1), f = (v + 1)/2; the loss w_t·MSE + L_t (METHODS.md §1)."""
+    beta = np.array([0.1, 0.2, 0.5])
+    ab = np.cumprod(1 - beta)
+    ab_prev = np.append(1.0, ab[:-1])
+    post_var = beta * (1 - ab_prev) / (1 - ab)
+    log_post = np.log(np.append(post_var[1], post_var[1:]))
+    coef1, coef2 = beta * np.sqrt(ab_prev) / (1 - ab), (1 - ab_prev) * np.sqrt(1 - beta) / (1 - ab)
+    g = torch.Generator().manual_seed(2)
+    x0 = torch.rand(3, 1, 2, 2, generator=g, dtype=torch.float64) * 2 - 1
+    noise = torch.randn(3, 1, 2, 2, generator=g, dtype=torch.float64)
+    eps_hat, v = torch.randn(3, 1, 2, 2, generator=g, dtype=torch.float64), torch.rand(3, 1, 2, 2, generator=g, dtype=torch.float64) * 2 - 1
+    t = torch.tensor([0, 1, 2])
+    weights = torch.tensor([0.5, 2.0, 3.0])
+    x_t = three_steps.q_sample(x0, t, noise)
+    X0, N, E, V, XT = (a.numpy()[:, 0] for a in (x0, noise, eps_hat, v, x_t))
+    col = lambda a: a[:, None, None]  # noqa: E731
+    assert XT == pytest.approx(col(np.sqrt(ab)) * X0 + col(np.sqrt(1 - ab)) * N, rel=1e-6)
+    true_mean = col(coef1) * X0 + col(coef2) * XT
+    x0_hat = (XT - col(np.sqrt(1 - ab)) * E) / col(np.sqrt(ab))
+    mean = col(coef1) * x0_hat + col(coef2) * XT
+    f = (V + 1) / 2
+    log_var = f * col(np.log(beta)) + (1 - f) * col(log_post)
+    kl = 0.5 * (-1 + log_var - col(log_post) + np.exp(col(log_post) - log_var) + (true_mean - mean) ** 2 * np.exp(-log_var))
+    plus = _approx_cdf((X0 - mean + 1 / 255) / np.exp(0.5 * log_var))
+    minus = _approx_cdf((X0 - mean - 1 / 255) / np.exp(0.5 * log_var))
+    log_p = np.where(X0 < -0.999, np.log(plus), np.where(X0 > 0.999, np.log(1 - minus), np.log(np.maximum(plus - minus, 1e-12))))
+    vb = np.where(np.arange(3) == 0, -log_p.reshape(3, -1).mean(1), kl.reshape(3, -1).mean(1)) / math.log(2)
+    mse = ((N - E) ** 2).reshape(3, -1).mean(1)
+    terms = three_steps.training_losses(torch.cat([eps_hat, v], dim=1), x0, x_t, t, noise, weights)
+    assert terms["vb"].numpy() == pytest.approx(vb, rel=1e-5) and terms["mse"].numpy() == pytest.approx(mse, rel=1e-6)
+    assert terms["loss"].numpy() == pytest.approx(weights.numpy() * mse + vb, rel=1e-5)
+
+
+def test_fixed_variance_without_learned_sigma_is_beta_with_the_posterior_variance_at_t0():
+    """ADM's "fixed large" variance for a model without learned sigmas: β_t, with β̃_1 at t = 0 (β̃_1 = 0.2·0.1/0.28)."""
+    from speedpipe.diffusion.gaussian import GaussianDiffusion
+
+    d = GaussianDiffusion(np.array([0.1, 0.2, 0.5]), learn_sigma=False)
+    x = torch.zeros(3, 1, 1, 1, dtype=torch.float64)
+    _, log_var, _, _ = d.p_mean_variance_from_output(torch.zeros_like(x), x, torch.tensor([0, 1, 2]))
+    assert log_var.flatten().numpy() == pytest.approx(np.log([0.2 * 0.1 / 0.28, 0.2, 0.5]), rel=1e-6)
+    assert d.training_losses(torch.ones_like(x), x, x, torch.tensor([0, 1, 2]), x)["vb"].tolist() == [0.0, 0.0, 0.0]
