@@ -77,3 +77,17 @@ def test_stream_seeds_are_distinct_and_stable():
     assert len(seeds) == 18 and all(0 <= s < 2**63 for s in seeds)
     # pinned: a changed derivation would silently change every run's numbers (then bump the stages' versions)
     assert (stream_seed(0, "init"), stream_seed(1, "noise:0")) == (6330864514314334385, 4086320931417985742)
+
+
+def test_the_data_order_is_one_permutation_per_seed_and_epoch_whatever_the_batch_size():
+    from speedpipe.data.order import EpochBatches
+
+    def epoch(seed, batch):
+        order = EpochBatches(24, batch, seed)
+        return torch.cat([order.next_global_batch() for _ in range(24 // batch)])
+
+    assert torch.equal(epoch(3, 4), epoch(3, 8)) and sorted(epoch(3, 4).tolist()) == list(range(24))
+    assert not torch.equal(epoch(3, 4), epoch(4, 4))
+    order = EpochBatches(24, 8, 3)
+    first, second = [torch.cat([order.next_global_batch() for _ in range(3)]) for _ in range(2)]
+    assert not torch.equal(first, second)  # a fresh permutation each epoch
