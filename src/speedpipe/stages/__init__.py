@@ -187,7 +187,8 @@ STAGES = {s.name: s for s in (
           reads=(*IDENTITY, "seed", "method", *LATENTS, "model", "diffusion", "optim", "trainer"),
           uses=loop_uses("trainer")),
     # 4: consistency methods (distill.method), the DiT's own tangent in the graded pass; its latents are normalised as its
-    # teacher's were (the teacher checkpoint's latent_norm), so data.latent_norm is not read. 5: the training's random streams (speedpipe.training.StepRandomness)
+    # teacher's were (the teacher checkpoint's latent_norm), so data.latent_norm is not read. 5: the training's random
+    # streams (speedpipe.training.StepRandomness)
     Stage("distill", "train", 5,
           reads=(*IDENTITY, "seed", *(k for k in LATENTS if k != "data.latent_norm"), "distill"),
           uses=loop_uses("distill")),

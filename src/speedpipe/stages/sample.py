@@ -1,8 +1,8 @@
 """Stage `sample`: N images from a checkpoint, written in the ADM layout (arr_0 uint8 NHWC, arr_1 labels).
 
 Labels are class-balanced (or uniform random, from the seed's "labels" stream) and every batch b draws its noise
-from the seed's stream "noise:{b}" (speedpipe.randomness), so the same config gives the same images on any number of ranks: ranks take batches
-round-robin, write their part, and rank 0 assembles `{sampler}.npz`, a grid PNG with one row per class
+from the seed's stream "noise:{b}" (speedpipe.randomness), so the same config gives the same images on any number
+of ranks: ranks take batches round-robin, write their part, and rank 0 assembles `{sampler}.npz`, a grid PNG with one row per class
 (the first 10 classes, 10 samples each) and a JSON sidecar with the NFE per image and the wall-clock seconds.
 Generated latents are mapped back through the checkpoint's latent normalisation before decoding.
 """
