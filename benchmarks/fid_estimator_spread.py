@@ -45,7 +45,7 @@ def main():
         cfg = exp.stage_config("evaluate", evaluation=evaluation)
         cfg["eval"].update(samples=str(folder / "samples.npz"), out=str(folder / "metrics.json"))
         STAGES["evaluate"].run(OmegaConf.create(cfg))
-        fids.append(json.loads((folder / "metrics.json").read_text())["metrics"]["fid"])
+        fids.append(json.loads((folder / "metrics.json").read_text())["metrics"]["frechet_inception_distance"])
         print(f"sampling seed {seed}: FID {fids[-1]:.3f} ({time.time() - start:.0f} s)", flush=True)
     print(f"{args.run} at {args.step}, {evaluation.num_samples} samples ({evaluation.sampler}), {args.seeds} sampling seeds: "
           f"mean {statistics.mean(fids):.3f}, sd {statistics.stdev(fids):.3f}")
