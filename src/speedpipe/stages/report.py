@@ -171,6 +171,7 @@ def budget_figure(budgets: pd.DataFrame, reference: str) -> plt.Figure:
     ax.axhline(1.0, color="gray", lw=1, label=f"{reference} (1x)")
     ax.set(xscale="log", xlabel="training budget B (iterations of the reference)",
            ylabel=f"speed-up at the {reference}'s FID at B", title="Speed-up against the training budget")
+    _tick_at(ax, sorted(budgets.budget.unique()))
     ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.16))
     return fig
 
@@ -200,8 +201,18 @@ def fid_figure(curve: pd.DataFrame, methods, reference, pipe, speedup: pd.DataFr
     ax.set(xlabel="training iterations", ylabel=f"FID ({pipe['extractor']}, {pipe['curve_samples']} samples)",
            title=f"FID vs iterations ({pipe['curve_sampler']}, seeds {pipe['seeds']})", yscale="log",
            xscale="log" if log_steps else "linear")
+    if log_steps:
+        _tick_at(ax, sorted(curve.step.unique()))
     ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.16))  # below the axes: the curves stay visible
     return fig
+
+
+def _tick_at(ax, steps):
+    """A log x axis labelled at the evaluated iterations only (matplotlib's minor labels overlap on a short decade)."""
+    from matplotlib.ticker import NullFormatter
+
+    ax.set_xticks(steps, [f"{s:,}" for s in steps])
+    ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 def students_by_teacher(cfg) -> dict[str, list[dict]]:
