@@ -21,6 +21,17 @@ from speedpipe.stages import STAGES
 from speedpipe.workflow import Experiment
 
 
+def sample_and_evaluate(exp: Experiment, evaluation, folder: Path, seed: int = 0, num_samples: int | None = None) -> float:
+    """The FID of one evaluation of the experiment, sampled with another sampling seed (and sample count) into folder."""
+    cfg = exp.stage_config("sample", evaluation=evaluation)
+    cfg["sampling"].update(seed=seed, out=str(folder / "samples.npz"), **({"num_samples": num_samples} if num_samples else {}))
+    STAGES["sample"].run(OmegaConf.create(cfg))
+    cfg = exp.stage_config("evaluate", evaluation=evaluation)
+    cfg["eval"].update(samples=str(folder / "samples.npz"), out=str(folder / "metrics.json"))
+    STAGES["evaluate"].run(OmegaConf.create(cfg))
+    return json.loads((folder / "metrics.json").read_text())["metrics"]["frechet_inception_distance"]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("experiment", type=Path)
@@ -38,14 +49,7 @@ def main():
     fids = []
     for seed in range(args.seeds):
         start = time.time()
-        cfg = exp.stage_config("sample", evaluation=evaluation)
-        folder = out / f"seed{seed}"
-        cfg["sampling"].update(seed=seed, out=str(folder / "samples.npz"))
-        STAGES["sample"].run(OmegaConf.create(cfg))
-        cfg = exp.stage_config("evaluate", evaluation=evaluation)
-        cfg["eval"].update(samples=str(folder / "samples.npz"), out=str(folder / "metrics.json"))
-        STAGES["evaluate"].run(OmegaConf.create(cfg))
-        fids.append(json.loads((folder / "metrics.json").read_text())["metrics"]["frechet_inception_distance"])
+        fids.append(sample_and_evaluate(exp, evaluation, out / f"seed{seed}", seed=seed))
         print(f"sampling seed {seed}: FID {fids[-1]:.3f} ({time.time() - start:.0f} s)", flush=True)
     print(f"{args.run} at {args.step}, {evaluation.num_samples} samples ({evaluation.sampler}), {args.seeds} sampling seeds: "
           f"mean {statistics.mean(fids):.3f}, sd {statistics.stdev(fids):.3f}")
