@@ -199,13 +199,15 @@ def test_same_seed_same_samples_and_sidecar(sampling_setup, tmp_path):
 
 
 def test_two_rank_sampling_matches_one_rank(sampling_setup, tmp_path):
+    """Both under torchrun (one thread per process): the pixels may differ in their last bit between thread counts on
+    some CPUs' kernels, never between rank layouts."""
     config, overrides = sampling_setup
-    one = sample.run(load_config(config, overrides + [f"sampling.out={tmp_path / 'one.npz'}"], phase="sample"))
-    result = run_python(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "main.py", "-c", str(config),
-                         "-p", "sample", *overrides, f"sampling.out={tmp_path / 'two.npz'}"], timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    two = np.load(tmp_path / "two.npz", allow_pickle=False)
-    assert np.array_equal(np.load(one)["arr_0"], two["arr_0"]) and np.array_equal(np.load(one)["arr_1"], two["arr_1"])
+    for ranks, name in ((1, "one"), (2, "two")):
+        result = run_python(["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", "main.py", "-c", str(config),
+                             "-p", "sample", *overrides, f"sampling.out={tmp_path / name}.npz"], timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+    one, two = (np.load(tmp_path / f"{name}.npz", allow_pickle=False) for name in ("one", "two"))
+    assert np.array_equal(one["arr_0"], two["arr_0"]) and np.array_equal(one["arr_1"], two["arr_1"])
     assert not list(tmp_path.glob(".part-*"))
 
 

@@ -55,6 +55,11 @@ def without_empty_columns(df: pd.DataFrame) -> pd.DataFrame:
     return df.drop(columns=empty)
 
 
+def as_markdown(df: pd.DataFrame) -> str:
+    """A frame as a Markdown table, a missing value (a speed-up never reached, an interval of one seed) shown as "–"."""
+    return df.astype(object).where(df.notna(), "–").to_markdown(index=False)
+
+
 def write_table(layout: Layout, name: str, caption: str, *parts: tuple[str, str, pd.DataFrame]):
     """A table as CSV (one file per part: {name}{suffix}.csv), Markdown and LaTeX (every part, the caption above),
     without its empty columns. parts: (file name suffix, title, frame)."""
@@ -63,7 +68,7 @@ def write_table(layout: Layout, name: str, caption: str, *parts: tuple[str, str,
         df = without_empty_columns(df)
         with atomic_path(layout.table(name + suffix, "csv")) as tmp:
             df.to_csv(tmp, index=False)
-        markdown.append((f"**{title}**\n\n" if title else "") + df.to_markdown(index=False))
+        markdown.append((f"**{title}**\n\n" if title else "") + as_markdown(df))
         latex.append(df.to_latex(index=False, caption=f"{caption} {title}".strip(), float_format="%.3f", escape=True))
     atomic_write_text(layout.table(name, "md"), "\n\n".join(markdown) + "\n")
     atomic_write_text(layout.table(name, "tex"), "\n".join(latex))
@@ -451,7 +456,7 @@ B (mean curves; then seed by seed against the same seed's reference, with the t-
 
 ![speed-up against the budget, table {name}](figures/{name}_budgets.png)
 
-{without_empty_columns(shown).to_markdown(index=False)}
+{as_markdown(without_empty_columns(shown))}
 """
 
 
@@ -467,7 +472,7 @@ def experiment_readme(cfg, tables: dict, scm, df, usage) -> str:
 
 ![FID against iterations, table {name}](figures/{name}.png)
 
-{without_empty_columns(speedup).to_markdown(index=False)}
+{as_markdown(without_empty_columns(speedup))}
 
 FID and the other metrics at the table's iterations: `tables/{name}.md` (also `.csv`, `.tex`).
 {"" if budgets is None else budget_section(name, budgets)}""" for name, (speedup, budgets) in tables.items())
@@ -490,7 +495,7 @@ P_mean = {d['p_mean']}, P_std = {d['p_std']}, lr {d['lr']}); {pipe['final_sample
 
 ![teacher and consistency-model samples, one row per class](figures/teacher_vs_scm.png)
 
-{without_empty_columns(scm).to_markdown(index=False)}
+{as_markdown(without_empty_columns(scm))}
 """
     return f"""# Experiment `{pipe['experiment']}`
 
@@ -518,7 +523,7 @@ Every metric of every run: `tables/metrics.md`. Figures: `figures/training_loss.
 {scm_section}{kept_runs(cfg)}
 ## Where the time went
 
-{usage[1][2].to_markdown(index=False)}
+{as_markdown(usage[1][2])}
 
 Per job: `tables/usage.md` (each job's own record, written where it ran; the sum of wall times exceeds the run's wall
 time where jobs ran side by side).
