@@ -452,3 +452,30 @@ def test_fixed_variance_without_learned_sigma_is_beta_with_the_posterior_varianc
     _, log_var, _, _ = d.p_mean_variance_from_output(torch.zeros_like(x), x, torch.tensor([0, 1, 2]))
     assert log_var.flatten().numpy() == pytest.approx(np.log([0.2 * 0.1 / 0.28, 0.2, 0.5]), rel=1e-6)
     assert d.training_losses(torch.ones_like(x), x, x, torch.tensor([0, 1, 2]), x)["vb"].tolist() == [0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("guided_channels", [None, 3])
+def test_classifier_free_guidance_by_hand(guided_channels):
+    """ε = ε_u + s·(ε_c − ε_u) on the guided channels (all, or DiT's first 3 of 4), ε_c elsewhere; the variance
+    channels are the conditional model's."""
+    from speedpipe.diffusion.gaussian import cfg_model_fn
+
+    def model(x, t, y):  # [ε | v] of 4 + 4 channels: 1 + y per channel for a label, 0.25 for the null class 9
+        value = (1.0 + y.double()).masked_fill(y == 9, 0.25).view(-1, 1, 1, 1)
+        return torch.cat([value * torch.arange(1, 5, dtype=torch.float64).view(1, 4, 1, 1), 7 + value.expand(-1, 4, 1, 1)], 1)
+
+    x, y = torch.zeros(2, 4, 1, 1, dtype=torch.float64), torch.tensor([0, 2])
+    out = cfg_model_fn(model, y, 3.0, null_class=9, guided_channels=guided_channels)(x, torch.zeros(2, dtype=torch.long))
+    k = torch.arange(1, 5, dtype=torch.float64)
+    for i, label in enumerate((0, 2)):
+        cond, uncond = (1 + label) * k, 0.25 * k
+        guided = uncond + 3.0 * (cond - uncond)
+        expected = guided if guided_channels is None else torch.cat([guided[:3], cond[3:]])
+        assert torch.allclose(out[i, :4, 0, 0], expected) and torch.allclose(out[i, 4:, 0, 0], torch.full((4,), 8.0 + label, dtype=torch.float64))
+
+
+def test_an_unweighted_loss_is_mse_plus_vb(three_steps):
+    x = torch.randn(3, 1, 2, 2, generator=torch.Generator().manual_seed(1))
+    out = torch.randn(3, 2, 2, 2, generator=torch.Generator().manual_seed(2))
+    terms = three_steps.training_losses(out, x, x, torch.tensor([0, 1, 2]), x)
+    assert torch.allclose(terms["loss"], terms["mse"] + terms["vb"])
