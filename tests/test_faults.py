@@ -201,6 +201,8 @@ def test_a_failed_train_job_and_a_failed_distill_job_are_finished_by_the_same_co
     assert not (work / TRAIN / "ckpt-0000050.pt").exists(), "Snakemake kept the failed job's outputs: no fault was made"
     train_saved, train_before = saved_before(work, TRAIN)
     assert 50 <= train_saved < 200
+    if fault is cancel_the_slurm_job:  # SIGTERM then SIGKILL: the job saved at its step boundary and stopped
+        assert events(work / TRAIN)[-1]["event"] == "terminated"
 
     driver = start(work)  # the same command: train resumes and finishes; distill fails in its turn
     wait_for_state_file(work, STUDENT, "ckpt-0000020.pt", driver)
@@ -208,6 +210,8 @@ def test_a_failed_train_job_and_a_failed_distill_job_are_finished_by_the_same_co
     assert driver.wait(timeout=120) != 0
     student_saved, student_before = saved_before(work, STUDENT)
     assert 20 <= student_saved < 80
+    if fault is cancel_the_slurm_job:
+        assert events(work / STUDENT)[-1]["event"] == "terminated"
 
     result = run(work)
     assert result.returncode == 0, result.stderr[-5000:]

@@ -1,4 +1,5 @@
 """The resumable loop shared by the long stages: signal-time saving at step boundaries, cadence, resume source."""
+import csv
 import os
 import signal
 
@@ -8,7 +9,7 @@ import torch
 from conftest import events
 from speedpipe.distributed import DistEnv
 from speedpipe.io import safe_torch_load
-from speedpipe.loop import Cadence, ResumableLoop, defer_signals_to_step_boundaries
+from speedpipe.loop import Cadence, ResumableLoop, Terminated, defer_signals_to_step_boundaries
 
 
 class Requeued(Exception):
@@ -25,11 +26,11 @@ def _loop(run_dir, steps=10, **cadence):
     return loop, model, opt, gen
 
 
-def _step_fns(model, opt, gen, signal_at=None):
+def _step_fns(model, opt, gen, signal_at=None, signum=signal.SIGUSR2):
     def forward(step):
         x = torch.randn(8, 3, generator=gen)
         if step == signal_at:
-            os.kill(os.getpid(), signal.SIGUSR2)  # arrives in the middle of the step
+            os.kill(os.getpid(), signum)  # arrives in the middle of the step
         return {"loss": model(x).square().mean()}
 
     def update(terms):
@@ -74,6 +75,39 @@ def test_the_signal_waits_for_the_step_boundary_and_its_state_is_saved(tmp_path,
     straight.resume()
     straight.run(*_step_fns(model3, opt3, gen3))
     assert torch.equal(model2.weight, model3.weight) and torch.equal(model2.bias, model3.bias)
+
+
+def test_sigterm_stops_the_job_at_the_step_boundary_with_its_state_saved(tmp_path):
+    """scancel sends SIGTERM, then SIGKILL after KillWait; submitit's handler ignores SIGTERM (it logs and returns), so
+    the steps run until the kill would be lost: the loop saves at the step boundary and stops instead. The stop falls
+    between two log rows (every 2 steps): the resumed run's rows equal an uninterrupted run's."""
+    bypassed = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: bypassed.append(signum))  # submitit's `bypass`
+    defer_signals_to_step_boundaries((signal.SIGTERM,))
+    try:
+        loop, model, opt, gen = _loop(tmp_path / "a")
+        loop.resume()
+        with pytest.raises(Terminated, match="SIGTERM after step 5.*the same command resumes it"):
+            loop.run(*_step_fns(model, opt, gen, signal_at=5, signum=signal.SIGTERM))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert bypassed == [] and loop.step == 5
+    saved = safe_torch_load(loop.state_dir / "latest.pt")
+    assert saved["step"] == 5 and torch.equal(saved["model"]["weight"], model.weight.detach())
+    assert [(e["event"], e["step"], e["source"]) for e in events(tmp_path / "a")] == [
+        ("start", 0, ""), ("terminated", 5, "latest.pt")]
+    again, model2, opt2, gen2 = _loop(tmp_path / "a")
+    again.resume()
+    assert again.run(*_step_fns(model2, opt2, gen2)) == 5
+    straight, model3, opt3, gen3 = _loop(tmp_path / "b")
+    straight.resume()
+    straight.run(*_step_fns(model3, opt3, gen3))
+    assert torch.equal(model2.weight, model3.weight)
+
+    def rows(folder):
+        with open(folder / "log.csv") as f:
+            return [{k: v for k, v in row.items() if k != "steps_per_s"} for row in csv.DictReader(f)]
+    assert rows(tmp_path / "a") == rows(tmp_path / "b") and len(rows(tmp_path / "b")) == 5
 
 
 def test_without_a_running_loop_the_handler_runs_at_once(submitit_like_handler):

@@ -42,6 +42,10 @@ from speedpipe.runstore import RESUME_FILE, RunFolder
 _ACTIVE: "ResumableLoop | None" = None  # the loop running in this process (the signal handlers' target)
 
 
+class Terminated(RuntimeError):
+    """A long stage's job stopped by SIGTERM at a step boundary, its state saved."""
+
+
 @dataclass
 class Cadence:
     steps: int
@@ -83,6 +87,7 @@ class ResumableLoop:
         if self.nonfinite not in ("stop", "skip"):
             raise ValueError(f"non-finite policy {self.nonfinite!r}: expected 'stop' or 'skip'")
         self._preempt = None
+        self._window = LogWindow()
 
     # ----- resume and checkpoints -----
     def _newest(self) -> tuple[Path | None, dict | None]:
@@ -134,6 +139,7 @@ class ResumableLoop:
                     obj.load_state_dict(state[name])
                 restore_rng(state["rng"], self.generators)
                 self.step, self.skipped = int(state["step"]), int(state.get("skipped", 0))
+                self._window = LogWindow(**state.get("log_window", {}))
             kept = f"other settings kept in {'; '.join(others)}" if others else ""
             self._event("resume" if path else "start", path.name if path else kept)
             if self.env.is_main:
@@ -159,12 +165,12 @@ class ResumableLoop:
 
     def save_resume_checkpoint(self):
         if self.env.is_main:
-            atomic_torch_save(self.state(), self.state_dir / RESUME_FILE)
+            atomic_torch_save({**self.state(), "log_window": self._window.state()}, self.state_dir / RESUME_FILE)
         self._last_resume_save = time.monotonic()
 
     def _event(self, event: str, source: str = "", steps_performed: int | str = ""):
-        """Append to events.csv: start | resume (from `source`) | preempted (state saved in `source`) | finished, with
-        the step and, for the last two, how many steps this process performed."""
+        """Append to events.csv: start | resume (from `source`) | preempted or terminated (state saved in `source`) |
+        finished, with the step and, for the last three, how many steps this process performed."""
         if not self.env.is_main:
             return
         path = self.state_dir / "events.csv"
@@ -185,8 +191,8 @@ class ResumableLoop:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=c.steps, initial=self.step, disable=not (self.progress and env.is_main), desc=self.what, dynamic_ncols=True)
-        sums, checked, first_bad = None, [], None
-        count, performed, last_time = 0, 0, time.perf_counter()
+        checked, first_bad = [], None
+        performed, last_time = 0, time.perf_counter()
         self._last_resume_save = time.monotonic()
         _ACTIVE = self
         try:
@@ -208,11 +214,11 @@ class ResumableLoop:
                         self.skipped += 1
                     else:
                         update(terms)
-                        sums, count = _accumulate(sums, stats), count + 1
+                        self._window.add(_mean_over_ranks(stats, env))
                 else:
                     update(terms)
                     first_bad = torch.where(finite, first_bad, first_bad.clamp(max=step))
-                    sums, count = _accumulate(sums, stats), count + 1
+                    self._window.add(_mean_over_ranks(stats, env))
                 self.step, performed = step, performed + 1
                 bar.update(1)
 
@@ -222,15 +228,15 @@ class ResumableLoop:
                                                   >= 60 * c.resume_every_minutes))
                 if self.nonfinite == "stop" and (step % c.log_every == 0 or at_ckpt or resume_due):
                     self._stop_if_nonfinite(all_reduce_min(first_bad, env), checked)  # before anything is saved
-                if (step % c.log_every == 0 or at_ckpt) and count:
-                    mean = dict(zip(sums, all_reduce_mean(torch.stack([v / count for v in sums.values()]), env).tolist()))
+                if (step % c.log_every == 0 or at_ckpt) and self._window.steps():
+                    count, mean = self._window.steps(), self._window.take_mean()
                     now = time.perf_counter()
                     steps_per_s = count / (now - last_time)
                     if log is not None:
                         log.write(step=step, steps_per_s=steps_per_s, skipped=self.skipped, **mean,
                                   **self.log_fields(step, mean, steps_per_s))
                         bar.set_postfix(loss=f"{mean['loss']:.4f}")
-                    sums, count, last_time = None, 0, now
+                    last_time = now
                 if at_ckpt:
                     if env.is_main and not checkpoint_path(self.state_dir, step).exists():  # a replay passes kept ones
                         save_checkpoint(self.state(), self.state_dir, step)
@@ -260,19 +266,49 @@ class ResumableLoop:
                                      f"the data.")
 
     def _yield_to_the_scheduler(self, saved: str, performed: int):
-        """After the state of this step boundary is saved (in `saved`): submitit's handler requeues the job and exits."""
+        """After the state of this step boundary is saved (in `saved`). SIGUSR2 (preemption, a time limit near):
+        submitit's handler requeues the job and exits. SIGTERM (scancel, a node going down; SIGKILL follows within
+        KillWait): submitit would ignore it and the steps until the kill would be lost, so the job stops here."""
         handler, signum, frame = self._preempt
         self._preempt = None
+        self._window = LogWindow()
+        if signum == signal.SIGTERM:
+            self._event("terminated", saved, performed)
+            raise Terminated(f"{self.what} stopped by SIGTERM after step {self.step}, its state saved in "
+                             f"{self.state_dir / saved}: the same command resumes it")
         self._event("preempted", saved, performed)
         handler(signum, frame)
 
 
-def _accumulate(sums, stats):
-    if sums is None:
-        return {k: v.double().clone() for k, v in stats.items()}
-    for k, v in stats.items():
-        sums[k] += v.double()
-    return sums
+def _mean_over_ranks(stats: dict, env: DistEnv) -> dict:
+    if env.world_size == 1:
+        return stats
+    return dict(zip(stats, all_reduce_mean(torch.stack([v.float() for v in stats.values()]), env)))
+
+
+class LogWindow:
+    """The sums of the logged terms (each already averaged over ranks) since the last log.csv row. A resume state saved
+    between two rows carries it, so the row after a resume averages the same steps as an uninterrupted run's. A term
+    that first appears inside a window (sCD's tangent after the warm start) is averaged over the steps it was there."""
+
+    def __init__(self, sums=None, counts=None):
+        self.sums, self.counts = dict(sums or {}), dict(counts or {})
+
+    def add(self, stats: dict):
+        for k, v in stats.items():
+            self.sums[k] = self.sums[k] + v.double() if k in self.sums else v.double()
+            self.counts[k] = self.counts.get(k, 0) + 1
+
+    def steps(self) -> int:
+        return max(self.counts.values(), default=0)
+
+    def take_mean(self) -> dict:
+        mean = dict(zip(self.sums, torch.stack([v / self.counts[k] for k, v in self.sums.items()]).tolist()))
+        self.sums, self.counts = {}, {}
+        return mean
+
+    def state(self) -> dict:
+        return {"sums": {k: v.cpu() for k, v in self.sums.items()}, "counts": dict(self.counts)}
 
 
 def defer_signals_to_step_boundaries(signums=(signal.SIGUSR2, signal.SIGTERM)):
