@@ -1,6 +1,6 @@
 """A real user's path, end to end at toy size: the shipped FFHQ and ImageNet experiment files on folders of photos, with a
 pretrained-format VAE folder, Inception-v3 weights in torch-fidelity's format and (ImageNet) an ADM reference batch --
-made by tests/user_data.py, nothing downloaded -- shrunk by tests/data/laptop_try.yaml, as the README's "Using it" says.
+made by tests/user_data.py, nothing downloaded -- shrunk by tests/data/laptop_try.yaml, as docs/your_data.md says.
 """
 import json
 import shutil
@@ -31,7 +31,7 @@ def user_inputs(tmp_path_factory):
 
 
 def laptop_experiment(name: str, work, inputs, **changes):
-    """The README's steps: copy the dataset's configs, put the paths in its base.yaml, copy the experiment file and apply
+    """The steps of docs/your_data.md: copy the dataset's configs, put the paths in its base.yaml, copy the experiment file and apply
     tests/data/laptop_try.yaml (then the given top-level changes); returns the experiment file's path."""
     configs = work / "configs" / "image"
     shutil.copytree(REPO / "configs/image" / name, configs / name)
@@ -148,4 +148,4 @@ def test_guidance_on_a_teacher_without_a_null_class_is_refused_when_planned(user
 
 def test_the_readme_shows_the_laptop_list_the_tests_run():
     laptop = (REPO / "tests/data/laptop_try.yaml").read_text()
-    assert f"```yaml\n{laptop[laptop.index('top_level:'):]}```" in (REPO / "README.md").read_text()
+    assert f"```yaml\n{laptop[laptop.index('top_level:'):]}```" in (REPO / "docs/your_data.md").read_text()
