@@ -230,7 +230,8 @@ def test_shipped_experiments_replace_no_stage_config_value_and_lint_clean(name, 
 
 
 def test_the_experiment_schema_documents_every_key():
-    from speedpipe.workflow import CONSISTENCY_KEYS, schema
+    from speedpipe.experiment_schema import schema
+    from speedpipe.workflow import CONSISTENCY_KEYS
 
     properties = schema()["properties"]
     for key, spec in properties.items():

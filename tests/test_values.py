@@ -6,7 +6,8 @@ import pytest
 import yaml
 from conftest import REPO
 
-from speedpipe.config import RANGES, ConfigError, load_config
+from speedpipe.config import RANGES, load_config
+from speedpipe.errors import ConfigError
 
 SPEED = REPO / "configs/mnist5k/speed.yaml"
 

@@ -272,7 +272,7 @@ def test_a_sweep_expands_to_the_expected_jobs(tmp_path):
     ({"teachers": []}, r"configure consistency models, but `teachers` is empty"),
 ])
 def test_an_invalid_table_or_variant_is_refused_with_a_clear_message(change, message):
-    from speedpipe.config import ConfigError
+    from speedpipe.errors import ConfigError
     from speedpipe.workflow import Experiment
 
     pipe = {**yaml.safe_load((REPO / "tests/data/micro.yaml").read_text()), **change}
@@ -283,7 +283,7 @@ def test_an_invalid_table_or_variant_is_refused_with_a_clear_message(change, mes
 
 
 def test_consistency_methods_without_teachers_are_refused():
-    from speedpipe.config import ConfigError
+    from speedpipe.errors import ConfigError
     from speedpipe.workflow import CONSISTENCY_KEYS, Experiment
 
     pipe = {k: v for k, v in yaml.safe_load((REPO / "tests/data/micro.yaml").read_text()).items()

@@ -7,7 +7,7 @@ any job is submitted -- never after a teacher has trained.
 """
 from pathlib import Path
 
-from speedpipe.config import ConfigError
+from speedpipe.errors import ConfigError
 from speedpipe.workflow import Experiment, sampler_label
 
 CACHE = Path(".snakemake") / "speedpipe-datasets"

@@ -28,15 +28,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-import yaml
-
-from speedpipe.config import NAME, NAME_RULE, ConfigError, file_values, load_config, parse_override, to_plain
+from speedpipe.config import NAME, NAME_RULE, file_values, load_config, parse_override, to_plain
 from speedpipe.consistency.methods import method_names
+from speedpipe.errors import ConfigError
+from speedpipe.experiment_schema import SCHEMA, schema
+from speedpipe.launcher_settings import parse_launcher
 from speedpipe.layout import Layout, checkpoint, student_run_name, train_run_name
 from speedpipe.sampler_labels import SamplerLabel, parse_sampler
 from speedpipe.stages import DATA_STAGES, STAGES, with_contents
 
-SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "experiment.schema.yaml"  # every key, documented
 CONSISTENCY_KEYS = {"teacher_sampler", "teacher_ode_sampler", "teacher_baselines", "scm_samplers", "final_samples",
                     "distill_warm_start", "distill_steps", "distill_eval_steps"}  # required when there are teachers
 # names of the report's own tables and figures, which a named table (tables/{name}.*, figures/{name}.*) must not take
@@ -54,18 +54,6 @@ JOB_VALUES = {"trainer.steps": "train_steps", "trainer.ckpt_steps": "eval_steps"
               "sampling.cfg_scale": "the sampler label", "sampling.out": "the results layout",
               "sampling.num_samples": "curve_samples / final_samples", "eval.samples": "the results layout",
               "eval.out": "the results layout"}
-
-
-@functools.lru_cache(maxsize=None)
-def schema() -> dict:
-    if not SCHEMA.is_file():
-        raise ConfigError(f"the experiment file schema {SCHEMA} is missing: run from a checkout of the speedpipe repository")
-    return yaml.safe_load(SCHEMA.read_text())
-
-
-def schema_defaults() -> dict:
-    """The documented default of every optional top-level key of an experiment file."""
-    return {k: v["default"] for k, v in schema()["properties"].items() if "default" in v}
 
 
 def job_label(wildcards: dict) -> str:
@@ -267,8 +255,6 @@ def check_experiment_file(pipe: dict, base_dir=None) -> dict:
         pipe["base_config"] = str(Path(base_dir, pipe["base_config"]))
     if not Path(pipe["base_config"]).is_file():
         raise ConfigError(f"pipeline config: base_config: config file not found: {pipe['base_config']}")
-    from speedpipe.launch import parse_launcher
-
     for settings in pipe["launcher"].values():
         parse_launcher(settings or {})
     return pipe
