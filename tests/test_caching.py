@@ -203,7 +203,8 @@ def test_every_key_a_stage_module_reads_is_declared():
 
 
 def test_an_experiment_reports_the_stage_config_values_it_replaces(tmp_path):
-    from speedpipe.workflow import CONSISTENCY_KEYS, Experiment
+    from speedpipe.experiment_file import CONSISTENCY_KEYS
+    from speedpipe.workflow import Experiment
 
     (tmp_path / "configs").mkdir()
     config = tmp_path / "configs" / "base.yaml"
@@ -230,7 +231,8 @@ def test_shipped_experiments_replace_no_stage_config_value_and_lint_clean(name, 
 
 
 def test_the_experiment_schema_documents_every_key():
-    from speedpipe.workflow import CONSISTENCY_KEYS, schema
+    from speedpipe.experiment_schema import schema
+    from speedpipe.experiment_file import CONSISTENCY_KEYS
 
     properties = schema()["properties"]
     for key, spec in properties.items():

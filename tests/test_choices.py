@@ -29,7 +29,8 @@ from omegaconf import OmegaConf
 from PIL import Image
 from safetensors.torch import save_file
 
-from speedpipe.config import ConfigError, load_config
+from speedpipe.config import load_config
+from speedpipe.errors import ConfigError
 from speedpipe.data.latents import shard_name
 from speedpipe.models.autoencoder import save_tiny_autoencoder, tiny_autoencoder_config
 from speedpipe.stages import STAGES

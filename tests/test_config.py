@@ -1,7 +1,8 @@
 import pytest
 import yaml
 
-from speedpipe.config import ConfigError, base_chain, load_config
+from speedpipe.config import base_chain, load_config
+from speedpipe.errors import ConfigError
 
 
 def _write(path, text):

@@ -14,8 +14,10 @@ import pytest
 import torch
 
 from conftest import REPO, slurm
-from speedpipe.config import ConfigError, load_config, to_plain
-from speedpipe.launch import SlurmJobFailed, job_state, launch_many, parse_launcher, queued_job_ids
+from speedpipe.config import load_config, to_plain
+from speedpipe.errors import ConfigError
+from speedpipe.launch import SlurmJobFailed, job_state, launch_many, queued_job_ids
+from speedpipe.launcher_settings import parse_launcher
 
 SLURM = {"executor": "slurm", "cpus_per_task": 1, "mem_gb": 1, "time_min": 10, "poll_seconds": 0.5}
 

@@ -189,7 +189,8 @@ def test_a_data_stage_run_alone_does_not_replace_the_pipelines_files_of_other_se
     """`speedpipe autoencoder` with one setting changed writes where the experiment's pipeline keeps its autoencoder:
     refused before it starts, naming the folder and the key; with the same settings it may run (it makes the same)."""
     from speedpipe.cli import _refuse_to_replace
-    from speedpipe.config import ConfigError, save_config
+    from speedpipe.config import save_config
+    from speedpipe.errors import ConfigError
 
     made = load_config(tiny_train_config, ["autoencoder.lr=1.0e-3"])
     save_config(made, tmp_path / "results/tiny/autoencoder/config.yaml")

@@ -153,7 +153,7 @@ def test_checkpoints_land_on_every_evaluation_step_whatever_their_spacing(tiny_t
     outside the run are refused in the stage config and in the experiment file."""
     import yaml
 
-    from speedpipe.config import ConfigError
+    from speedpipe.errors import ConfigError
     from speedpipe.workflow import Experiment
 
     pipe = yaml.safe_load((REPO / "tests/data/micro.yaml").read_text()) | {"train_steps": 6, "eval_steps": [2, 5, 6]}

@@ -6,7 +6,8 @@ import pytest
 import yaml
 from conftest import REPO
 
-from speedpipe.config import RANGES, ConfigError, load_config
+from speedpipe.config import RANGES, load_config
+from speedpipe.errors import ConfigError
 
 SPEED = REPO / "configs/mnist5k/speed.yaml"
 
@@ -89,14 +90,15 @@ def micro(**changes) -> dict:
 
 @pytest.mark.parametrize("name", ["..", "/data/x", "../../x", ".hidden", "a/b"])
 def test_an_experiment_file_refuses_an_experiment_name_outside_output_dir(name):
-    from speedpipe.workflow import check_experiment_file
+    from speedpipe.experiment_file import check_experiment_file
 
     with pytest.raises(ConfigError, match=rf"pipeline config: experiment '{re.escape(name)}': names are"):
         check_experiment_file(micro(experiment=name), base_dir=REPO)
 
 
 def test_an_experiment_refuses_a_bad_name_before_anything_else():
-    from speedpipe.workflow import Experiment, check_experiment_file
+    from speedpipe.experiment_file import check_experiment_file
+    from speedpipe.workflow import Experiment
 
     assert check_experiment_file(micro(experiment="scd-x"), base_dir=REPO)["experiment"] == "scd-x"  # not a method name
     with pytest.raises(ConfigError, match=r"experiment '\.\.'"):

@@ -219,7 +219,8 @@ def test_an_experiment_file_plans_only_its_own_methods(tmp_path):
 def test_a_sweep_expands_to_the_expected_jobs(tmp_path):
     """A grid (2 x 2 values) and named variants become one method each, with their overrides in the train config; the
     dry run plans exactly their train runs (x 2 seeds) and one curve-evaluation job per run."""
-    from speedpipe.workflow import CONSISTENCY_KEYS, Experiment
+    from speedpipe.experiment_file import CONSISTENCY_KEYS
+    from speedpipe.workflow import Experiment
 
     speed = str(REPO / "configs/mnist5k/speed.yaml")
     pipe = micro_experiment(seeds=[0, 1], teachers=[], tables={"grid": {"methods": ["g-k1-lam0.5", "g-k10-lam0.8"], "reference": "g-k1-lam0.5"}}, methods={
@@ -272,7 +273,7 @@ def test_a_sweep_expands_to_the_expected_jobs(tmp_path):
     ({"teachers": []}, r"configure consistency models, but `teachers` is empty"),
 ])
 def test_an_invalid_table_or_variant_is_refused_with_a_clear_message(change, message):
-    from speedpipe.config import ConfigError
+    from speedpipe.errors import ConfigError
     from speedpipe.workflow import Experiment
 
     pipe = {**yaml.safe_load((REPO / "tests/data/micro.yaml").read_text()), **change}
@@ -283,8 +284,9 @@ def test_an_invalid_table_or_variant_is_refused_with_a_clear_message(change, mes
 
 
 def test_consistency_methods_without_teachers_are_refused():
-    from speedpipe.config import ConfigError
-    from speedpipe.workflow import CONSISTENCY_KEYS, Experiment
+    from speedpipe.errors import ConfigError
+    from speedpipe.experiment_file import CONSISTENCY_KEYS
+    from speedpipe.workflow import Experiment
 
     pipe = {k: v for k, v in yaml.safe_load((REPO / "tests/data/micro.yaml").read_text()).items()
             if k not in CONSISTENCY_KEYS | {"consistency_methods"}}

@@ -8,7 +8,8 @@ import sys
 
 import yaml
 
-from speedpipe.config import ConfigError, load_config
+from speedpipe.config import load_config
+from speedpipe.errors import ConfigError
 from speedpipe.stages import DATA_STAGES, STAGES
 
 # main.py phases (SpeeD's entry point) -> stage; "inference" is SpeeD's name for sampling a trained model

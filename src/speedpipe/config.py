@@ -19,13 +19,11 @@ from typing import Any, List, NamedTuple, Optional, get_args, get_origin, get_ty
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from speedpipe.errors import ConfigError
+
 PHASES = ("train", "inference", "sample")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # experiment, method and table names: they become folder and file names
 NAME_RULE = "names are letters, digits, '_', '.' and '-' (they become folder and file names), starting with a letter or digit"
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot be used; the message names the key or file and what was expected."""
 
 
 @dataclass

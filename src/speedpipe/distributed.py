@@ -5,6 +5,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from speedpipe.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -40,8 +42,6 @@ def init_distributed(device_type: str) -> DistEnv:
 
 def resolve_device(name: str, key: str = "device") -> torch.device:
     """auto | cpu | cuda -> a torch.device, refusing cuda where none is visible (naming the config key)."""
-    from speedpipe.config import ConfigError
-
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():

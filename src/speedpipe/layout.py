@@ -16,6 +16,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from speedpipe.errors import ConfigError
+
 CKPT_NAME = re.compile(r"ckpt-(\d{7})\.pt")  # an evaluation checkpoint's file name (fullmatch)
 
 
@@ -148,8 +150,6 @@ def samples_path(cfg) -> Path:
     ckpt = Path(s.checkpoint)
     step = CKPT_NAME.fullmatch(ckpt.name)
     if step is None:
-        from speedpipe.config import ConfigError
-
         raise ConfigError(f"config key 'sampling.out': required when the checkpoint name {ckpt.name} is not ckpt-NNNNNNN.pt")
     return Layout.standalone(cfg).samples(ckpt.parent.name, int(step.group(1)), s.sampler)
 
@@ -161,8 +161,6 @@ def metrics_path(cfg) -> Path:
     samples = Path(cfg.eval.samples)
     parts = list(samples.parts)
     if "samples" not in parts:
-        from speedpipe.config import ConfigError
-
         raise ConfigError(f"config key 'eval.out': required when the samples path {samples} has no samples/ folder")
     below = parts[len(parts) - parts[::-1].index("samples"):]
     return (Layout.standalone(cfg).root / "metrics" / Path(*below)).with_suffix(".json")

@@ -7,8 +7,9 @@ any job is submitted -- never after a teacher has trained.
 """
 from pathlib import Path
 
-from speedpipe.config import ConfigError
-from speedpipe.workflow import Experiment, sampler_label
+from speedpipe.errors import ConfigError
+from speedpipe.experiment_file import sampler_label
+from speedpipe.workflow import Experiment
 
 CACHE = Path(".snakemake") / "speedpipe-datasets"
 

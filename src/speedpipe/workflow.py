@@ -19,29 +19,20 @@ A method is a stage config file plus overrides; a `grid` expands it into one met
     tables:                                   # the report's tables (default: one table `methods` of every method)
       components: {methods: [baseline, weighting_only], reference: baseline, steps: [400, 800]}
 """
-import difflib
 import functools
-import itertools
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-import yaml
-
-from speedpipe.config import NAME, NAME_RULE, ConfigError, file_values, load_config, parse_override, to_plain
-from speedpipe.consistency.methods import method_names
+from speedpipe.config import file_values, load_config, parse_override, to_plain
+from speedpipe.errors import ConfigError
+from speedpipe.experiment_file import (RESERVED_NAMES, Method, check_experiment_file, check_name, expand_methods, refuse,
+                                       sampler_label)
 from speedpipe.layout import Layout, checkpoint, student_run_name, train_run_name
-from speedpipe.sampler_labels import SamplerLabel, parse_sampler
 from speedpipe.stages import DATA_STAGES, STAGES, with_contents
 
-SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "experiment.schema.yaml"  # every key, documented
-CONSISTENCY_KEYS = {"teacher_sampler", "teacher_ode_sampler", "teacher_baselines", "scm_samplers", "final_samples",
-                    "distill_warm_start", "distill_steps", "distill_eval_steps"}  # required when there are teachers
-# names of the report's own tables and figures, which a named table (tables/{name}.*, figures/{name}.*) must not take
-RESERVED_NAMES = ("metrics", "scm", "usage", "summary", "training_loss", "timestep_methods", "samples_per_method", "teacher_grid",
-                  "teacher_vs_scm", "distillation")
 # Keys the experiment sets in its jobs' configs, and where: a config file or stage override that also sets one is dead.
 # A run's identity (experiment, output_dir, method, seed) always comes from the experiment and is not listed.
 JOB_VALUES = {"trainer.steps": "train_steps", "trainer.ckpt_steps": "eval_steps", "eval.extractor": "extractor",
@@ -56,18 +47,6 @@ JOB_VALUES = {"trainer.steps": "train_steps", "trainer.ckpt_steps": "eval_steps"
               "eval.out": "the results layout"}
 
 
-@functools.lru_cache(maxsize=None)
-def schema() -> dict:
-    if not SCHEMA.is_file():
-        raise ConfigError(f"the experiment file schema {SCHEMA} is missing: run from a checkout of the speedpipe repository")
-    return yaml.safe_load(SCHEMA.read_text())
-
-
-def schema_defaults() -> dict:
-    """The documented default of every optional top-level key of an experiment file."""
-    return {k: v["default"] for k, v in schema()["properties"].items() if "default" in v}
-
-
 def job_label(wildcards: dict) -> str:
     """A job's name within its rule (its wildcard value; "" for a rule of one job): its log and usage file names."""
     return next(iter(wildcards.values()), "")
@@ -76,22 +55,6 @@ def job_label(wildcards: dict) -> str:
 def alternation(names) -> str:
     """A wildcard constraint matching exactly these names (runs are looked up, never parsed)."""
     return "|".join(map(re.escape, names)) or "(?!)"
-
-
-def sampler_label(label: str) -> SamplerLabel:
-    """An experiment file's sampler label, parsed (speedpipe.sampler_labels); a bad one is a ConfigError."""
-    try:
-        return parse_sampler(label)
-    except ValueError as err:
-        raise ConfigError(f"pipeline config: {err}") from None
-
-
-@dataclass(frozen=True)
-class Method:
-    """A stage config file plus overrides: every job of the method's runs loads the file with them."""
-    name: str
-    config: str
-    overrides: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -143,160 +106,6 @@ class Table:
     budgets: bool = False  # also the speed-up at every eval step taken as the training budget
 
 
-def _refuse(what: str, name, valid) -> ConfigError:
-    close = difflib.get_close_matches(str(name), [str(v) for v in valid], n=1)
-    return ConfigError(f"pipeline config: {what} {name!r}" + (f"; did you mean {close[0]!r}?" if close else f"; expected one of {list(valid)}"))
-
-
-def _check_keys(where: str, given: dict, allowed: set):
-    if not isinstance(given, dict):
-        raise ConfigError(f"pipeline config: {where}: expected a mapping, got {given!r}")
-    for key in given:
-        if key not in allowed:
-            raise _refuse(f"{where}: unknown key", key, sorted(allowed))
-
-
-def _check_name(where: str, name, runs: bool = True) -> str:
-    """An experiment, method or table name (NAME); a method or table name (runs) must not look like a student run's."""
-    if not isinstance(name, str) or not NAME.fullmatch(name):
-        raise ConfigError(f"pipeline config: {where} {name!r}: {NAME_RULE}")
-    reserved = [m for m in method_names() if name.startswith(f"{m}-")] if runs else []
-    if reserved:
-        raise ConfigError(f"pipeline config: {where} {name!r}: names starting with '{reserved[0]}-' are the "
-                          f"{reserved[0]} students' runs")
-    return name
-
-
-def _override_value(value) -> str:
-    return str(value).lower() if isinstance(value, bool) else str(value)
-
-
-def _cells(name: str, spec: dict) -> list[tuple[str, list[str]]]:
-    """A method's (name, overrides) cells: itself, or one per grid combination ({name}-{leaf}{value}...), or one per
-    named variant ({name}-{variant}: a list of overrides, for values that move together such as SpeeD's two τ)."""
-    grid, variants = spec.get("grid"), spec.get("variants")
-    if grid is not None and variants is not None:
-        raise ConfigError(f"pipeline config: methods.{name}: give a grid or variants, not both")
-    if grid is not None:  # the schema made it a mapping of key.path -> non-empty list
-        for key, values in grid.items():
-            if not all(isinstance(v, (int, float, str, bool)) for v in values):
-                raise ConfigError(f"pipeline config: methods.{name}.grid.{key}: grid values are numbers, strings or booleans")
-        return [("-".join([name, *(f"{key.rsplit('.', 1)[-1]}{_override_value(v)}" for key, v in zip(grid, combination))]),
-                 [f"{key}={_override_value(v)}" for key, v in zip(grid, combination)])
-                for combination in itertools.product(*grid.values())]
-    if variants is not None:
-        return [(f"{name}-{variant}", list(overrides)) for variant, overrides in variants.items()]
-    return [(name, [])]
-
-
-def expand_methods(methods: dict, base_dir=None) -> dict[str, Method]:
-    """The experiment file's `methods` (checked against the schema) -> name: Method, grids and variants expanded."""
-    absolute = lambda p: str(Path(base_dir, p)) if base_dir is not None and not Path(p).is_absolute() else str(p)  # noqa: E731
-    expanded = {}
-    for name, spec in methods.items():
-        _check_name("method", name)
-        spec = {"config": spec} if isinstance(spec, str) else spec
-        overrides = spec.get("overrides") or []
-        for full, cell_overrides in _cells(name, spec):
-            _check_name(f"method (from methods.{name})", full)
-            if full in expanded:
-                raise ConfigError(f"pipeline config: duplicate method name {full!r} (from methods.{name})")
-            expanded[full] = Method(full, absolute(spec["config"]), tuple(overrides + cell_overrides))
-    for method in expanded.values():
-        if not Path(method.config).is_file():
-            raise ConfigError(f"pipeline config: methods.{method.name}: config file not found: {method.config}")
-    return expanded
-
-
-def check_experiment_file(pipe: dict, base_dir=None) -> dict:
-    """An experiment file checked against its JSON schema (with the schema's defaults filled in), then the checks a
-    schema cannot make (methods and tables are checked as they are expanded); returns it with base_config made absolute
-    from base_dir."""
-    from snakemake.exceptions import WorkflowError
-    from snakemake.utils import validate
-
-    _check_keys("top level", pipe, set(schema()["properties"]))
-    missing = sorted(set(schema()["required"]) - set(pipe))
-    if missing:
-        raise ConfigError(f"pipeline config: missing key(s) {missing}")
-    given_keys = set(pipe)  # before the schema fills in its defaults
-    pipe = json.loads(json.dumps(pipe))  # a copy, with tuples as lists (as YAML gives them)
-    try:
-        validate(pipe, str(SCHEMA), set_default=True)
-    except WorkflowError:
-        raise _schema_error(pipe) from None
-    _check_name("experiment", pipe["experiment"], runs=False)  # {output_dir}/{experiment}/: no '..', '/' or hidden folder
-    if pipe.get("data_from") is not None:
-        _check_name("data_from", pipe["data_from"], runs=False)
-        if pipe["data_from"] == pipe["experiment"]:
-            raise ConfigError(f"pipeline config: data_from {pipe['data_from']!r}: names this experiment itself (leave it out)")
-    teachers = pipe["teachers"]
-    if not teachers and "consistency_methods" in given_keys:
-        raise ConfigError(f"pipeline config: consistency_methods {pipe['consistency_methods']} configure consistency models, "
-                          f"but `teachers` is empty: name the train runs they start from")
-    given, missing = sorted(CONSISTENCY_KEYS & set(pipe)), sorted(CONSISTENCY_KEYS - set(pipe))
-    if teachers and missing:
-        raise ConfigError(f"pipeline config: missing key(s) {missing} (they configure the consistency models of the "
-                          f"teachers {teachers})")
-    if not teachers and given:
-        raise ConfigError(f"pipeline config: {given} configure consistency models, but `teachers` is empty: name the "
-                          f"train runs they start from")
-    for name in pipe["consistency_methods"]:
-        if name not in method_names():
-            raise _refuse("consistency_methods: no consistency method", name, method_names())
-    _check_steps(pipe, "eval_steps")
-    if min(pipe["eval_steps"]) < 1:
-        raise ConfigError(f"pipeline config: eval_steps {pipe['eval_steps']}: the first checkpoint is at step 1 or later")
-    if max(pipe["eval_steps"]) != pipe["train_steps"]:
-        raise ConfigError("pipeline config: the last of eval_steps must equal train_steps (the teacher's checkpoint)")
-    for label in [pipe["curve_sampler"], *(pipe.get(k) for k in ("teacher_sampler", "teacher_ode_sampler") if k in pipe),
-                  *pipe.get("teacher_baselines", [])]:
-        if sampler_label(label).consistency:
-            raise ConfigError(f"pipeline config: sampler {label!r}: scm samplers belong in scm_samplers (they need a consistency student)")
-    if not all(sampler_label(label).consistency for label in pipe.get("scm_samplers", [])):
-        raise ConfigError(f"pipeline config: scm_samplers {pipe['scm_samplers']}: only scm1 and scm2 sample a consistency student")
-    if teachers:
-        _check_steps(pipe, "distill_eval_steps")
-        total = pipe["distill_warm_start"] + pipe["distill_steps"]
-        outside = [s for s in pipe["distill_eval_steps"] if not pipe["distill_warm_start"] <= s <= total]
-        if outside or max(pipe["distill_eval_steps"]) != total:
-            raise ConfigError(f"pipeline config: distill_eval_steps {pipe['distill_eval_steps']} must lie in "
-                              f"[distill_warm_start, distill_warm_start + distill_steps] = [{pipe['distill_warm_start']}, {total}] "
-                              f"and end at {total}")
-    if base_dir is not None and not Path(pipe["base_config"]).is_absolute():
-        pipe["base_config"] = str(Path(base_dir, pipe["base_config"]))
-    if not Path(pipe["base_config"]).is_file():
-        raise ConfigError(f"pipeline config: base_config: config file not found: {pipe['base_config']}")
-    from speedpipe.launch import parse_launcher
-
-    for settings in pipe["launcher"].values():
-        parse_launcher(settings or {})
-    return pipe
-
-
-def _schema_error(pipe: dict) -> ConfigError:
-    """The most relevant way an experiment file breaks its schema, as a message naming the key (and, for an unknown
-    key, the closest valid one)."""
-    import jsonschema
-
-    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema()).iter_errors(pipe))
-    where = ".".join(map(str, error.absolute_path)) or "top level"
-    if error.validator == "additionalProperties" and isinstance(error.instance, dict):
-        unknown = sorted(k for k in error.instance if k not in error.schema.get("properties", {}))
-        if unknown:
-            return _refuse(f"{where}: unknown key", unknown[0], sorted(error.schema.get("properties", {})))
-    if error.validator == "enum" and "propertyNames" in error.schema_path:
-        return _refuse(f"{where}: unknown stage", error.instance, error.validator_value)
-    return ConfigError(f"pipeline config: {where}: {error.message} (see {SCHEMA.name})")
-
-
-def _check_steps(pipe, key):
-    steps = pipe[key]  # the schema made it a non-empty list of non-negative integers
-    if list(steps) != sorted(set(steps)):
-        raise ConfigError(f"pipeline config: {key} {steps}: expected increasing non-negative integers (a checkpoint "
-                          f"is written at exactly each of them)")
-
-
 class Experiment:
     """An experiment file, validated, as data. `Experiment(config, base_dir=repo)`: relative config paths are
     taken from base_dir."""
@@ -330,7 +139,7 @@ class Experiment:
             raise ConfigError(f"pipeline config: teachers {teachers}: a teacher is named twice")
         for teacher in teachers:
             if teacher not in self.train_runs:
-                raise _refuse("teachers: no train run", teacher, self.train_runs)
+                raise refuse("teachers: no train run", teacher, self.train_runs)
         self.distill_runs = {student_run_name(m, t): DistillRun(student_run_name(m, t), self.layout.distill_dir(m, t),
                                                                 self.train_runs[t], m)
                              for t in teachers for m in pipe["consistency_methods"]}
@@ -343,19 +152,19 @@ class Experiment:
                                      "Every method of the experiment.")}
         result = {}  # the schema checked each table's keys and types
         for name, spec in tables.items():
-            _check_name("table", name)
+            check_name("table", name)
             if name in RESERVED_NAMES or name.endswith(("_speedup", "_differences", "_per_stage", "_budgets")):
                 raise ConfigError(f"pipeline config: table name {name!r} is taken by one of the report's own files "
                                   f"({', '.join(RESERVED_NAMES)}, or a table's {{name}}_speedup / _differences / _budgets)")
             methods = spec["methods"]
             for m in methods:
                 if m not in self.methods:
-                    raise _refuse(f"tables.{name}.methods: unknown method", m, self.methods)
+                    raise refuse(f"tables.{name}.methods: unknown method", m, self.methods)
             if len(set(methods)) != len(methods):
                 raise ConfigError(f"pipeline config: tables.{name}.methods {methods}: a method is named twice")
             reference = spec.get("reference")
             if reference is not None and reference not in methods:
-                raise _refuse(f"tables.{name}.reference: not one of the table's methods:", reference, methods)
+                raise refuse(f"tables.{name}.reference: not one of the table's methods:", reference, methods)
             steps = spec.get("steps", list(self.pipe["eval_steps"]))
             if any(s not in self.pipe["eval_steps"] for s in steps):
                 raise ConfigError(f"pipeline config: tables.{name}.steps {steps}: expected a non-empty list of eval_steps "
@@ -377,7 +186,7 @@ class Experiment:
             return self.train_runs[name]
         if name in self.distill_runs:
             return self.distill_runs[name]
-        raise _refuse("no run", name, [*self.train_runs, *self.distill_runs])
+        raise refuse("no run", name, [*self.train_runs, *self.distill_runs])
 
     def teacher_samplers(self) -> list[str]:
         """Each teacher's final evaluations: its reference sampler, its ODE ceiling, then the baselines."""
@@ -453,7 +262,7 @@ class Experiment:
             return [(stage, self.stage_config(stage, evaluation=e)) for e in self.evaluation_keys()[key][1]]
         if rule in STAGES:
             return [(rule, self.stage_config(rule))]
-        raise _refuse("no rule", rule, ["train", "distill", "report", *STAGES])
+        raise refuse("no rule", rule, ["train", "distill", "report", *STAGES])
 
     def job_params(self, rule: str, wildcards: dict | None = None) -> list[dict]:
         """A job's Snakemake params: per stage run, its version and the values it reads (speedpipe.stages) -- so an

@@ -26,6 +26,9 @@ import torch.nn as nn
 from torch.func import jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from speedpipe.models.dit import DiT, build_model
+from speedpipe.models.dit_tangent import forward_with_tangent
+
 
 class ContinuousIndex:
     """n*(ᾱ*) and ᾱ(n) as inverse piecewise-linear maps between n and log ᾱ_n (extrapolated at both ends)."""
@@ -130,22 +133,20 @@ class TrigFlowStudent(TrigFlowModel):
     def with_tangent(self, x_scaled, t, dx_scaled, dt, y):
         """(F_θ(x_scaled, t) with gradients, its derivative along (dx_scaled, dt) without gradients).
 
-        A net that writes its own derivative (`forward_with_tangent`: the DiT) gives both in its one graded pass,
+        The DiT writes its own derivative (speedpipe.models.dit_tangent): both in its one graded pass,
         through the fused attention kernels; any other net, or own_tangent=False, the reference of the general case.
         """
-        if not (self.own_tangent and hasattr(self.net, "forward_with_tangent")):
+        if not (self.own_tangent and isinstance(self.net, DiT)):
             return super().with_tangent(x_scaled, t, dx_scaled, dt, y)
         dtype, C = self._dtype(), x_scaled.shape[1]
-        out, d_out = self.net.forward_with_tangent(x_scaled.to(dtype), dx_scaled.to(dtype), self.c_noise(t).to(dtype),
-                                                   (self.time_scale * dt).to(dtype), y)  # c_noise is linear in t
+        out, d_out = forward_with_tangent(self.net, x_scaled.to(dtype), dx_scaled.to(dtype), self.c_noise(t).to(dtype),
+                                          (self.time_scale * dt).to(dtype), y)  # c_noise is linear in t
         return out[:, :C], d_out[:, :C]
 
 
 def student_from_checkpoint(state: dict, use_ema: bool = True) -> TrigFlowStudent:
     """The distilled student of a distill checkpoint (its EMA weights by default): the teacher's DiT, read as F."""
     from omegaconf import OmegaConf
-
-    from speedpipe.models.dit import build_model
 
     net = build_model(OmegaConf.create(state["teacher_config"]), initialise=False)
     net.load_state_dict(state["ema" if use_ema else "model"])

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from speedpipe.data.images import DataError
+from speedpipe.errors import ConfigError
 from speedpipe.io import sha256_file
 
 SAFETENSORS_DTYPES = {"F16": np.float16, "F32": np.float32, "I64": np.int64, "BF16": None}
@@ -157,7 +158,6 @@ class NormalizedLatents:
 def open_training_data(cfg, model_cfg=None, normalization: LatentNormalization | None = None) -> NormalizedLatents:
     """The latent dataset of cfg.data, checked against the model (cfg.model, or a teacher's model_cfg), normalised with
     the given normalization (a consistency student: its teacher's, so that it sees the teacher's data) or else per data.latent_norm."""
-    from speedpipe.config import ConfigError
     from speedpipe.layout import latents_dir
 
     m = model_cfg or cfg.model

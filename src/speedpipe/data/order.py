@@ -6,14 +6,14 @@ same global batch and takes its own contiguous slice, so the global batch does n
 """
 import torch
 
+from speedpipe.errors import ConfigError
+
 
 class EpochBatches:
     def __init__(self, num_examples: int, global_batch_size: int, seed: int, epoch: int = 0, position: int = 0,
                  key: str = "the global batch size"):
         """key: the config key of the batch size, named when the dataset is smaller than one batch."""
         if num_examples < global_batch_size:
-            from speedpipe.config import ConfigError
-
             raise ConfigError(f"config key '{key}': a batch of {global_batch_size} is larger than the {num_examples} "
                               f"examples it is drawn from; lower it to at most {num_examples}")
         self.num_examples = num_examples

@@ -229,12 +229,6 @@ class DiT(nn.Module):
         x = torch.einsum("nhwpqc->nchpwq", x)
         return x.reshape(x.shape[0], c, h * p, w * p)
 
-    def forward_with_tangent(self, x, dx, t, dt, y):
-        """(self(x, t, y) with gradients, its derivative along (dx, dt) without): speedpipe.models.dit_tangent."""
-        from speedpipe.models.dit_tangent import forward_with_tangent
-
-        return forward_with_tangent(self, x, dx, t, dt, y)
-
     def forward(self, x, t, y, force_drop_ids=None):
         """x: [N, C, H, W] latents, t: [N] (float or integer) timesteps, y: [N] labels."""
         x = self.x_embedder(x) + self.pos_embed

@@ -22,6 +22,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from speedpipe.config import leaves
+from speedpipe.experiment_schema import schema_defaults
 
 IDENTITY = ("experiment", "output_dir")  # the experiment's results folder: every stage's default paths
 IMAGES = ("data.name", "data.root", "data.image_size", "data.mnist_fit", "data.strict")  # data.images.open_image_dataset
@@ -239,8 +240,6 @@ def _put(tree: dict, key: str, value):
 @lru_cache(maxsize=None)
 def _default_leaves(kind: str) -> tuple:
     if kind == "report":  # the experiment file's documented defaults (its JSON schema)
-        from speedpipe.workflow import schema_defaults
-
         return tuple(leaves({"pipeline": schema_defaults()}).items())
     from omegaconf import OmegaConf
 

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from torchvision.utils import save_image
 
-from speedpipe.config import ConfigError, save_config
+from speedpipe.config import save_config
+from speedpipe.errors import ConfigError
 from speedpipe.data.images import BatchReader, held_out, open_image_dataset
 from speedpipe.data.order import EpochBatches
 from speedpipe.distributed import DistEnv

@@ -19,7 +19,8 @@ from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from speedpipe.checkpoint import load_checkpoint
-from speedpipe.config import ConfigError, save_config, to_plain
+from speedpipe.config import save_config, to_plain
+from speedpipe.errors import ConfigError
 from speedpipe.consistency.methods import consistency_method
 from speedpipe.consistency.objectives import LogvarHead, TimeProposal, TrigFlowDiffusionLoss
 from speedpipe.consistency.trigflow import TrigFlowStudent, TrigFlowTeacher

@@ -10,7 +10,8 @@ only). Nothing is written when an input is unusable.
 import json
 from pathlib import Path
 
-from speedpipe.config import ConfigError, save_config
+from speedpipe.config import save_config
+from speedpipe.errors import ConfigError
 from speedpipe.data.samples import NpzImages, SamplesError, read_labels
 from speedpipe.fidelity import (EvaluationError, LAYERS, classifier_weights_path, compute_metrics, label_accuracy, stream_features,
                                 use_cuda, weights_for)

@@ -15,7 +15,8 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from speedpipe.checkpoint import load_checkpoint
-from speedpipe.config import ConfigError, save_config
+from speedpipe.config import save_config
+from speedpipe.errors import ConfigError
 from speedpipe.data.images import to_uint8
 from speedpipe.data.latents import LatentNormalization
 from speedpipe.data.samples import write_npz

@@ -11,7 +11,8 @@ import copy
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from speedpipe.config import ConfigError, named_params, save_config, to_plain
+from speedpipe.config import named_params, save_config, to_plain
+from speedpipe.errors import ConfigError
 from speedpipe.data.latents import open_training_data
 from speedpipe.data.order import EpochBatches, rank_slice
 from speedpipe.diffusion import create_diffusion

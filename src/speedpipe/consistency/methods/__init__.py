@@ -16,7 +16,7 @@ import pkgutil
 from dataclasses import dataclass
 from typing import Callable
 
-from speedpipe.config import ConfigError
+from speedpipe.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,53 @@
+"""An experiment file's launcher settings (where a stage's jobs run), checked without importing the launcher: the
+experiment is validated while Snakemake parses the workflow."""
+import re
+from dataclasses import dataclass, field, fields
+
+from speedpipe.errors import ConfigError
+
+SAFE_VALUE = re.compile(r"[A-Za-z0-9_.,:=@%+/-]*")  # no whitespace, quotes or shell metacharacters
+
+
+@dataclass
+class LauncherConfig:
+    executor: str = "local"  # local | slurm
+    partition: str = ""
+    account: str = ""
+    qos: str = ""
+    constraint: str = ""
+    nodes: int = 1
+    tasks_per_node: int = 1  # = GPUs per node for DDP: one rank per task
+    gpus_per_node: int = 0
+    cpus_per_task: int = 1
+    mem_gb: int = 4
+    time_min: int = 60
+    additional: dict = field(default_factory=dict)  # extra sbatch parameters, e.g. {"exclusive": ""}
+    poll_seconds: float = 2.0
+    folder: str = ""  # submitit logs; default: {output_dir}/{experiment}/.slurm
+
+
+def parse_launcher(settings: dict) -> LauncherConfig:
+    """Validate launcher settings before anything is submitted; errors name the key and the value."""
+    known = {f.name: f for f in fields(LauncherConfig)}
+    for key, value in settings.items():
+        if key not in known:
+            raise ConfigError(f"launcher: unknown key {key!r}; expected one of {sorted(known)}")
+        kind = known[key].type
+        if kind is int and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise ConfigError(f"launcher.{key}: expected a non-negative integer, got {value!r}")
+        if kind is str and (not isinstance(value, str) or not SAFE_VALUE.fullmatch(value)):
+            raise ConfigError(f"launcher.{key}: {value!r} contains whitespace, quotes or shell metacharacters")
+        if kind is float and (not isinstance(value, (int, float)) or value <= 0):
+            raise ConfigError(f"launcher.{key}: expected a positive number, got {value!r}")
+        if kind is dict:
+            if not isinstance(value, dict):
+                raise ConfigError(f"launcher.{key}: expected a mapping of sbatch options")
+            for k, v in value.items():
+                if not SAFE_VALUE.fullmatch(str(k)) or not SAFE_VALUE.fullmatch(str(v)):
+                    raise ConfigError(f"launcher.{key}.{k}: {v!r} contains whitespace, quotes or shell metacharacters")
+    cfg = LauncherConfig(**settings)
+    if cfg.executor not in ("local", "slurm"):
+        raise ConfigError(f"launcher.executor: {cfg.executor!r} is not 'local' or 'slurm'")
+    if cfg.nodes < 1 or cfg.tasks_per_node < 1 or cfg.time_min < 1:
+        raise ConfigError("launcher: nodes, tasks_per_node and time_min must be at least 1")
+    return cfg
