@@ -235,6 +235,25 @@ def test_logvar_weighting_reaches_the_loss():
     assert weighted["loss"].item() == pytest.approx(math.exp(-0.7) * plain["mse"].item() + 0.7, rel=1e-9)
 
 
+
+def test_each_sample_is_weighted_by_the_logvar_of_its_own_time():
+    """A head whose logvar varies with t: the batch's loss is mean_i(e^{−logvar(t_i)}/D·‖·‖²_i + logvar(t_i)), each sample
+    with its own time's logvar (logvar(t_i) and ‖·‖²_i/D taken from one-sample batches), not every pairing of the two."""
+    student = TrigFlowStudent(Linear(0.4, -0.3), sigma_d=0.6, time_scale=1.0)
+    head = LogvarHead(dim=8).double()
+    torch.nn.init.normal_(head.linear.weight, std=0.5, generator=torch.Generator().manual_seed(3))
+    x0, z, t, y = _pair()
+    loss = TrigFlowDiffusionLoss(None, "data")
+    expected = 0.0
+    for i in range(3):
+        one = slice(i, i + 1)
+        logvar = head(student.c_noise(t[one].float())).item()  # the time input in float32, as the objective gives it
+        error = loss(student, LogvarHead(dim=8).double(), x0[one], z[one], t[one], y[one], 1)["mse"].item()
+        expected += (math.exp(-logvar) * error + logvar) / 3
+    logvars = head(student.c_noise(t))
+    assert logvars.shape == (3,) and logvars.std() > 0.1  # the times are told apart
+    assert loss(student, head, x0, z, t, y, 1)["loss"].item() == pytest.approx(expected, rel=1e-9)
+
 class EpsilonOfIndex(torch.nn.Module):
     """ε̂(x_n, n, y) = 0.1·x_n + 0.01·n·(y + 1): depends on the continuous index and the label."""
 
@@ -248,7 +267,7 @@ class EpsilonOfIndex(torch.nn.Module):
         return 0.1 * x_n + 0.01 * (n * (y + 1)).view(-1, 1)
 
 
-@pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
+@pytest.mark.parametrize("cfg_scale", [1.0, 2.0, 3.0])  # 1: the unguided shortcut; 2 and 3: guided
 def test_teacher_conversion_by_hand_on_a_three_step_table(cfg_scale):
     """METHODS.md §4 with L = latent_scale: σ = (σ_d/L)·tan t, ᾱ* = 1/(1 + σ²), n* from log ᾱ between the table's entries,
     x_n = √ᾱ*·x_t/(L cos t), ε̂ = net(x_n, n*) (guided: ε̂_u + s(ε̂_c − ε̂_u)), x̂0 = (x_n − √(1−ᾱ*)ε̂)/√ᾱ*,
