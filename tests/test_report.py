@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from speedpipe.layout import Layout
-from speedpipe.stages.report import CURVE_METRICS, named_table, write_table
+from speedpipe.reporting.tables import CURVE_METRICS, named_table, write_table
 
 # FID per seed at iterations 100, 200, 300; the means are in the comments
 FIDS = {
@@ -107,7 +107,7 @@ def test_the_speed_up_at_every_budget_against_a_hand_computation(curve):
     100 + 8/16*100 = 150 and 100 + 8/16*100 = 150 (both 1.33x: no spread). At B = 300 as the final-FID speed-up above."""
     from scipy.stats import t
 
-    from speedpipe.stages.report import budget_table
+    from speedpipe.reporting.tables import budget_table
 
     table = {"name": "t", "methods": ["base", "fast_k", "slow"], "reference": "base", "steps": [300], "caption": "", "budgets": True}
     b = budget_table(curve, table).set_index(["method", "budget"])
@@ -130,7 +130,8 @@ def test_the_speed_up_at_every_budget_against_a_hand_computation(curve):
 
 
 def test_the_budget_figure_draws_the_interval_where_every_seed_crossed(curve, tmp_path):
-    from speedpipe.stages.report import budget_figure, budget_table
+    from speedpipe.reporting.figures import budget_figure
+    from speedpipe.reporting.tables import budget_table
 
     budgets = budget_table(curve, {"name": "t", "methods": ["base", "fast_k"], "reference": "base", "steps": [300], "caption": ""})
     ax = budget_figure(budgets, "base").axes[0]

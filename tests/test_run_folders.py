@@ -16,7 +16,7 @@ from speedpipe.launch import config_hash, queued_job_ids
 from speedpipe.models.autoencoder import save_tiny_autoencoder, tiny_autoencoder_config
 from speedpipe.runstore import RunFolder, current_state, main as runstore_main, states
 from speedpipe.stages import sample, train
-from speedpipe.stages.report import kept_runs
+from speedpipe.reporting.readme import kept_runs
 
 
 def test_a_standalone_command_never_writes_into_a_pipeline_run(tiny_train_config, tmp_path):

@@ -1,0 +1,1 @@
+"""The report stage's parts (speedpipe.stages.report): its tables, its figures and the experiment's README."""
