@@ -254,7 +254,7 @@ _spec = os.environ.get("SPEEDPIPE_KEY_MUTATION")
 if _spec:
     from omegaconf import OmegaConf
     from speedpipe import stages
-    from speedpipe.config import CHOICES
+    from speedpipe.config_schema import CHOICES
     from speedpipe.stages import _defaults, _get, _put
     _stage, _key, *_how = _spec.split(":")
 

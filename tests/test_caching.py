@@ -14,7 +14,8 @@ import pytest
 import yaml
 
 from conftest import REPO, planned_jobs, snakemake
-from speedpipe.config import Config, load_config
+from speedpipe.config import load_config
+from speedpipe.config_schema import Config
 from speedpipe.consistency.methods import method_names
 from speedpipe.stages import STAGES, UndeclaredRead
 
@@ -281,7 +282,7 @@ def test_a_key_added_to_the_code_at_its_default_changes_no_params(monkeypatch):
     were, so a new feature does not re-run an experiment that does not use it."""
     import speedpipe.config as config_module
     from speedpipe import stages
-    from speedpipe.config import TrainerConfig
+    from speedpipe.config_schema import TrainerConfig
 
     path = REPO / "configs/mnist5k/speed.yaml"
     before = STAGES["train"].params(load_config(path, ["trainer.steps=800"], phase="train"))
@@ -336,3 +337,31 @@ def test_no_override_moves_what_the_rules_pass_between_jobs(tmp_path):
     assert evaluate["eval"]["classifier_weights"] == "results/micro/classifier/model.safetensors"
     sample = exp.stage_config("sample", evaluation=exp.evaluations()[0])
     assert sample["autoencoder"]["path"] == "results/micro/autoencoder/model.safetensors"  # the pipeline's tiny autoencoder
+
+
+def test_the_planners_config_cache_is_keyed_on_speedpipes_code(tmp_path, monkeypatch):
+    """Snakemake's planning remembers each validated config on disk; an edit of any speedpipe module (a sampler's
+    parameter check, the DiT's model names) must validate again, not return an earlier "valid"."""
+    import shutil
+
+    from speedpipe import workflow
+
+    package = REPO / "src" / "speedpipe"
+    copy = tmp_path / "speedpipe"
+    shutil.copytree(package, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    assert workflow.source_digest(copy) == workflow.source_digest(package)
+    timesteps = copy / "diffusion" / "timesteps.py"
+    timesteps.write_text(timesteps.read_text().replace("must be positive", "must be above zero"))
+    workflow.source_digest.cache_clear()  # (one planning process sees one version of the code)
+    assert workflow.source_digest(copy) != workflow.source_digest(package)
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".snakemake").mkdir()
+    config = str(REPO / "configs/mnist5k/speed.yaml")
+    workflow._validated(config, (), "train")
+    assert len(list((tmp_path / ".snakemake/speedpipe-configs").iterdir())) == 1
+    workflow._validated.cache_clear()
+    monkeypatch.setattr(workflow, "source_digest", lambda: "the code after an edit")
+    workflow._validated(config, (), "train")
+    assert len(list((tmp_path / ".snakemake/speedpipe-configs").iterdir())) == 2
+    workflow._validated.cache_clear()

@@ -1,4 +1,4 @@
-"""Every option of every choice (speedpipe.config.CHOICES) does what it must: its defining property, worked out by hand.
+"""Every option of every choice (speedpipe.config_schema.CHOICES) does what it must: its defining property, worked out by hand.
 
 tests/test_settings.py shows that changing a choice changes a stage's output; here each option is checked for what it
 is: which pixels a digit fit keeps, what a latent source reads, what a normalisation makes of the data, what an

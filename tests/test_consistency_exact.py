@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from speedpipe.config import DistillConfig
+from speedpipe.config_schema import DistillConfig
 from speedpipe.consistency.methods import consistency_method, method_names
 from speedpipe.consistency.objectives import LogvarHead, TrigFlowDiffusionLoss, sample_time
 from speedpipe.consistency.sampling import ConsistencySampler

@@ -23,7 +23,8 @@ import torch
 
 from conftest import REPO
 from stage_inputs import DISTILL, SAMPLE, Recorder
-from speedpipe.config import Config, load_config
+from speedpipe.config import load_config
+from speedpipe.config_schema import Config
 from speedpipe.config import leaves
 from speedpipe.stages import STAGES
 

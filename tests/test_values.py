@@ -1,12 +1,13 @@
 """Every config value is checked before any work starts, and the error names the key (issue 26, item 5): NaN and
-infinity anywhere, the ranges of speedpipe.config.RANGES, and experiment names that would leave {output_dir}."""
+infinity anywhere, the ranges of speedpipe.config_schema.RANGES, and experiment names that would leave {output_dir}."""
 import re
 
 import pytest
 import yaml
 from conftest import REPO
 
-from speedpipe.config import RANGES, load_config
+from speedpipe.config import load_config
+from speedpipe.config_schema import RANGES
 from speedpipe.errors import ConfigError
 
 SPEED = REPO / "configs/mnist5k/speed.yaml"

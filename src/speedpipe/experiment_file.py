@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from speedpipe.config import NAME, NAME_RULE
+from speedpipe.config_schema import NAME, NAME_RULE
 from speedpipe.consistency.methods import method_names
 from speedpipe.errors import ConfigError
 from speedpipe.experiment_schema import SCHEMA, schema

@@ -451,16 +451,28 @@ def _shown(path: Path) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _validated(path: str, overrides: tuple, phase: str | None) -> str:
-    """load_config, remembered on disk by the content of every file it reads (a no-op re-run of Snakemake
-    then never imports torch to validate, which is most of its start-up time)."""
+def source_digest(package: Path = Path(__file__).resolve().parent) -> str:
+    """The content of every module of the package: validation builds samplers, weightings, the DiT and the consistency
+    methods from the config, so an edit of any of them can change what is valid."""
     import hashlib
 
-    import speedpipe.config as config_module
+    digest = hashlib.sha256()
+    for module in sorted(package.rglob("*.py")):
+        digest.update(str(module.relative_to(package)).encode() + b"\0" + module.read_bytes())
+    return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=None)
+def _validated(path: str, overrides: tuple, phase: str | None) -> str:
+    """load_config, remembered on disk by the content of the config files it reads and of speedpipe's modules (a no-op
+    re-run of Snakemake then never imports torch to validate, which is most of its start-up time)."""
+    import hashlib
+
     from speedpipe.config import base_chain
 
-    files = [*base_chain(Path(path)), Path(path), Path(config_module.__file__)]
-    key = hashlib.sha256(json.dumps([[str(f), f.read_text()] for f in files] + [list(overrides), phase]).encode()).hexdigest()
+    files = [*base_chain(Path(path)), Path(path)]
+    key = hashlib.sha256(json.dumps([[str(f), f.read_text()] for f in files]
+                                    + [list(overrides), phase, source_digest()]).encode()).hexdigest()
     cached = Path(".snakemake") / "speedpipe-configs" / f"{key}.json"
     if cached.is_file():
         return cached.read_text()

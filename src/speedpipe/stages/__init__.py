@@ -48,7 +48,7 @@ class Stage:
     version: int  # bump when the stage's behaviour changes: Snakemake re-runs its jobs (it does not see code edits)
     reads: tuple[str, ...] = ()
     uses: tuple[str, ...] = ()
-    config: str = "stage"  # stage: a speedpipe.config.Config | report: speedpipe.workflow.Experiment.report_config()
+    config: str = "stage"  # stage: a speedpipe.config_schema.Config | report: speedpipe.workflow.Experiment.report_config()
 
     @property
     def module(self) -> str:
@@ -243,7 +243,7 @@ def _default_leaves(kind: str) -> tuple:
         return tuple(leaves({"pipeline": schema_defaults()}).items())
     from omegaconf import OmegaConf
 
-    from speedpipe.config import Config
+    from speedpipe.config_schema import Config
 
     return tuple(leaves(OmegaConf.to_container(OmegaConf.structured(Config))).items())
 
