@@ -198,6 +198,9 @@ SWAPPED = {ast.Add: ("+", "-"), ast.Sub: ("-", "+"), ast.Mult: ("*", "/"), ast.D
 EQUIVALENT = {
     'check.py: atomic_write_text(expected, json.dumps({**kept, "reference": json.loads(summary.read_text())}, indent=2)) | 2 -> 3 #1':
         "the indentation of the recorded expected.json: its layout, not its content",
+    "diffusion/timesteps.py: cdf = np.array([0.5 * (1 + math.erf((e - mean) / (std * math.sqrt(2)))) if np.isfinite(e) "
+    "else float(e > 0) for e in edges]) | 0 -> 1 #1":
+        "the branch sees only the outer edges, -inf and +inf: e > 1 is e > 0 there",
 }
 
 

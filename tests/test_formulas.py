@@ -362,6 +362,19 @@ def test_speed_sampler_at_the_ends_of_its_valid_values(three_steps, k, tau, expe
             build_sampler("speed", three_steps, dual=False, **bad)
 
 
+def test_clts_at_the_ends_of_its_valid_values(three_steps):
+    """Any σ > 0 (a narrow curriculum, σ = 0.5 of a step) and a ramp of one step are valid; 0 is refused. σ = 0.5, μ = 1
+    over t = 0, 1, 2: N ∝ e^{−2}, 1, e^{−2}; ramp 1: the Gaussian from step 1 on, uniform at step 0."""
+    from speedpipe.diffusion.timesteps import build_sampler
+
+    sampler = build_sampler("clts", three_steps, mu=1.0, sigma=0.5, ramp_steps=1)
+    z = 1 + 2 * math.exp(-2)
+    assert sampler.distribution(4, step=1).numpy() == pytest.approx([math.exp(-2) / z, 1 / z, math.exp(-2) / z])
+    assert sampler.distribution(4, step=0).numpy() == pytest.approx([1 / 3] * 3)
+    for bad in ({"sigma": 0.0, "ramp_steps": 1}, {"sigma": 0.5, "ramp_steps": 0}):
+        with pytest.raises(ValueError, match="must be positive"):
+            build_sampler("clts", three_steps, mu=1.0, **bad)
+
 @pytest.mark.parametrize("n", [4, 5])
 def test_speed_dual_distribution_by_hand(n):
     """⌊n/2⌋ + 1 direct draws and n - that many mirrors (m = 642): P(t) = (draws·p_t + mirrors·p_mirror(t))/n."""
