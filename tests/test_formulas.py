@@ -374,6 +374,12 @@ def test_clts_at_the_ends_of_its_valid_values(three_steps):
     for bad in ({"sigma": 0.0, "ramp_steps": 1}, {"sigma": 0.5, "ramp_steps": 0}):
         with pytest.raises(ValueError, match="must be positive"):
             build_sampler("clts", three_steps, mu=1.0, **bad)
+    # centred before the first step (μ = −1, σ = 1): N ∝ e^{−1/2}, e^{−2}, e^{−9/2}, less than 1 in all, renormalised
+    off = build_sampler("clts", three_steps, mu=-1.0, sigma=1.0, ramp_steps=1).distribution(4, step=1).numpy()
+    mass = [math.exp(-0.5), math.exp(-2), math.exp(-4.5)]
+    assert off == pytest.approx([m / sum(mass) for m in mass])
+    with pytest.raises(ValueError, match="has no mass"):  # every step's density underflows
+        build_sampler("clts", three_steps, mu=1000.0, sigma=0.5, ramp_steps=1)
 
 @pytest.mark.parametrize("n", [4, 5])
 def test_speed_dual_distribution_by_hand(n):
