@@ -201,6 +201,10 @@ EQUIVALENT = {
     "diffusion/timesteps.py: cdf = np.array([0.5 * (1 + math.erf((e - mean) / (std * math.sqrt(2)))) if np.isfinite(e) "
     "else float(e > 0) for e in edges]) | 0 -> 1 #1":
         "the branch sees only the outer edges, -inf and +inf: e > 1 is e > 0 there",
+    "diffusion/timesteps.py: grad = np.gradient(1.0 - diffusion.alphas_cumprod) | 1.0 -> 2.0 #1":
+        "the gradient of 1 - alpha_bar and of 2 - alpha_bar are the same (a constant has none)",
+    "diffusion/gaussian.py: frac_stride = 1 if section_count <= 1 else (size - 1) / (section_count - 1) | 1 -> 2 #1":
+        "the stride of a section of one step: its one step is taken at the section's start, whatever the stride",
 }
 
 
@@ -386,24 +390,26 @@ def setting_mutations() -> tuple[list[tuple[str, str]], dict[tuple[str, str], st
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default="", help="run only mutations whose name contains this text")
+    ap.add_argument("--only", action="append", default=[], help="run only mutations whose name contains this text "
+                                                                 "(given again: any of the texts)")
     ap.add_argument("--keys", action="store_true", help="run the setting mutations only")
     ap.add_argument("--mechanical", action="store_true", help="run the literal and operator mutants of the formula modules only")
     ap.add_argument("--list", action="store_true", help="list the mutations that would run, and stop")
     args = ap.parse_args()
+    chosen = lambda name: not args.only or any(text in name for text in args.only)  # noqa: E731
     formulas = [] if args.keys or args.mechanical else [(n, rel, replace_once(n, old, new), tests) for n, rel, old, new, tests in MUTATIONS
-                                                         if args.only in n]
+                                                         if chosen(n)]
     if args.mechanical:
         for rel, tests in FORMULA_MODULES.items():
             source = (REPO / "src" / "speedpipe" / rel).read_text()
             formulas += [(name, rel, lambda text, a=a, b=b, new=new: text[:a] + new + text[b:], tests)
-                         for name, a, b, new in mechanical_mutations(rel, source) if args.only in name]
+                         for name, a, b, new in mechanical_mutations(rel, source) if chosen(name)]
     keys, unpinnable, directional = ([], {}, []) if args.mechanical else setting_mutations()
     if args.list:
         print("\n".join([f[0] for f in formulas] + [f"{s}:{k}" for s, k in keys] + [f"{s}:{k} (wrong way round)" for s, k in directional]))
         return
-    keys = [(s, k) for s, k in keys if args.only in f"{s}:{k}"]
-    directional = [(s, k) for s, k in directional if args.only in f"{s}:{k}"]
+    keys = [(s, k) for s, k in keys if chosen(f"{s}:{k}")]
+    directional = [(s, k) for s, k in directional if chosen(f"{s}:{k}")]
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(tmp)

@@ -504,6 +504,41 @@ def test_fixed_variance_without_learned_sigma_is_beta_with_the_posterior_varianc
     assert d.training_losses(torch.ones_like(x), x, x, torch.tensor([0, 1, 2]), x)["vb"].tolist() == [0.0, 0.0, 0.0]
 
 
+@pytest.mark.parametrize("betas, clipped", [([0.1, 0.2], 0.2 * 0.1 / 0.28), ([0.3], 0.3)])
+def test_the_learned_variances_lower_end_at_t0_is_the_next_steps_posterior_variance(betas, clipped):
+    """log β̃ clipped at t = 0 (where β̃_0 = 0): β̃_1 = β_1(1 − ᾱ_0)/(1 − ᾱ_1) for two steps, β_0 for a single step."""
+    from speedpipe.diffusion.gaussian import GaussianDiffusion
+
+    d = GaussianDiffusion(np.array(betas))
+    assert d.posterior_log_variance_clipped[0] == pytest.approx(math.log(clipped), rel=1e-9)
+
+
+def test_clip_denoised_clamps_the_predicted_x0_to_the_data_range():
+    """x̂0 = (x_t − √(1 − ᾱ)·ε̂)/√ᾱ, clamped to [−1, 1] when asked (ADM's pixel-space option): at t = 0 of the three-step
+    table (ᾱ = 0.9), x_t = 0 and ε̂ = ∓3 give x̂0 = ±3·√(0.1/0.9) = ±1 exactly, ε̂ = ∓6 gives ±2, clamped to ±1."""
+    from speedpipe.diffusion.gaussian import GaussianDiffusion
+
+    d = GaussianDiffusion(np.array([0.1, 0.2, 0.5]), learn_sigma=False)
+    x = torch.zeros(4, 1, 1, 1, dtype=torch.float64)
+    eps = torch.tensor([-3.0, 3.0, -6.0, 6.0], dtype=torch.float64).view(4, 1, 1, 1)
+    t = torch.zeros(4, dtype=torch.long)
+    _, _, raw, _ = d.p_mean_variance_from_output(eps, x, t)
+    _, _, clipped, _ = d.p_mean_variance_from_output(eps, x, t, clip_denoised=True)
+    assert raw.flatten().numpy() == pytest.approx([1.0, -1.0, 2.0, -2.0])
+    assert clipped.flatten().numpy() == pytest.approx([1.0, -1.0, 1.0, -1.0])
+
+
+@pytest.mark.parametrize("T, counts, expected", [(10, [2, 3], {0, 4, 5, 7, 9}), (11, "2,3", {0, 5, 6, 8, 10}),
+                                                 (10, [1, 4], {0, 5, 6, 8, 9})])
+def test_adms_sectioned_respacing_by_hand(T, counts, expected):
+    """ADM's respacing: T split into len(counts) sections (the first T mod len(counts) one step longer), each taking its
+    count at a fractional stride (size − 1)/(count − 1) from its start, rounded (stride 1 for a count of 1). T = 10,
+    [2, 3]: sections 0–4 and 5–9, strides 4 and 2. T = 11: sections of 6 and 5, strides 5 and 2. [1, 4]: 0; then
+    5 + round(0, 4/3, 8/3, 4) = 5, 6, 8, 9."""
+    from speedpipe.diffusion.gaussian import space_timesteps
+
+    assert space_timesteps(T, counts) == expected
+
 @pytest.mark.parametrize("guided_channels", [None, 3])
 def test_classifier_free_guidance_by_hand(guided_channels):
     """ε = ε_u + s·(ε_c − ε_u) on the guided channels (all, or DiT's first 3 of 4), ε_c elsewhere; the variance
