@@ -203,6 +203,8 @@ EQUIVALENT = {
         "the branch sees only the outer edges, -inf and +inf: e > 1 is e > 0 there",
     "diffusion/timesteps.py: grad = np.gradient(1.0 - diffusion.alphas_cumprod) | 1.0 -> 2.0 #1":
         "the gradient of 1 - alpha_bar and of 2 - alpha_bar are the same (a constant has none)",
+    "diffusion/timesteps.py: w = 1.0 / (1.0 + np.exp(-(b - lam))) * -np.gradient(lam) | 1.0 -> 2.0 #1":
+        "a constant factor of the sigmoid weights, which are normalised to mean 1 after",
     "diffusion/gaussian.py: frac_stride = 1 if section_count <= 1 else (size - 1) / (section_count - 1) | 1 -> 2 #1":
         "the stride of a section of one step: its one step is taken at the section's start, whatever the stride",
 }

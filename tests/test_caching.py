@@ -7,6 +7,7 @@ import ast
 import contextlib
 import dataclasses
 import inspect
+import re
 import subprocess
 import sys
 
@@ -84,8 +85,8 @@ CASES = {  # edit -> the job kinds it must re-plan, each entirely (and nothing e
     "diffusion.noise_schedule (diffusion)": ("base", setting("diffusion", "noise_schedule", "cosine"), TRAINED),
     "distill.tangent_c (distill)": ("base", setting("distill", "tangent_c", 0.2),
                                     ["distill", "sample:student", "evaluate:student", "report"]),
-    "sampling.scm_mid_t (sample)": ("base", setting("sampling", "scm_mid_t", 1.0),
-                                    ["sample:teacher", "sample:student", *EVALUATED]),
+    "sampling.scm_mid_t (sample: the students' two-step sampler)": ("base", setting("sampling", "scm_mid_t", 1.0),
+                                                                     ["sample:student", "evaluate:student", "report"]),
     "eval.metrics (evaluate: no sampling, no training)": ("base", setting("eval", "metrics", ["fid", "kid", "isc"]), EVALUATED),
     "a table's caption (report)": ("pipe", setting("tables", "k", "caption", "Another caption."), ["report"]),
     "a consistency method left out (the other's students stay)": ("pipe", setting("consistency_methods", ["scd"]), ["report"]),
@@ -108,6 +109,19 @@ def test_an_edit_replans_exactly_the_stages_that_read_it(finished, case):
     for kind in expected:
         assert planned[kind] == every[kind], (case, kind, sorted(every[kind] - planned[kind]))
 
+
+def test_ddim_eta_replans_the_jobs_with_a_ddim_sampler_and_no_other(finished):
+    """A key only some samplers read (speedpipe.stages.SAMPLER_READS): the teacher's DDPM-only sampling jobs (its
+    ddpm10 samplers, each a job of its own) and the students' are not planned again."""
+    work, every = finished
+    with edited(work / "configs/mnist5k/base.yaml", setting("sampling", "ddim_eta", 0.5)):
+        result = snakemake(work, "-n", "--configfile", str(work / "micro.yaml"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    planned = groups(planned_jobs(result.stdout))
+    ddpm_only = {job for job in every["sample:teacher"] if re.search(r"_ddpm\d+(_cfg[\d_]+)?$", job.split("[")[0])}
+    assert len(ddpm_only) == 2, sorted(every["sample:teacher"])
+    assert set(planned) == {"sample:teacher", "evaluate:teacher", "report"}, sorted(planned)
+    assert planned["sample:teacher"] == every["sample:teacher"] - ddpm_only
 
 def test_job_params_hold_what_the_stage_reads_and_not_its_defaults():
     cfg = load_config(REPO / "configs/mnist5k/speed.yaml", ["trainer.steps=800"], phase="train")

@@ -14,6 +14,7 @@ from speedpipe.consistency.sampling import ConsistencySampler
 from speedpipe.consistency.trigflow import ContinuousIndex, TrigFlowStudent, TrigFlowTeacher
 from speedpipe.diffusion import create_diffusion
 from speedpipe.models.dit import DiT_models
+from speedpipe.models.dit_tangent import forward_with_tangent
 from speedpipe.stages import distill, train
 
 
@@ -126,7 +127,7 @@ def test_jvp_tangent_matches_finite_differences():
 
 @pytest.mark.parametrize("fused_attn", [True, False])
 def test_the_dits_own_tangent_is_its_forward_mode_derivative(fused_attn):
-    """DiT.forward_with_tangent: its value is the DiT's forward, bit for bit, and carries gradients; its tangent is
+    """forward_with_tangent (speedpipe.models.dit_tangent): its value is the DiT's forward, bit for bit, and carries gradients; its tangent is
     torch.func.jvp's through the math attention kernel (fp64), along the image and the time input at once."""
     from torch.func import jvp
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -137,12 +138,12 @@ def test_the_dits_own_tangent_is_its_forward_mode_derivative(fused_attn):
     x, dx = (torch.randn(3, 4, 8, 8, generator=g, dtype=torch.float64) for _ in range(2))
     t, dt = 3 * torch.rand(3, generator=g, dtype=torch.float64), torch.randn(3, generator=g, dtype=torch.float64)
     y = torch.tensor([1, 5, 9])
-    out, d_out = net.forward_with_tangent(x, dx, t, dt, y)
+    out, d_out = forward_with_tangent(net, x, dx, t, dt, y)
     assert torch.equal(out, net(x, t, y)) and out.requires_grad and not d_out.requires_grad
     with sdpa_kernel(SDPBackend.MATH):
         _, expected = jvp(lambda a, b: net(a, b, y), (x, t), (dx, dt))
     assert (d_out - expected).abs().max() < 1e-12 * expected.abs().max()
-    _, along_x = net.forward_with_tangent(x, dx, t, torch.zeros_like(dt), y)
+    _, along_x = forward_with_tangent(net, x, dx, t, torch.zeros_like(dt), y)
     assert (along_x - expected).abs().max() > 1e-3 * expected.abs().max()  # the time direction is part of it
 
 
@@ -163,7 +164,7 @@ def test_the_dits_own_tangent_under_bf16_autocast_is_as_close_as_torch_func_jvps
         with torch.autocast("cpu", dtype=torch.bfloat16):
             reference = along()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out, own = net.forward_with_tangent(x, dx, t, dt, y)
+        out, own = forward_with_tangent(net, x, dx, t, dt, y)
         assert torch.equal(out, net(x, t, y))
     error = lambda d: ((d.float() - exact).norm() / exact.norm()).item()  # noqa: E731
     assert error(own) < min(0.01, 1.5 * error(reference)), (error(own), error(reference))

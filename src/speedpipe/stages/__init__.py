@@ -23,6 +23,7 @@ from pathlib import Path
 
 from speedpipe.config import leaves
 from speedpipe.experiment_schema import schema_defaults
+from speedpipe.sampler_labels import parse_sampler
 
 IDENTITY = ("experiment", "output_dir")  # the experiment's results folder: every stage's default paths
 IMAGES = ("data.name", "data.root", "data.image_size", "data.mnist_fit", "data.strict")  # data.images.open_image_dataset
@@ -48,6 +49,7 @@ class Stage:
     version: int  # bump when the stage's behaviour changes: Snakemake re-runs its jobs (it does not see code edits)
     reads: tuple[str, ...] = ()
     uses: tuple[str, ...] = ()
+    read_if: tuple = ()  # (key, whether a job with this plain config reads it): keys of a section only some jobs read
     config: str = "stage"  # stage: a speedpipe.config_schema.Config | report: speedpipe.workflow.Experiment.report_config()
 
     @property
@@ -80,7 +82,8 @@ class Stage:
             for key in self.reads:
                 value = _get(plain, key, self.name)
                 values.update(leaves(value, key) if isinstance(value, dict) else {key: value})
-            values = {k: v for k, v in values.items() if k not in self.uses}
+            unread = {key for key, reads in self.read_if if not reads(plain)}
+            values = {k: v for k, v in values.items() if k not in self.uses and k not in unread}
         return {"version": self.version, "reads": {k: v for k, v in values.items() if k not in defaults or defaults[k] != v}}
 
     def run_settings(self, config) -> dict:
@@ -167,6 +170,19 @@ def with_contents(reads: dict, config: dict, fingerprint) -> dict:
             out[key] = {"content": fingerprint(str(Path(value).absolute()))}
     return out
 
+
+
+def _sampler(config: dict):
+    return parse_sampler(config["sampling"]["sampler"])
+
+
+# The sampling section's keys that only some samplers read: an edit of one re-runs only the jobs of those samplers
+# (scm_mid_t: a consistency student's two-step sampler; ddim_eta: DDIM; guidance: the diffusion samplers).
+SAMPLER_READS = (("sampling.scm_mid_t", lambda c: _sampler(c).name == "scm2"),
+                 ("sampling.ddim_eta", lambda c: _sampler(c).family == "ddim"),
+                 ("sampling.cfg_scale", lambda c: not _sampler(c).consistency),
+                 ("sampling.dit_compat", lambda c: not _sampler(c).consistency))
+
 STAGES = {s.name: s for s in (
     Stage("autoencoder", None, 2,  # 2: the scale factor from streamed float64 moments
           reads=(*IDENTITY, "seed", *IMAGES, "autoencoder.name", "autoencoder.block_out_channels", "autoencoder.latent_channels",
@@ -194,7 +210,7 @@ STAGES = {s.name: s for s in (
           reads=(*IDENTITY, "seed", *(k for k in LATENTS if k != "data.latent_norm"), "distill"),
           uses=loop_uses("distill")),
     Stage("sample", "sample", 4,  # 4: labels and each batch's noise from streams of their own; students under bf16 too
-          reads=(*IDENTITY, "autoencoder.name", "autoencoder.path", "sampling"),
+          reads=(*IDENTITY, "autoencoder.name", "autoencoder.path", "sampling"), read_if=SAMPLER_READS,
           uses=("autoencoder.allow_download", "sampling.progress")),
     Stage("evaluate", None, 3,  # 3: unsupported metrics left out with the reason, samples streamed
           reads=(*IDENTITY, "eval.samples", "eval.out", "eval.metrics", "eval.label_accuracy", "eval.batch_size",
