@@ -350,6 +350,18 @@ def test_speed_sampler_probabilities_by_hand(three_steps):
     assert probs == pytest.approx([4 / 9, 4 / 9, 1 / 9])  # ∝ k before τ, 1 after, over T + τ(k - 1) = 9
 
 
+@pytest.mark.parametrize("k, tau, expected", [(0.5, 1, [0.2, 0.4, 0.4]), (4.0, 3, [1 / 3, 1 / 3, 1 / 3])])
+def test_speed_sampler_at_the_ends_of_its_valid_values(three_steps, k, tau, expected):
+    """τ from 1 to T and any k > 0 are valid (k < 1 favours the convergence area): p ∝ k before τ, 1 after, over
+    T + τ(k − 1): 0.5/2.5 and 1/2.5 for k = 0.5, τ = 1; uniform for τ = T (every step before τ)."""
+    from speedpipe.diffusion.timesteps import build_sampler
+
+    assert build_sampler("speed", three_steps, k=k, tau=tau, dual=False).probs.numpy() == pytest.approx(expected)
+    for bad in ({"k": 0.0, "tau": 2}, {"k": 4.0, "tau": 0}, {"k": 4.0, "tau": 4}):
+        with pytest.raises(ValueError, match="must"):
+            build_sampler("speed", three_steps, dual=False, **bad)
+
+
 @pytest.mark.parametrize("n", [4, 5])
 def test_speed_dual_distribution_by_hand(n):
     """⌊n/2⌋ + 1 direct draws and n - that many mirrors (m = 642): P(t) = (draws·p_t + mirrors·p_mirror(t))/n."""
