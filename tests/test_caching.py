@@ -358,24 +358,24 @@ def test_the_planners_config_cache_is_keyed_on_speedpipes_code(tmp_path, monkeyp
     parameter check, the DiT's model names) must validate again, not return an earlier "valid"."""
     import shutil
 
-    from speedpipe import workflow
+    from speedpipe import planning_cache
 
     package = REPO / "src" / "speedpipe"
     copy = tmp_path / "speedpipe"
     shutil.copytree(package, copy, ignore=shutil.ignore_patterns("__pycache__"))
-    assert workflow.source_digest(copy) == workflow.source_digest(package)
+    assert planning_cache.source_digest(copy) == planning_cache.source_digest(package)
     timesteps = copy / "diffusion" / "timesteps.py"
     timesteps.write_text(timesteps.read_text().replace("must be positive", "must be above zero"))
-    workflow.source_digest.cache_clear()  # (one planning process sees one version of the code)
-    assert workflow.source_digest(copy) != workflow.source_digest(package)
+    planning_cache.source_digest.cache_clear()  # (one planning process sees one version of the code)
+    assert planning_cache.source_digest(copy) != planning_cache.source_digest(package)
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / ".snakemake").mkdir()
     config = str(REPO / "configs/mnist5k/speed.yaml")
-    workflow._validated(config, (), "train")
+    planning_cache.validated(config, (), "train")
     assert len(list((tmp_path / ".snakemake/speedpipe-configs").iterdir())) == 1
-    workflow._validated.cache_clear()
-    monkeypatch.setattr(workflow, "source_digest", lambda: "the code after an edit")
-    workflow._validated(config, (), "train")
+    planning_cache.validated.cache_clear()
+    monkeypatch.setattr(planning_cache, "source_digest", lambda: "the code after an edit")
+    planning_cache.validated(config, (), "train")
     assert len(list((tmp_path / ".snakemake/speedpipe-configs").iterdir())) == 2
-    workflow._validated.cache_clear()
+    planning_cache.validated.cache_clear()

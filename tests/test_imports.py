@@ -96,3 +96,9 @@ def test_an_import_inside_a_function_that_closes_a_cycle_is_found(tmp_path):
     errors.write_text(errors.read_text() + "\n\ndef _hidden():\n    from speedpipe.config import load_config\n")
     found = cycles(import_graph(tmp_path))
     assert any({"speedpipe.errors", "speedpipe.config"} <= set(component) for component in found), found
+
+
+def test_no_source_module_is_over_400_lines():
+    """A module a reader holds in their head: one idea each (the DiT file, the loop, the experiment's jobs)."""
+    long = {str(p.relative_to(SRC)): n for p in (SRC / "speedpipe").rglob("*.py") if (n := len(p.read_text().splitlines())) > 400}
+    assert long == {}

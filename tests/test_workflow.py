@@ -123,12 +123,9 @@ def test_micro_run_metrics_are_finite_and_the_tables_hold_them(micro_run):
 
 
 def test_nothing_to_do_after_a_complete_run(micro_run):
-    start = time.perf_counter()
     result = snakemake(micro_run, "-n", "--configfile", str(micro_run / "micro.yaml"))
-    elapsed = time.perf_counter() - start
     assert result.returncode == 0 and planned_jobs(result.stdout) == [], result.stdout[-2000:]
     assert "Nothing to be done" in result.stdout + result.stderr
-    assert elapsed < 15, elapsed  # includes interpreter start-up; the README quotes the measured time
 
 
 def test_changing_a_speed_parameter_reruns_only_the_speed_branch(micro_run):

@@ -22,16 +22,16 @@ A method is a stage config file plus overrides; a `grid` expands it into one met
 import functools
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
-from speedpipe.config import file_values, load_config, parse_override, to_plain
+from speedpipe import planning_cache
+from speedpipe.config import parse_override
 from speedpipe.errors import ConfigError
-from speedpipe.experiment_file import (RESERVED_NAMES, Method, check_experiment_file, check_name, expand_methods, refuse,
+from speedpipe.experiment_file import (RESERVED_NAMES, check_experiment_file, check_name, expand_methods, refuse,
                                        sampler_label)
-from speedpipe.layout import Layout, checkpoint, student_run_name, train_run_name
-from speedpipe.stages import DATA_STAGES, STAGES, with_contents
+from speedpipe.layout import Layout, student_run_name, train_run_name
+from speedpipe.runs import DistillRun, Evaluation, Run, Table, TrainRun
+from speedpipe.stages import DATA_STAGES, STAGES
 
 # Keys the experiment sets in its jobs' configs, and where: a config file or stage override that also sets one is dead.
 # A run's identity (experiment, output_dir, method, seed) always comes from the experiment and is not listed.
@@ -55,55 +55,6 @@ def job_label(wildcards: dict) -> str:
 def alternation(names) -> str:
     """A wildcard constraint matching exactly these names (runs are looked up, never parsed)."""
     return "|".join(map(re.escape, names)) or "(?!)"
-
-
-@dataclass(frozen=True)
-class Run:
-    """A training or distillation run: a folder of ckpt-{step:07d}.pt files and a log.csv."""
-    name: str
-    dir: Path
-
-    def checkpoint(self, step) -> Path:
-        return checkpoint(self.dir, step)
-
-    @property
-    def log(self) -> Path:
-        return self.dir / "log.csv"
-
-
-@dataclass(frozen=True)
-class TrainRun(Run):
-    method: Method
-    seed: int
-    kind: ClassVar[str] = "train"
-
-
-@dataclass(frozen=True)
-class DistillRun(Run):
-    """The consistency student of a teacher train run by one consistency method (speedpipe.consistency.methods)."""
-    teacher: TrainRun
-    method: str
-    kind: ClassVar[str] = "distill"
-
-
-@dataclass(frozen=True)
-class Evaluation:
-    """One sampler on one checkpoint of one run: a samples file and a metrics file."""
-    run: Run
-    step: int
-    sampler: str
-    num_samples: int
-
-
-@dataclass(frozen=True)
-class Table:
-    """A report table: methods compared at some iterations, with the speed-up against a reference method."""
-    name: str
-    methods: tuple[str, ...]
-    reference: str | None
-    steps: tuple[int, ...]
-    caption: str
-    budgets: bool = False  # also the speed-up at every eval step taken as the training budget
 
 
 class Experiment:
@@ -267,7 +218,7 @@ class Experiment:
     def job_params(self, rule: str, wildcards: dict | None = None) -> list[dict]:
         """A job's Snakemake params: per stage run, its version and the values it reads (speedpipe.stages) -- so an
         edit re-runs exactly the jobs whose stages read the edited key."""
-        return [_with_contents(STAGES[stage].params(config), config) for stage, config in self.jobs(rule, wildcards)]
+        return [planning_cache.with_content_fingerprints(STAGES[stage].params(config), config) for stage, config in self.jobs(rule, wildcards)]
 
     # --- stage configs
 
@@ -277,12 +228,12 @@ class Experiment:
         common = (f"experiment={p['experiment']}", f"output_dir={p['output_dir']}", f"eval.extractor={p['extractor']}")
         stage_overrides = tuple(p["overrides"].get(stage, []))
         self._note_overridden(path, stage, stage_overrides)
-        return json.loads(_validated(path, common + stage_overrides + tuple(overrides), STAGES[stage].phase))
+        return json.loads(planning_cache.validated(path, common + stage_overrides + tuple(overrides), STAGES[stage].phase))
 
     def _note_overridden(self, path: str, stage: str, stage_overrides: tuple, job: dict | None = None):
         """Note each value the config file sets that the experiment file replaces (a stage override, or a value the
         experiment sets in every job: job = {key: value}); the Snakefile shows them as warnings."""
-        set_here = _file_values(path, STAGES[stage].phase)
+        set_here = planning_cache.file_values(path, STAGES[stage].phase)
         replaced = [(key, value, f"the experiment file's overrides.{stage}") for key, value in map(parse_override, stage_overrides)]
         replaced += [(key, value, f"the experiment ({JOB_VALUES[key]})") for key, value in (job or {}).items()]
         for key, value, by in replaced:
@@ -417,28 +368,6 @@ class Experiment:
                                                              for source in sources)
 
 
-_file_values = functools.lru_cache(maxsize=None)(file_values)
-
-
-def _with_contents(params: dict, config: dict) -> dict:
-    """A stage run's params with the user inputs it reads as their contents (speedpipe.stages.with_contents): an edit of
-    the data re-runs the jobs that read it, moving it elsewhere re-runs none."""
-    def fingerprint(path):
-        st = Path(path).stat()
-        return _content_fingerprint(path, (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino), Path.cwd() / ".snakemake")
-
-    return {**params, "reads": with_contents(params["reads"], config, fingerprint)}
-
-
-@functools.lru_cache(maxsize=None)
-def _content_fingerprint(path: str, stamp: tuple, snakemake_dir: Path) -> str:
-    """content_fingerprint of a path, once per process and stat of the path itself (every job of a Snakemake invocation
-    that reads the photos or a weights file asks for it), remembered under .snakemake/ when there is one."""
-    from speedpipe.fingerprint import content_fingerprint
-
-    return content_fingerprint(path, snakemake_dir / "speedpipe-fingerprints" if snakemake_dir.is_dir() else None)
-
-
 def _affecting(stage: str, overrides) -> list[str]:
     """The overrides of a stage that can change its results: those of keys the stage only uses are left out."""
     return [o for o in overrides if parse_override(o)[0] not in STAGES[stage].uses]
@@ -448,37 +377,3 @@ def _shown(path: Path) -> str:
     """A config file's path as a user reads it: relative to the working directory where it lies below it."""
     path = Path(path).resolve()
     return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
-
-
-@functools.lru_cache(maxsize=None)
-def source_digest(package: Path = Path(__file__).resolve().parent) -> str:
-    """The content of every module of the package: validation builds samplers, weightings, the DiT and the consistency
-    methods from the config, so an edit of any of them can change what is valid."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for module in sorted(package.rglob("*.py")):
-        digest.update(str(module.relative_to(package)).encode() + b"\0" + module.read_bytes())
-    return digest.hexdigest()
-
-
-@functools.lru_cache(maxsize=None)
-def _validated(path: str, overrides: tuple, phase: str | None) -> str:
-    """load_config, remembered on disk by the content of the config files it reads and of speedpipe's modules (a no-op
-    re-run of Snakemake then never imports torch to validate, which is most of its start-up time)."""
-    import hashlib
-
-    from speedpipe.config import base_chain
-
-    files = [*base_chain(Path(path)), Path(path)]
-    key = hashlib.sha256(json.dumps([[str(f), f.read_text()] for f in files]
-                                    + [list(overrides), phase, source_digest()]).encode()).hexdigest()
-    cached = Path(".snakemake") / "speedpipe-configs" / f"{key}.json"
-    if cached.is_file():
-        return cached.read_text()
-    text = json.dumps(to_plain(load_config(path, list(overrides), phase=phase)))
-    if Path(".snakemake").is_dir():
-        from speedpipe.io import atomic_write_text
-
-        atomic_write_text(cached, text)
-    return text
