@@ -41,6 +41,23 @@ def _step_fns(model, opt, gen, signal_at=None, signum=signal.SIGUSR2):
     return forward, update
 
 
+def _assert_the_rest_ends_as_an_uninterrupted_run(tmp_path, performed: int):
+    """The run in tmp_path/a, stopped part-way, resumed: it performs the rest and ends with an uninterrupted run's
+    weights and log rows (but for their timing), the row after the stop included."""
+    again, model2, opt2, gen2 = _loop(tmp_path / "a")
+    again.resume()
+    assert again.run(*_step_fns(model2, opt2, gen2)) == performed
+    straight, model3, opt3, gen3 = _loop(tmp_path / "b")
+    straight.resume()
+    straight.run(*_step_fns(model3, opt3, gen3))
+    assert torch.equal(model2.weight, model3.weight) and torch.equal(model2.bias, model3.bias)
+
+    def rows(folder):
+        with open(folder / "log.csv") as f:
+            return [{k: v for k, v in row.items() if k != "steps_per_s"} for row in csv.DictReader(f)]
+    assert rows(tmp_path / "a") == rows(tmp_path / "b") and len(rows(tmp_path / "b")) == 5
+
+
 @pytest.fixture
 def submitit_like_handler():
     """A SIGUSR2 handler standing in for submitit's (which requeues and exits), wrapped as StageJob wraps it."""
@@ -67,14 +84,7 @@ def test_the_signal_waits_for_the_step_boundary_and_its_state_is_saved(tmp_path,
     assert [(e["event"], e["step"], e["source"], e["steps_performed"]) for e in events(tmp_path / "a")] == [
         ("start", 0, "", ""), ("preempted", 5, "latest.pt", "5")]
 
-    # the requeued job: resumes at step 5 and ends where an uninterrupted run ends
-    again, model2, opt2, gen2 = _loop(tmp_path / "a")
-    again.resume()
-    assert again.run(*_step_fns(model2, opt2, gen2)) == 5
-    straight, model3, opt3, gen3 = _loop(tmp_path / "b")
-    straight.resume()
-    straight.run(*_step_fns(model3, opt3, gen3))
-    assert torch.equal(model2.weight, model3.weight) and torch.equal(model2.bias, model3.bias)
+    _assert_the_rest_ends_as_an_uninterrupted_run(tmp_path, performed=5)  # the requeued job
 
 
 def test_sigterm_stops_the_job_at_the_step_boundary_with_its_state_saved(tmp_path):
@@ -96,18 +106,7 @@ def test_sigterm_stops_the_job_at_the_step_boundary_with_its_state_saved(tmp_pat
     assert saved["step"] == 5 and torch.equal(saved["model"]["weight"], model.weight.detach())
     assert [(e["event"], e["step"], e["source"]) for e in events(tmp_path / "a")] == [
         ("start", 0, ""), ("terminated", 5, "latest.pt")]
-    again, model2, opt2, gen2 = _loop(tmp_path / "a")
-    again.resume()
-    assert again.run(*_step_fns(model2, opt2, gen2)) == 5
-    straight, model3, opt3, gen3 = _loop(tmp_path / "b")
-    straight.resume()
-    straight.run(*_step_fns(model3, opt3, gen3))
-    assert torch.equal(model2.weight, model3.weight)
-
-    def rows(folder):
-        with open(folder / "log.csv") as f:
-            return [{k: v for k, v in row.items() if k != "steps_per_s"} for row in csv.DictReader(f)]
-    assert rows(tmp_path / "a") == rows(tmp_path / "b") and len(rows(tmp_path / "b")) == 5
+    _assert_the_rest_ends_as_an_uninterrupted_run(tmp_path, performed=5)
 
 
 def test_without_a_running_loop_the_handler_runs_at_once(submitit_like_handler):
