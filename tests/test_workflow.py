@@ -268,6 +268,13 @@ def test_a_sweep_expands_to_the_expected_jobs(tmp_path):
     ({"overrides": {"train": ["trainer.progres=false"]}}, r"overrides.train: .*trainer.progres"),
     ({"tables": {"k_speedup": {"methods": ["speed"]}}}, r"table name 'k_speedup' is taken"),
     ({"teachers": []}, r"configure consistency models, but `teachers` is empty"),
+    # a stage that runs in one process is refused several tasks, naming the key that asks for them
+    ({"launcher": {"default": {"executor": "slurm", "tasks_per_node": 2}}},
+     r"launcher.default.tasks_per_node: the autoencoder stage runs in one process, not in 1 node\(s\) x 2 task\(s\)"),
+    ({"launcher": {"default": {"executor": "slurm", "tasks_per_node": 2}, "autoencoder": {"tasks_per_node": 1},
+                   "classifier": {"tasks_per_node": 1}, "evaluate": {"executor": "slurm", "nodes": 2}}},
+     r"launcher.evaluate.nodes: the evaluate stage runs in one process, not in 2 node\(s\)"),
+    ({"launcher": {"train": {"executor": "slurm", "collective_timeout_s": 0}}}, r"collective_timeout_s must be at least 1"),
 ])
 def test_an_invalid_table_or_variant_is_refused_with_a_clear_message(change, message):
     from speedpipe.errors import ConfigError
@@ -278,6 +285,18 @@ def test_an_invalid_table_or_variant_is_refused_with_a_clear_message(change, mes
         pipe.pop("tables")
     with pytest.raises(ConfigError, match=message):
         Experiment(pipe, base_dir=REPO).evaluation_keys()
+
+
+def test_every_stage_that_splits_its_work_over_ranks_may_have_several_tasks():
+    from speedpipe.workflow import Experiment
+
+    several = {"executor": "slurm", "nodes": 2, "tasks_per_node": 2}
+    one = {"executor": "slurm", "nodes": 1, "tasks_per_node": 1}
+    pipe = {**yaml.safe_load((REPO / "tests/data/micro.yaml").read_text()),
+            "launcher": {"default": several, "autoencoder": one, "classifier": one, "evaluate": one, "report": {"executor": "local"}}}
+    exp = Experiment(pipe, base_dir=REPO)
+    assert {stage for stage in ("encode", "reference", "train", "distill", "sample") if exp.launcher(stage) == several} == \
+        {"encode", "reference", "train", "distill", "sample"}
 
 
 def test_consistency_methods_without_teachers_are_refused():

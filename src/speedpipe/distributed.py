@@ -1,5 +1,8 @@
 """torch.distributed set-up from the environment: torchrun (RANK/WORLD_SIZE) or SLURM tasks (SLURM_PROCID/SLURM_NTASKS)."""
+import datetime
 import os
+import socket
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -30,14 +33,51 @@ def _env_ranks() -> DistEnv:
 
 
 def init_distributed(device_type: str) -> DistEnv:
-    """Join the process group when the environment describes several ranks; a no-op for one process."""
+    """Join the process group when the environment describes several ranks (unless the job already has: see
+    process_group_for_job); a no-op for one process."""
     env = _env_ranks()
-    if env.world_size > 1 and not dist.is_initialized():
-        backend = "nccl" if device_type == "cuda" else "gloo"
+    if env.world_size > 1:
         if device_type == "cuda":
             torch.cuda.set_device(env.local_rank)
-        dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size)
+        if not dist.is_initialized():
+            join_process_group("nccl" if device_type == "cuda" else "gloo", env.rank, env.world_size)
     return env
+
+
+_job_group = False  # the process group was joined for a whole job: its stages leave it open
+
+
+@contextmanager
+def process_group_for_job():
+    """One process group for every stage of a multi-task job. A group per stage on the same port races: a rank done
+    with one stage would join the next stage's rendezvous at a peer's store still serving the last."""
+    global _job_group
+    env = _env_ranks()
+    if env.world_size == 1:
+        yield env
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(env.local_rank)
+    join_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo", env.rank, env.world_size)
+    _job_group = True
+    try:
+        yield env
+    finally:
+        _job_group = False
+        dist.destroy_process_group()
+
+
+def join_process_group(backend: str, rank: int, world_size: int):
+    """init_process_group at MASTER_ADDR:MASTER_PORT, with the launcher's collective timeout (a collective waiting on a
+    rank that is gone fails after it); a rendezvous address this node cannot resolve is named before anything waits."""
+    host = os.environ.get("MASTER_ADDR", "")
+    try:
+        socket.getaddrinfo(host, None)
+    except OSError as err:
+        raise RuntimeError(f"rank {rank} on {socket.gethostname()}: the rendezvous address MASTER_ADDR={host!r} does not "
+                           f"resolve here ({err})") from None
+    timeout = datetime.timedelta(seconds=int(os.environ.get("SPEEDPIPE_COLLECTIVE_TIMEOUT_S", "1800")))
+    dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timeout)
 
 
 def resolve_device(name: str, key: str = "device") -> torch.device:
@@ -73,11 +113,20 @@ def all_reduce_min(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
     return t
 
 
+def gather_objects(obj, env: DistEnv) -> list:
+    """Every rank's `obj`, in rank order (on every rank)."""
+    if env.world_size == 1:
+        return [obj]
+    objects = [None] * env.world_size
+    dist.all_gather_object(objects, obj)
+    return objects
+
+
 def barrier(env: DistEnv):
     if env.world_size > 1:
         dist.barrier()
 
 
 def shutdown(env: DistEnv):
-    if env.world_size > 1 and dist.is_initialized():
+    if env.world_size > 1 and dist.is_initialized() and not _job_group:
         dist.destroy_process_group()

@@ -10,8 +10,9 @@ from speedpipe.config_schema import NAME, NAME_RULE
 from speedpipe.consistency.methods import method_names
 from speedpipe.errors import ConfigError
 from speedpipe.experiment_schema import SCHEMA, schema
-from speedpipe.launcher_settings import parse_launcher
+from speedpipe.launcher_settings import parse_launcher, refuse_tasks
 from speedpipe.sampler_labels import SamplerLabel, parse_sampler
+from speedpipe.stages import STAGES
 
 CONSISTENCY_KEYS = {"teacher_sampler", "teacher_ode_sampler", "teacher_baselines", "scm_samplers", "final_samples",
                     "distill_warm_start", "distill_steps", "distill_eval_steps"}  # required when there are teachers
@@ -160,9 +161,21 @@ def check_experiment_file(pipe: dict, base_dir=None) -> dict:
         pipe["base_config"] = str(Path(base_dir, pipe["base_config"]))
     if not Path(pipe["base_config"]).is_file():
         raise ConfigError(f"pipeline config: base_config: config file not found: {pipe['base_config']}")
-    for settings in pipe["launcher"].values():
-        parse_launcher(settings or {})
+    check_launchers(pipe["launcher"])
     return pipe
+
+
+def check_launchers(launchers: dict):
+    """Each stage's launcher settings (its own over `default`) valid, and one task for a stage that runs in one process,
+    the key that asks for more named: `launcher.{stage}.…` where the stage's own settings ask, else `launcher.default.…`."""
+    default = launchers.get("default") or {}
+    for settings in launchers.values():
+        parse_launcher(settings or {})
+    for name, stage in STAGES.items():
+        own = launchers.get(name) or {}
+        if not stage.ranks:
+            asks = {"executor", "nodes", "tasks_per_node"} & own.keys()
+            refuse_tasks(name, parse_launcher({**default, **own}), f"launcher.{name if asks else 'default'}")
 
 
 def _schema_error(pipe: dict) -> ConfigError:

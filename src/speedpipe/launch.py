@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from speedpipe.errors import ConfigError
-from speedpipe.launcher_settings import LauncherConfig, parse_launcher
+from speedpipe.launcher_settings import LauncherConfig, parse_launcher, refuse_tasks
 from speedpipe.stages import STAGES
 
 # Every state from which a job still runs or comes back (squeue's long names); any other state has ended it.
@@ -39,22 +39,30 @@ def run_in_process(stage: str, config: dict):
 
 
 def run_recording_usage(jobs: list[tuple[str, dict]], usage: str | None = None) -> list:
-    """Run the stages in this process; with `usage`, write the wall time, CPU time (this process and its children,
-    e.g. data-loader workers) and peak memory they took to that JSON file, from rank 0: the record of where they ran,
-    which Snakemake's own benchmark of a SLURM job (the waiting process) cannot give."""
-    start, before = time.perf_counter(), _cpu_seconds()
-    results = [run_in_process(stage, config) for stage, config in jobs]
-    if usage and int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
-        from speedpipe.io import atomic_write_text  # (imports torch: not at planning time, which validates launchers)
+    """Run the stages in this process (the ranks of a multi-task job in one process group for all of them); with
+    `usage`, write the wall time, CPU time (this process and its children, e.g. data-loader workers) and peak memory
+    they took to that JSON file: the record of where they ran, which Snakemake's own benchmark of a SLURM job (the
+    waiting process) cannot give. Every rank's own record is gathered into it (rank 0 writes), so a task that ran
+    alone on the whole job shows."""
+    from speedpipe.distributed import gather_objects, process_group_for_job
 
-        self_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
-        children_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    start, before = time.perf_counter(), _cpu_seconds()
+    with process_group_for_job() as env:
+        results = [run_in_process(stage, config) for stage, config in jobs]
+        if not usage:
+            return results
+        peak_kb = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+        ranks = gather_objects({"rank": env.rank, "host": platform.node(), "pid": os.getpid(),
+                                "wall_s": round(time.perf_counter() - start, 3), "cpu_s": round(_cpu_seconds() - before, 3),
+                                "peak_rss_mb": round(peak_kb / 1024, 1)}, env)
+    if env.is_main:
+        from speedpipe.io import atomic_write_text
+
         atomic_write_text(usage, json.dumps({
-            "stages": [stage for stage, _ in jobs], "wall_s": round(time.perf_counter() - start, 3),
-            "cpu_s": round(_cpu_seconds() - before, 3), "peak_rss_mb": round(max(self_peak, children_peak), 1),
-            "host": platform.node(), "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-            "world_size": int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))),
-        }, indent=2))
+            "stages": [stage for stage, _ in jobs], "wall_s": max(r["wall_s"] for r in ranks),
+            "cpu_s": round(sum(r["cpu_s"] for r in ranks), 3), "peak_rss_mb": max(r["peak_rss_mb"] for r in ranks),
+            "host": ranks[0]["host"], "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "world_size": len(ranks),
+            "ranks": ranks}, indent=2))
     return results
 
 
@@ -104,9 +112,24 @@ def launch_many(jobs: list[tuple[str, dict]], settings: dict | None = None, log=
     for stage, _ in jobs:
         if stage not in STAGES:
             raise ConfigError(f"unknown stage {stage!r}; expected one of {sorted(STAGES)}")
+        if not STAGES[stage].ranks:
+            refuse_tasks(stage, launcher)
     if launcher.executor == "local":
         return run_recording_usage(jobs, usage)
     return SlurmLauncher(launcher, log).run(jobs, usage)
+
+
+def run_job(experiment, rule: str, wildcards: dict, threads: int, usage: str | None = None) -> list:
+    """One Snakemake job (workflow/scripts/stage.py): its stages' configs resolved from the experiment, run where the
+    experiment's launcher says. Only a job that runs its stages here imports torch: one that waits on SLURM does not,
+    so a profile's many jobs in flight on a login node are light processes."""
+    jobs = experiment.jobs(rule, wildcards)
+    settings = experiment.launcher(jobs[0][0])
+    if parse_launcher(settings).executor == "local":
+        import torch
+
+        torch.set_num_threads(threads)
+    return launch_many(jobs, settings, usage=usage)
 
 
 class SlurmJobFailed(RuntimeError):
@@ -126,9 +149,14 @@ class SlurmLauncher:
 
         c = self.cfg
         executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=3)
+        # every task: the collectives' timeout and, where set, the network interface of their traffic
+        setup = [f"export SPEEDPIPE_COLLECTIVE_TIMEOUT_S={c.collective_timeout_s}"]
+        if c.socket_ifname:
+            setup += [f"export GLOO_SOCKET_IFNAME={c.socket_ifname}", f"export NCCL_SOCKET_IFNAME={c.socket_ifname}"]
         params = dict(job_name=name, nodes=c.nodes, ntasks_per_node=c.tasks_per_node, cpus_per_task=c.cpus_per_task,
                       mem=f"{c.mem_gb}GB", time=c.time_min, signal_delay_s=min(120, 30 * c.time_min),
-                      additional_parameters=dict(c.additional))
+                      additional_parameters=dict(c.additional), setup=setup,
+                      srun_args=["--kill-on-bad-exit=1"])  # a task that dies ends the job: its peers never wait on it
         if c.gpus_per_node:
             params["gpus_per_node"] = c.gpus_per_node
         for key in ("partition", "account", "qos", "constraint"):
@@ -153,10 +181,15 @@ class SlurmLauncher:
         return self.wait(job)
 
     def wait(self, job):
-        """Poll until the job leaves the queue, streaming its stdout into our log as it grows."""
-        stream = LogStream(job.paths.stdout, self.log)
+        """Poll until the job leaves the queue, streaming every task's stdout into our log as it grows."""
+        from submitit.core.utils import JobPaths
+
+        tasks = self.cfg.nodes * self.cfg.tasks_per_node
+        streams = [LogStream(JobPaths(job.paths.folder, job.job_id, task).stdout, self.log,
+                             "[slurm]" if task == 0 else f"[slurm task {task}]") for task in range(tasks)]
         while True:
-            stream.flush()
+            for stream in streams:
+                stream.flush()
             state = job_state(job.job_id)
             if state in QUEUED_STATES:
                 time.sleep(self.cfg.poll_seconds)
@@ -165,15 +198,16 @@ class SlurmLauncher:
                 time.sleep(self.cfg.poll_seconds)  # the batch script ended; submitit's result file may lag a moment
             if state == "COMPLETED" and job.paths.result_pickle.exists():
                 return job.results()[0]  # task 0's result (every task of a DDP job returns the same)
-            raise SlurmJobFailed(f"SLURM job {job.job_id} ended in state {state}.\n--- last lines of its stderr "
-                                 f"({job.paths.stderr}) ---\n{tail(job.paths.stderr)}")
+            stderrs = [JobPaths(job.paths.folder, job.job_id, task).stderr for task in range(tasks)]
+            raise SlurmJobFailed(f"SLURM job {job.job_id} ended in state {state}." + "".join(
+                f"\n--- last lines of task {task}'s stderr ({path}) ---\n{tail(path)}" for task, path in enumerate(stderrs)))
 
 
 class LogStream:
-    """Forwards the lines appended to a file since the last flush (a job's stdout) to a log function."""
+    """Forwards the lines appended to a file since the last flush (a task's stdout) to a log function."""
 
-    def __init__(self, path, log):
-        self.path, self.log, self.offset = Path(path), log, 0
+    def __init__(self, path, log, prefix="[slurm]"):
+        self.path, self.log, self.prefix, self.offset = Path(path), log, prefix, 0
 
     def flush(self):
         if not self.path.exists():
@@ -183,7 +217,7 @@ class LogStream:
             text = f.read()
             self.offset = f.tell()
         for line in text.splitlines():
-            self.log(f"[slurm] {line}")
+            self.log(f"{self.prefix} {line}")
 
 
 def queued_job_ids(name: str) -> list[str]:

@@ -24,6 +24,11 @@ class LauncherConfig:
     additional: dict = field(default_factory=dict)  # extra sbatch parameters, e.g. {"exclusive": ""}
     poll_seconds: float = 2.0
     folder: str = ""  # submitit logs; default: {output_dir}/{experiment}/.slurm
+    # multi-task jobs: the network interface torch.distributed's traffic takes on every node (gloo's and nccl's socket
+    # interface, e.g. ib0; empty: what the node's host name resolves to), and how long a collective waits for a rank
+    # before it fails (a rank that died also ends the job at once: srun --kill-on-bad-exit)
+    socket_ifname: str = ""
+    collective_timeout_s: int = 1800
 
 
 def parse_launcher(settings: dict) -> LauncherConfig:
@@ -48,6 +53,14 @@ def parse_launcher(settings: dict) -> LauncherConfig:
     cfg = LauncherConfig(**settings)
     if cfg.executor not in ("local", "slurm"):
         raise ConfigError(f"launcher.executor: {cfg.executor!r} is not 'local' or 'slurm'")
-    if cfg.nodes < 1 or cfg.tasks_per_node < 1 or cfg.time_min < 1:
-        raise ConfigError("launcher: nodes, tasks_per_node and time_min must be at least 1")
+    if cfg.nodes < 1 or cfg.tasks_per_node < 1 or cfg.time_min < 1 or cfg.collective_timeout_s < 1:
+        raise ConfigError("launcher: nodes, tasks_per_node, time_min and collective_timeout_s must be at least 1")
     return cfg
+
+
+def refuse_tasks(stage: str, cfg: LauncherConfig, where: str = "launcher"):
+    """A stage that runs in one process gets one task: several would each do all its work and write its files at once."""
+    if cfg.executor == "slurm" and cfg.nodes * cfg.tasks_per_node > 1:
+        key = "nodes" if cfg.nodes > 1 else "tasks_per_node"
+        raise ConfigError(f"{where}.{key}: the {stage} stage runs in one process, not in {cfg.nodes} node(s) x "
+                          f"{cfg.tasks_per_node} task(s): give it nodes: 1 and tasks_per_node: 1")

@@ -24,7 +24,9 @@ optimizers, the data order: anything with state_dict/load_state_dict) and its ra
   unreadable file passed over, preemption save and finish.
 """
 import csv
+import os
 import signal
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +37,7 @@ import torch
 from speedpipe.checkpoint import list_checkpoints, rng_state, restore_rng, save_checkpoint
 from speedpipe.layout import checkpoint as checkpoint_path
 from speedpipe.csvlog import CsvLog
-from speedpipe.distributed import DistEnv, all_reduce_mean, all_reduce_min, barrier
+from speedpipe.distributed import DistEnv, all_reduce_mean, all_reduce_min, barrier, gather_objects
 from speedpipe.io import atomic_torch_save, safe_torch_load
 from speedpipe.runstore import RESUME_FILE, RunFolder
 
@@ -142,6 +144,9 @@ class ResumableLoop:
                 self._window = LogWindow(**state.get("log_window", {}))
             kept = f"other settings kept in {'; '.join(others)}" if others else ""
             self._event("resume" if path else "start", path.name if path else kept)
+            if self.env.world_size > 1:  # which process of which host each rank is, in every start and resume
+                self._event("ranks", " ".join(f"{rank}@{host}:{pid}" for rank, (host, pid) in
+                                              enumerate(gather_objects((socket.gethostname(), os.getpid()), self.env))))
             if self.env.is_main:
                 self.folder.publish_file("events.csv")
         except BaseException:
@@ -169,8 +174,8 @@ class ResumableLoop:
         self._last_resume_save = time.monotonic()
 
     def _event(self, event: str, source: str = "", steps_performed: int | str = ""):
-        """Append to events.csv: start | resume (from `source`) | preempted or terminated (state saved in `source`) |
-        finished, with the step and, for the last three, how many steps this process performed."""
+        """Append to events.csv: start | resume (from `source`) | ranks (rank@host:pid of each, several ranks) |
+        preempted or terminated (state saved in `source`) | finished, with the step and, for the last three, how many steps this process performed."""
         if not self.env.is_main:
             return
         path = self.state_dir / "events.csv"

@@ -14,12 +14,8 @@ log = open(snakemake.log[0], "w", buffering=1)  # noqa: F821
 os.dup2(log.fileno(), 1)  # this process and every process it starts write to the log
 os.dup2(log.fileno(), 2)
 
-import torch  # noqa: E402
-
-from speedpipe.launch import launch_many  # noqa: E402
+from speedpipe.launch import run_job  # noqa: E402
 from speedpipe.workflow import Experiment  # noqa: E402
 
-torch.set_num_threads(snakemake.threads)  # noqa: F821
-experiment = Experiment(snakemake.config, base_dir=REPO)  # noqa: F821
-jobs = experiment.jobs(snakemake.rule, dict(snakemake.wildcards))  # noqa: F821
-launch_many(jobs, experiment.launcher(jobs[0][0]), usage=snakemake.output.get("usage"))  # noqa: F821
+run_job(Experiment(snakemake.config, base_dir=REPO), snakemake.rule, dict(snakemake.wildcards), snakemake.threads,  # noqa: F821
+        snakemake.output.get("usage"))  # noqa: F821
