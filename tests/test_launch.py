@@ -3,6 +3,7 @@
 `.ci/run` starts that cluster (slurm/local-cluster/start.sh); on a machine where it is not running the
 SLURM tests are skipped with that reason.
 """
+import os
 import shutil
 import signal
 import subprocess
@@ -68,17 +69,25 @@ def _last_logged_step(run_dir) -> int:
 
 
 @slurm
-@pytest.mark.parametrize("interrupt", ["scontrol requeue", "pre-timeout signal"])
-def test_interrupted_job_is_requeued_and_resumes_bit_identical(tiny_train_config, tmp_path, interrupt):
+@pytest.mark.parametrize("interrupt,nodes", [("scontrol requeue", 1), ("pre-timeout signal", 1), ("scontrol requeue", 2)])
+def test_interrupted_job_is_requeued_and_resumes_bit_identical(tiny_train_config, tmp_path, interrupt, nodes):
     """A training job interrupted between evaluation checkpoints (only the last step is one) by `scontrol requeue` or
-    by SLURM's pre-timeout signal (USR2) redoes at most the resume interval (25 steps) and ends bit-identical."""
+    by SLURM's pre-timeout signal (USR2) redoes at most the resume interval (25 steps) and ends bit-identical to an
+    uninterrupted run: one process, or for a job on two nodes (one task each) the same job uninterrupted."""
     from conftest import events
     from speedpipe.checkpoint import load_checkpoint
     from speedpipe.stages import train
 
+    launcher = {**SLURM, "nodes": nodes}
+    if nodes > _cluster_nodes():
+        pytest.skip(f"{nodes} nodes asked, the cluster has {_cluster_nodes()}: slurm/local-cluster/start.sh --nodes 2")
     steps = ["trainer.steps=600", "trainer.ckpt_every=600", "trainer.log_every=5", "trainer.resume_every_steps=25",
              "trainer.resume_every_minutes=0"]
-    reference = train.run(load_config(tiny_train_config, [f"trainer.run_dir={tmp_path / 'ref'}", *steps], phase="train"))
+    if nodes == 1:
+        reference = train.run(load_config(tiny_train_config, [f"trainer.run_dir={tmp_path / 'ref'}", *steps], phase="train"))
+    else:
+        launch_many([("train", _train_cfg(tiny_train_config, tmp_path, "ref", *steps))], launcher)
+        reference = tmp_path / "ref"
     run_dir = tmp_path / "slurm"
     cfg = _train_cfg(tiny_train_config, tmp_path, "slurm", *steps)
     interrupted = {}
@@ -96,7 +105,7 @@ def test_interrupted_job_is_requeued_and_resumes_bit_identical(tiny_train_config
 
     watcher = threading.Thread(target=watch_and_interrupt)
     watcher.start()
-    launch_many([("train", cfg)], SLURM)
+    launch_many([("train", cfg)], launcher)
     watcher.join()
     assert interrupted, "the job finished before it could be interrupted"
     resume = [e for e in events(run_dir) if e["event"] == "resume"]
@@ -105,9 +114,75 @@ def test_interrupted_job_is_requeued_and_resumes_bit_identical(tiny_train_config
     if interrupt == "pre-timeout signal":  # saved at the step boundary after the signal: nothing is redone
         preempted = next(e for e in events(run_dir) if e["event"] == "preempted")
         assert preempted["step"] == resume[0]["step"] >= interrupted["step"] and preempted["source"] == "latest.pt"
+    if nodes == 2:  # the start and the resume each ran a rank on each node
+        ranks = [e["source"] for e in events(run_dir) if e["event"] == "ranks"]
+        assert len(ranks) == 2 and all(len({r.split("@")[1].split(":")[0] for r in row.split()}) == 2 for row in ranks), ranks
     a, b = load_checkpoint(reference / "ckpt-0000600.pt"), load_checkpoint(run_dir / "ckpt-0000600.pt")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
+
+
+@slurm
+@pytest.mark.parametrize("fault", ["SIGKILL", "SIGSTOP"])
+def test_a_dead_or_hung_rank_ends_its_two_node_job_with_an_error_naming_it(tiny_train_config, tmp_path, fault):
+    """Rank 1 on the second node SIGKILLed (dead: the job fails at once, naming the task and its node) or SIGSTOPped
+    (hung, as behind a lost network: rank 0's all-reduce gives up after the launcher's collective timeout, and srun
+    --kill-on-bad-exit ends the stopped peer) -- never a hang: a job still queued a minute after the timeout is
+    cancelled and the test fails."""
+    if _cluster_nodes() < 2:
+        pytest.skip("a two-node cluster: slurm/local-cluster/start.sh --nodes 2")
+    timeout = 20
+    run_dir = tmp_path / "dead"
+    cfg = _train_cfg(tiny_train_config, tmp_path, "dead", "trainer.steps=1000000", "trainer.ckpt_every=1000000")
+    signalled = {}
+
+    def signal_rank_1():
+        deadline = time.time() + 120
+        while time.time() < deadline and not signalled:
+            rows = [e for e in _running_events(run_dir) if e["event"] == "ranks"]
+            if rows:
+                rank, where = rows[0]["source"].split()[1].split("@")
+                os.kill(int(where.split(":")[1]), getattr(signal, fault))
+                signalled.update(rank=rank, host=where.split(":")[0], at=time.time())
+            time.sleep(0.1)
+        if not ended.wait(timeout + 60):  # the job still runs: it hangs
+            for job_id in queued_job_ids(_job_name("train", cfg)):
+                subprocess.run(["scancel", job_id])
+
+    ended = threading.Event()
+    watcher = threading.Thread(target=signal_rank_1)
+    watcher.start()
+    try:
+        with pytest.raises(SlurmJobFailed) as failure:
+            launch_many([("train", cfg)], {**SLURM, "nodes": 2, "collective_timeout_s": timeout})
+    finally:
+        ended.set()
+        end = time.time()
+        watcher.join()
+    assert signalled["rank"] == "1" and "ended in state FAILED." in str(failure.value)
+    if fault == "SIGKILL":  # the dead task named; its peer ended at once by srun
+        assert f"Task(s) 1 (on {signalled['host']}) ended without a result or an error" in str(failure.value)
+    else:  # no process knows which rank hangs: rank 0's all-reduce gives up after the launcher's timeout
+        assert f"Timed out waiting {timeout * 1000}ms" in str(failure.value)
+        assert end - signalled["at"] > timeout
+    assert end - signalled["at"] < timeout + 30, f"the job outlived its {fault} rank by {end - signalled['at']:.0f} s"
+
+
+def _running_events(run_dir) -> list[dict]:
+    """The rows of a running job's events.csv (in its run store)."""
+    import csv
+
+    from speedpipe.runstore import current_state
+
+    state = current_state(run_dir)
+    if state is None or not (state / "events.csv").exists():
+        return []
+    with open(state / "events.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def _cluster_nodes() -> int:
+    return len(subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True).stdout.split())
 
 
 def _start_when_requeued(job_id, timeout=60):

@@ -198,9 +198,14 @@ class SlurmLauncher:
                 time.sleep(self.cfg.poll_seconds)  # the batch script ended; submitit's result file may lag a moment
             if state == "COMPLETED" and job.paths.result_pickle.exists():
                 return job.results()[0]  # task 0's result (every task of a DDP job returns the same)
-            stderrs = [JobPaths(job.paths.folder, job.job_id, task).stderr for task in range(tasks)]
-            raise SlurmJobFailed(f"SLURM job {job.job_id} ended in state {state}." + "".join(
-                f"\n--- last lines of task {task}'s stderr ({path}) ---\n{tail(path)}" for task, path in enumerate(stderrs)))
+            paths = [JobPaths(job.paths.folder, job.job_id, task) for task in range(tasks)]
+            silent = [f"{task} ({task_host(path.stdout)})" for task, path in enumerate(paths) if not path.result_pickle.exists()]
+            raise SlurmJobFailed(
+                f"SLURM job {job.job_id} ended in state {state}."
+                + (f" Task(s) {', '.join(silent)} ended without a result or an error: killed, or their node lost."
+                   if silent and len(silent) < tasks else "")
+                + "".join(f"\n--- last lines of task {task}'s stderr ({path.stderr}) ---\n{tail(path.stderr)}"
+                          for task, path in enumerate(paths)))
 
 
 class LogStream:
@@ -236,6 +241,13 @@ def job_state(job_id: str) -> str | None:
     out = subprocess.run(["scontrol", "show", "job", main_id], capture_output=True, text=True)
     match = re.search(r"JobState=(\w+)", out.stdout)
     return match.group(1) if match else "UNKNOWN (left the queue; scontrol no longer knows it: raise MinJobAge)"
+
+
+def task_host(stdout) -> str:
+    """The node a task ran on, from submitit's first line in its stdout."""
+    match = re.search(r"JobEnvironment\(job_id=\S+, hostname=([^,]+),", Path(stdout).read_text(errors="replace")) \
+        if Path(stdout).exists() else None
+    return f"on {match.group(1)}" if match else "never started"
 
 
 def tail(path, lines: int = 30) -> str:
