@@ -185,6 +185,38 @@ def _cluster_nodes() -> int:
     return len(subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True).stdout.split())
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_local_job_stopped_by_a_signal_saves_its_step_and_resumes_bit_identical(tiny_train_config, tmp_path, signum):
+    """A stage run in a local process (a Snakemake job, a command) stopped by SIGTERM (Snakemake stopping its jobs,
+    kill) or SIGINT (Ctrl-C) saves its state at the step boundary instead of dying mid-step; the same command resumes
+    from exactly that step and ends bit-identical to an uninterrupted run."""
+    from conftest import events
+    from speedpipe.checkpoint import load_checkpoint
+    from speedpipe.stages import train
+
+    steps = ["trainer.steps=400", "trainer.ckpt_every=400", "trainer.log_every=5", "trainer.resume_every_minutes=0"]
+    reference = train.run(load_config(tiny_train_config, [f"trainer.run_dir={tmp_path / 'ref'}", *steps], phase="train"))
+    overrides = [str(tiny_train_config), f"trainer.run_dir={tmp_path / 'local'}", *steps]
+    code = ("import sys; from speedpipe.config import load_config, to_plain; from speedpipe.launch import launch_many; "
+            "launch_many([('train', to_plain(load_config(sys.argv[1], sys.argv[2:], phase='train')))])")
+    job = subprocess.Popen([sys.executable, "-c", code, *overrides], cwd=REPO, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and _last_logged_step(tmp_path / "local") < 100:
+        time.sleep(0.02)
+    job.send_signal(signum)
+    output = job.communicate(timeout=60)[0]
+    assert job.returncode != 0 and f"stopped by {signal.Signals(signum).name} after step" in output, output[-2000:]
+    stopped = [e for e in events(tmp_path / "local") if e["event"] == "terminated"]
+    assert len(stopped) == 1 and 100 <= stopped[0]["step"] < 400 and stopped[0]["source"] == "latest.pt", stopped
+
+    launch_many([("train", _train_cfg(tiny_train_config, tmp_path, "local", *steps))])
+    resume = [e for e in events(tmp_path / "local") if e["event"] == "resume"]
+    assert [(e["step"], e["source"]) for e in resume] == [(stopped[0]["step"], "latest.pt")]
+    a, b = load_checkpoint(reference / "ckpt-0000400.pt"), load_checkpoint(tmp_path / "local" / "ckpt-0000400.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
 def _start_when_requeued(job_id, timeout=60):
     """SLURM holds a requeued job for two minutes (pending, reason BeginTime); the test cluster is idle, so the hold
     only costs time: start the job as soon as it is held."""

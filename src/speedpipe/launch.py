@@ -115,6 +115,11 @@ def launch_many(jobs: list[tuple[str, dict]], settings: dict | None = None, log=
         if not STAGES[stage].ranks:
             refuse_tasks(stage, launcher)
     if launcher.executor == "local":
+        import signal
+
+        from speedpipe.loop import defer_signals_to_step_boundaries
+
+        defer_signals_to_step_boundaries((signal.SIGTERM, signal.SIGINT))  # a killed local job saves its step first
         return run_recording_usage(jobs, usage)
     return SlurmLauncher(launcher, log).run(jobs, usage)
 

@@ -27,6 +27,7 @@ import csv
 import os
 import signal
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +46,7 @@ _ACTIVE: "ResumableLoop | None" = None  # the loop running in this process (the 
 
 
 class Terminated(RuntimeError):
-    """A long stage's job stopped by SIGTERM at a step boundary, its state saved."""
+    """A long stage's job stopped by SIGTERM or SIGINT at a step boundary, its state saved."""
 
 
 @dataclass
@@ -272,14 +273,15 @@ class ResumableLoop:
 
     def _yield_to_the_scheduler(self, saved: str, performed: int):
         """After the state of this step boundary is saved (in `saved`). SIGUSR2 (preemption, a time limit near):
-        submitit's handler requeues the job and exits. SIGTERM (scancel, a node going down; SIGKILL follows within
-        KillWait): submitit would ignore it and the steps until the kill would be lost, so the job stops here."""
+        submitit's handler requeues the job and exits. SIGTERM (scancel, a node going down, SIGKILL following within
+        KillWait; a local job stopped by Snakemake or kill) and SIGINT (Ctrl-C): the job stops here (submitit would
+        ignore SIGTERM, and the steps until the kill would be lost)."""
         handler, signum, frame = self._preempt
         self._preempt = None
         self._window = LogWindow()
-        if signum == signal.SIGTERM:
+        if signum in (signal.SIGTERM, signal.SIGINT):
             self._event("terminated", saved, performed)
-            raise Terminated(f"{self.what} stopped by SIGTERM after step {self.step}, its state saved in "
+            raise Terminated(f"{self.what} stopped by {signal.Signals(signum).name} after step {self.step}, its state saved in "
                              f"{self.state_dir / saved}: the same command resumes it")
         self._event("preempted", saved, performed)
         handler(signum, frame)
@@ -317,10 +319,18 @@ class LogWindow:
 
 
 def defer_signals_to_step_boundaries(signums=(signal.SIGUSR2, signal.SIGTERM)):
-    """Wrap the installed handlers (submitit's requeue handlers inside a SLURM job) so that, while a loop runs, they
-    fire at the end of the current step, after the loop saved its resume checkpoint; with no loop running, at once."""
+    """Wrap the installed handlers (submitit's requeue handlers inside a SLURM job; in a local job, SIGTERM's default
+    and Ctrl-C's KeyboardInterrupt) so that, while a loop runs, they fire at the end of the current step, after the
+    loop saved its resume checkpoint; with no loop running, at once. Wrapping twice is a no-op; only the main thread
+    may install handlers (elsewhere nothing changes)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
     for signum in signums:
         original = signal.getsignal(signum)
+        if getattr(original, "deferred", False):
+            continue
+        if original == signal.SIG_DFL and signum == signal.SIGTERM:
+            original = _exit_on_sigterm
         if not callable(original):
             continue
 
@@ -330,4 +340,9 @@ def defer_signals_to_step_boundaries(signums=(signal.SIGUSR2, signal.SIGTERM)):
             else:
                 _ACTIVE._preempt = (original, sig, frame)
 
+        deferred.deferred = True
         signal.signal(signum, deferred)
+
+
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
