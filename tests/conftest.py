@@ -127,6 +127,15 @@ def require_slurm():
         pytest.skip(NO_CLUSTER)
 
 
+def require_nodes(nodes: int):
+    """require_slurm, on a cluster of at least `nodes` nodes (.ci/run starts two: start.sh --nodes 2)."""
+    require_slurm()
+    have = len(subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True).stdout.split())
+    if have < nodes:
+        message = f"{nodes} nodes asked, the cluster has {have}: slurm/local-cluster/start.sh --nodes {nodes}"
+        pytest.fail(message) if os.environ.get("SPEEDPIPE_REQUIRE_SLURM") == "1" else pytest.skip(message)
+
+
 @pytest.fixture(scope="session")
 def inputs(tmp_path_factory):
     """Everything the stages read (tests/stage_inputs.py), made once per session."""

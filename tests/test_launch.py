@@ -4,6 +4,7 @@
 SLURM tests are skipped with that reason.
 """
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -14,7 +15,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, slurm
+from conftest import REPO, require_nodes, slurm
 from speedpipe.config import load_config, to_plain
 from speedpipe.errors import ConfigError
 from speedpipe.launch import SlurmJobFailed, job_state, launch_many, queued_job_ids
@@ -79,8 +80,7 @@ def test_interrupted_job_is_requeued_and_resumes_bit_identical(tiny_train_config
     from speedpipe.stages import train
 
     launcher = {**SLURM, "nodes": nodes}
-    if nodes > _cluster_nodes():
-        pytest.skip(f"{nodes} nodes asked, the cluster has {_cluster_nodes()}: slurm/local-cluster/start.sh --nodes 2")
+    require_nodes(nodes)
     steps = ["trainer.steps=600", "trainer.ckpt_every=600", "trainer.log_every=5", "trainer.resume_every_steps=25",
              "trainer.resume_every_minutes=0"]
     if nodes == 1:
@@ -129,8 +129,7 @@ def test_a_dead_or_hung_rank_ends_its_two_node_job_with_an_error_naming_it(tiny_
     (hung, as behind a lost network: rank 0's all-reduce gives up after the launcher's collective timeout, and srun
     --kill-on-bad-exit ends the stopped peer) -- never a hang: a job still queued a minute after the timeout is
     cancelled and the test fails."""
-    if _cluster_nodes() < 2:
-        pytest.skip("a two-node cluster: slurm/local-cluster/start.sh --nodes 2")
+    require_nodes(2)
     timeout = 20
     run_dir = tmp_path / "dead"
     cfg = _train_cfg(tiny_train_config, tmp_path, "dead", "trainer.steps=1000000", "trainer.ckpt_every=1000000")
@@ -181,10 +180,6 @@ def _running_events(run_dir) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def _cluster_nodes() -> int:
-    return len(subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True).stdout.split())
-
-
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_local_job_stopped_by_a_signal_saves_its_step_and_resumes_bit_identical(tiny_train_config, tmp_path, signum):
     """A stage run in a local process (a Snakemake job, a command) stopped by SIGTERM (Snakemake stopping its jobs,
@@ -194,7 +189,7 @@ def test_a_local_job_stopped_by_a_signal_saves_its_step_and_resumes_bit_identica
     from speedpipe.checkpoint import load_checkpoint
     from speedpipe.stages import train
 
-    steps = ["trainer.steps=400", "trainer.ckpt_every=400", "trainer.log_every=5", "trainer.resume_every_minutes=0"]
+    steps = ["trainer.steps=200", "trainer.ckpt_every=200", "trainer.log_every=5", "trainer.resume_every_minutes=0"]
     reference = train.run(load_config(tiny_train_config, [f"trainer.run_dir={tmp_path / 'ref'}", *steps], phase="train"))
     overrides = [str(tiny_train_config), f"trainer.run_dir={tmp_path / 'local'}", *steps]
     code = ("import sys; from speedpipe.config import load_config, to_plain; from speedpipe.launch import launch_many; "
@@ -202,19 +197,56 @@ def test_a_local_job_stopped_by_a_signal_saves_its_step_and_resumes_bit_identica
     job = subprocess.Popen([sys.executable, "-c", code, *overrides], cwd=REPO, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
-    while time.time() < deadline and _last_logged_step(tmp_path / "local") < 100:
+    while time.time() < deadline and _last_logged_step(tmp_path / "local") < 50:
         time.sleep(0.02)
     job.send_signal(signum)
     output = job.communicate(timeout=60)[0]
     assert job.returncode != 0 and f"stopped by {signal.Signals(signum).name} after step" in output, output[-2000:]
     stopped = [e for e in events(tmp_path / "local") if e["event"] == "terminated"]
-    assert len(stopped) == 1 and 100 <= stopped[0]["step"] < 400 and stopped[0]["source"] == "latest.pt", stopped
+    assert len(stopped) == 1 and 50 <= stopped[0]["step"] < 200 and stopped[0]["source"] == "latest.pt", stopped
 
     launch_many([("train", _train_cfg(tiny_train_config, tmp_path, "local", *steps))])
     resume = [e for e in events(tmp_path / "local") if e["event"] == "resume"]
     assert [(e["step"], e["source"]) for e in resume] == [(stopped[0]["step"], "latest.pt")]
-    a, b = load_checkpoint(reference / "ckpt-0000400.pt"), load_checkpoint(tmp_path / "local" / "ckpt-0000400.pt")
+    a, b = load_checkpoint(reference / "ckpt-0000200.pt"), load_checkpoint(tmp_path / "local" / "ckpt-0000200.pt")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_saved_step(tiny_train_config, tmp_path):
+    """Two local ranks (as torchrun starts them); SIGTERM reaches rank 1 only: the ranks agree at the next step
+    boundary, rank 0 saves that step, and both stop there (a rank stopping alone would leave the other in an
+    all-reduce it never joins, its step unsaved)."""
+    import socket
+
+    from conftest import events
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    overrides = [str(tiny_train_config), f"trainer.run_dir={tmp_path / 'two'}", "trainer.steps=100000",
+                 "trainer.ckpt_every=100000", "trainer.log_every=5", "trainer.resume_every_minutes=0"]
+    code = ("import sys; from speedpipe.config import load_config, to_plain; from speedpipe.launch import launch_many; "
+            "launch_many([('train', to_plain(load_config(sys.argv[1], sys.argv[2:], phase='train')))])")
+    ranks = [subprocess.Popen([sys.executable, "-c", code, *overrides], cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
+             for rank in (0, 1)]
+    deadline = time.time() + 120
+    while time.time() < deadline and _last_logged_step(tmp_path / "two") < 30 and all(r.poll() is None for r in ranks):
+        time.sleep(0.02)
+    ranks[1].send_signal(signal.SIGTERM)
+    outputs = [r.communicate(timeout=60)[0] for r in ranks]
+    stopped = [re.search(r"stopped by SIGTERM after step (\d+)", out) for out in outputs]
+    assert all(stopped), outputs[0][-1500:] + outputs[1][-1500:]
+    step = int(stopped[0].group(1))
+    assert int(stopped[1].group(1)) == step >= 30
+    assert [(e["event"], e["step"], e["source"]) for e in events(tmp_path / "two") if e["event"] == "terminated"] == \
+        [("terminated", step, "latest.pt")]
+    from speedpipe.io import safe_torch_load
+    from speedpipe.runstore import current_state
+
+    assert safe_torch_load(current_state(tmp_path / "two") / "latest.pt")["step"] == step
 
 
 def _start_when_requeued(job_id, timeout=60):

@@ -20,7 +20,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, events, require_slurm
+from conftest import REPO, events, require_nodes, require_slurm
 from speedpipe.launch import launch_many
 from speedpipe.workflow import Experiment
 
@@ -56,6 +56,7 @@ def _rank_aware_batch(exp: Experiment, checkpoints=None) -> list[tuple[str, dict
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
     """The batch run in this process, after the stages that run in one process (autoencoder, classifier)."""
+    require_slurm()  # it is only compared with SLURM jobs
     root = tmp_path_factory.mktemp("one")
     exp = _experiment(root)
     launch_many([("autoencoder", exp.stage_config("autoencoder")), ("classifier", exp.stage_config("classifier"))])
@@ -95,11 +96,8 @@ EXACT = ("latents", "samples")
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_rank_aware_stages_give_their_one_process_outputs_on_every_layout(one_process, layout, tmp_path):
-    require_slurm()
     nodes = LAYOUTS[layout]["nodes"]
-    available = len(subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True).stdout.split())
-    if available < nodes:
-        pytest.skip(f"{nodes} nodes asked, the cluster has {available}: slurm/local-cluster/start.sh --nodes 2")
+    require_nodes(nodes)
     exp = _experiment(tmp_path)
     for stage in ("autoencoder", "classifier"):  # made by the one-process run: the same files for both
         shutil.copytree(one_process / stage, tmp_path / "ranks" / stage)

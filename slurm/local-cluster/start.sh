@@ -22,7 +22,7 @@ TAG="# speedpipe local cluster"  # marks the /etc/hosts lines stop.sh removes
 
 while [ $# -gt 0 ]; do
   case "$1" in
-    --nodes) NODES=${2:-}; shift 2 || true ;;
+    --nodes) NODES=${2:-}; shift; [ $# -gt 0 ] && shift ;;
     --nodes=*) NODES=${1#*=}; shift ;;
     *) echo "start.sh: unknown argument $1 (expected --nodes N)" >&2; exit 2 ;;
   esac
@@ -69,7 +69,9 @@ else
   NODE_LINES=""
   for k in $(seq 1 "$NODES"); do
     node=spnode$k addr=$SUBNET.$((10 + k))
-    if ! ip netns list | grep -qw "$node"; then
+    if ! ip netns exec "$node" ip -4 addr show dev eth0 2>/dev/null | grep -q "inet $addr/"; then
+      ip netns delete "$node" 2>/dev/null || true  # a set-up cut short: made again from the start
+      ip link delete "spv$k" 2>/dev/null || true
       ip netns add "$node"
       ip link add "spv$k" type veth peer name "spv${k}n"
       ip link set "spv$k" master "$BRIDGE"

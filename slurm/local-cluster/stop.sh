@@ -11,5 +11,6 @@ for node in $(ip netns list 2>/dev/null | awk '/^spnode[0-9]+/ {print $1}'); do
   ip netns delete "$node"  # its end of the veth pair goes with it, and so does the host's end
 done
 ip link delete spbr0 2>/dev/null || true
-sed -i '/# speedpipe local cluster$/d' /etc/hosts
+hosts=$(grep -v '# speedpipe local cluster$' /etc/hosts || true)  # rewritten in place: /etc/hosts may be a bind mount
+printf '%s\n' "$hosts" > /etc/hosts
 echo "local SLURM cluster stopped"

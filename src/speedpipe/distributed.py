@@ -40,8 +40,13 @@ def init_distributed(device_type: str) -> DistEnv:
         if device_type == "cuda":
             torch.cuda.set_device(env.local_rank)
         if not dist.is_initialized():
-            join_process_group("nccl" if device_type == "cuda" else "gloo", env.rank, env.world_size)
+            join_process_group(_backend(device_type == "cuda"), env.rank, env.world_size)
     return env
+
+
+def _backend(cuda: bool) -> str:
+    """gloo for CPU tensors, with nccl for CUDA tensors where the job has GPUs."""
+    return "cpu:gloo,cuda:nccl" if cuda else "gloo"
 
 
 _job_group = False  # the process group was joined for a whole job: its stages leave it open
@@ -56,15 +61,18 @@ def process_group_for_job():
     if env.world_size == 1:
         yield env
         return
-    if torch.cuda.is_available():
+    cuda = torch.cuda.is_available() and env.local_rank < torch.cuda.device_count()
+    if cuda:
         torch.cuda.set_device(env.local_rank)
-    join_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo", env.rank, env.world_size)
+    join_process_group(_backend(cuda), env.rank, env.world_size)
     _job_group = True
     try:
         yield env
-    finally:
-        _job_group = False
-        dist.destroy_process_group()
+    except BaseException:
+        _job_group = False  # a failed collective may leave the group unusable: the process ends, its peers time out
+        raise
+    _job_group = False
+    dist.destroy_process_group()
 
 
 def join_process_group(backend: str, rank: int, world_size: int):
@@ -76,8 +84,9 @@ def join_process_group(backend: str, rank: int, world_size: int):
     except OSError as err:
         raise RuntimeError(f"rank {rank} on {socket.gethostname()}: the rendezvous address MASTER_ADDR={host!r} does not "
                            f"resolve here ({err})") from None
-    timeout = datetime.timedelta(seconds=int(os.environ.get("SPEEDPIPE_COLLECTIVE_TIMEOUT_S", "1800")))
-    dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timeout)
+    seconds = os.environ.get("SPEEDPIPE_COLLECTIVE_TIMEOUT_S")  # the launcher's; else torch's default (gloo 30, nccl 10 min)
+    timeout = {"timeout": datetime.timedelta(seconds=int(seconds))} if seconds else {}
+    dist.init_process_group(backend=backend, rank=rank, world_size=world_size, **timeout)
 
 
 def resolve_device(name: str, key: str = "device") -> torch.device:
@@ -111,6 +120,10 @@ def all_reduce_min(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
         t = t.clone()
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return t
+
+
+def all_reduce_max(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    return -all_reduce_min(-t, env)
 
 
 def gather_objects(obj, env: DistEnv) -> list:

@@ -10,7 +10,7 @@ from speedpipe.config_schema import NAME, NAME_RULE
 from speedpipe.consistency.methods import method_names
 from speedpipe.errors import ConfigError
 from speedpipe.experiment_schema import SCHEMA, schema
-from speedpipe.launcher_settings import parse_launcher, refuse_tasks
+from speedpipe.launcher_settings import many_tasks_key, parse_launcher, refuse_tasks
 from speedpipe.sampler_labels import SamplerLabel, parse_sampler
 from speedpipe.stages import STAGES
 
@@ -167,15 +167,15 @@ def check_experiment_file(pipe: dict, base_dir=None) -> dict:
 
 def check_launchers(launchers: dict):
     """Each stage's launcher settings (its own over `default`) valid, and one task for a stage that runs in one process,
-    the key that asks for more named: `launcher.{stage}.…` where the stage's own settings ask, else `launcher.default.…`."""
+    the key that asks for more named where it is set: `launcher.{stage}.…` or `launcher.default.…`."""
     default = launchers.get("default") or {}
     for settings in launchers.values():
         parse_launcher(settings or {})
     for name, stage in STAGES.items():
         own = launchers.get(name) or {}
         if not stage.ranks:
-            asks = {"executor", "nodes", "tasks_per_node"} & own.keys()
-            refuse_tasks(name, parse_launcher({**default, **own}), f"launcher.{name if asks else 'default'}")
+            cfg = parse_launcher({**default, **own})
+            refuse_tasks(name, cfg, f"launcher.{name if many_tasks_key(cfg) in own else 'default'}")
 
 
 def _schema_error(pipe: dict) -> ConfigError:

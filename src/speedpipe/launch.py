@@ -115,12 +115,10 @@ def launch_many(jobs: list[tuple[str, dict]], settings: dict | None = None, log=
         if not STAGES[stage].ranks:
             refuse_tasks(stage, launcher)
     if launcher.executor == "local":
-        import signal
+        from speedpipe.loop import signals_deferred_to_step_boundaries
 
-        from speedpipe.loop import defer_signals_to_step_boundaries
-
-        defer_signals_to_step_boundaries((signal.SIGTERM, signal.SIGINT))  # a killed local job saves its step first
-        return run_recording_usage(jobs, usage)
+        with signals_deferred_to_step_boundaries():  # a local job stopped by SIGTERM or Ctrl-C saves its step first
+            return run_recording_usage(jobs, usage)
     return SlurmLauncher(launcher, log).run(jobs, usage)
 
 
@@ -207,8 +205,7 @@ class SlurmLauncher:
             silent = [f"{task} ({task_host(path.stdout)})" for task, path in enumerate(paths) if not path.result_pickle.exists()]
             raise SlurmJobFailed(
                 f"SLURM job {job.job_id} ended in state {state}."
-                + (f" Task(s) {', '.join(silent)} ended without a result or an error: killed, or their node lost."
-                   if silent and len(silent) < tasks else "")
+                + (f" Task(s) {', '.join(silent)} ended without a result or an error: killed, or their node lost." if silent else "")
                 + "".join(f"\n--- last lines of task {task}'s stderr ({path.stderr}) ---\n{tail(path.stderr)}"
                           for task, path in enumerate(paths)))
 

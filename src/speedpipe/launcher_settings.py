@@ -58,9 +58,13 @@ def parse_launcher(settings: dict) -> LauncherConfig:
     return cfg
 
 
+def many_tasks_key(cfg: LauncherConfig) -> str:
+    """The key that makes a job of several tasks: nodes where more than one, else tasks_per_node."""
+    return "nodes" if cfg.nodes > 1 else "tasks_per_node"
+
+
 def refuse_tasks(stage: str, cfg: LauncherConfig, where: str = "launcher"):
     """A stage that runs in one process gets one task: several would each do all its work and write its files at once."""
     if cfg.executor == "slurm" and cfg.nodes * cfg.tasks_per_node > 1:
-        key = "nodes" if cfg.nodes > 1 else "tasks_per_node"
-        raise ConfigError(f"{where}.{key}: the {stage} stage runs in one process, not in {cfg.nodes} node(s) x "
+        raise ConfigError(f"{where}.{many_tasks_key(cfg)}: the {stage} stage runs in one process, not in {cfg.nodes} node(s) x "
                           f"{cfg.tasks_per_node} task(s): give it nodes: 1 and tasks_per_node: 1")

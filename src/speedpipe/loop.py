@@ -29,6 +29,7 @@ import signal
 import socket
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -38,7 +39,7 @@ import torch
 from speedpipe.checkpoint import list_checkpoints, rng_state, restore_rng, save_checkpoint
 from speedpipe.layout import checkpoint as checkpoint_path
 from speedpipe.csvlog import CsvLog
-from speedpipe.distributed import DistEnv, all_reduce_mean, all_reduce_min, barrier, gather_objects
+from speedpipe.distributed import DistEnv, all_reduce_max, all_reduce_mean, all_reduce_min, barrier, gather_objects
 from speedpipe.io import atomic_torch_save, safe_torch_load
 from speedpipe.runstore import RESUME_FILE, RunFolder
 
@@ -229,9 +230,9 @@ class ResumableLoop:
                 bar.update(1)
 
                 at_ckpt = step % c.ckpt_every == 0 or step in c.ckpt_steps or step == c.steps
-                resume_due = not at_ckpt and ((c.resume_every_steps and step % c.resume_every_steps == 0) or self._preempt is not None
-                                              or (c.resume_every_minutes and time.monotonic() - self._last_resume_save
-                                                  >= 60 * c.resume_every_minutes))
+                minutes_due, stop = self._agree_on_stopping(terms["loss"].device)
+                resume_due = not at_ckpt and ((c.resume_every_steps and step % c.resume_every_steps == 0) or stop is not None
+                                              or minutes_due)
                 if self.nonfinite == "stop" and (step % c.log_every == 0 or at_ckpt or resume_due):
                     self._stop_if_nonfinite(all_reduce_min(first_bad, env), checked)  # before anything is saved
                 if (step % c.log_every == 0 or at_ckpt) and self._window.steps():
@@ -252,8 +253,8 @@ class ResumableLoop:
                     self._last_resume_save = time.monotonic()
                 elif resume_due and step >= self._replay_until:  # a replay keeps the newer latest.pt
                     self.save_resume_checkpoint()
-                if self._preempt is not None:
-                    self._yield_to_the_scheduler(f"ckpt-{step:07d}.pt" if at_ckpt else RESUME_FILE, performed)
+                if stop is not None:
+                    self._yield_to_the_scheduler(stop, f"ckpt-{step:07d}.pt" if at_ckpt else RESUME_FILE, performed)
             self._event("finished", "", performed)
             if env.is_main:
                 self.folder.publish()
@@ -271,13 +272,29 @@ class ResumableLoop:
                                      f"checkpoint: {self.last_checkpoint()}. Lower the learning rate, clip gradients, or check "
                                      f"the data.")
 
-    def _yield_to_the_scheduler(self, saved: str, performed: int):
+    def _agree_on_stopping(self, device) -> tuple[bool, tuple | None]:
+        """(whether the resume interval in minutes has passed, the signal to stop for at this step boundary). With several
+        ranks both are agreed on: due on any rank, and a signal received by any rank becomes every rank's, so that each
+        takes the same branch (a rank saving, checking or stopping alone would leave the others in a collective it never
+        joins). A signal arriving after this is taken at the next boundary."""
+        c = self.cadence
+        due = bool(c.resume_every_minutes and time.monotonic() - self._last_resume_save >= 60 * c.resume_every_minutes)
+        stop = self._preempt
+        if self.env.world_size > 1:
+            received = stop[1] if stop is not None else 0
+            due, signum = (int(v) for v in all_reduce_max(torch.tensor([float(due), float(received)], device=device), self.env))
+            if signum and (stop is None or stop[1] != signum):
+                stop = (_DEFERRED.get(signum, _exit_on_sigterm), signum, None)
+        if stop is not None:
+            self._preempt = None  # taken here; another signal from now on is the next boundary's (or, once more, at once)
+        return bool(due), stop
+
+    def _yield_to_the_scheduler(self, stop: tuple, saved: str, performed: int):
         """After the state of this step boundary is saved (in `saved`). SIGUSR2 (preemption, a time limit near):
         submitit's handler requeues the job and exits. SIGTERM (scancel, a node going down, SIGKILL following within
         KillWait; a local job stopped by Snakemake or kill) and SIGINT (Ctrl-C): the job stops here (submitit would
         ignore SIGTERM, and the steps until the kill would be lost)."""
-        handler, signum, frame = self._preempt
-        self._preempt = None
+        handler, signum, frame = stop
         self._window = LogWindow()
         if signum in (signal.SIGTERM, signal.SIGINT):
             self._event("terminated", saved, performed)
@@ -318,31 +335,51 @@ class LogWindow:
         return {"sums": {k: v.cpu() for k, v in self.sums.items()}, "counts": dict(self.counts)}
 
 
-def defer_signals_to_step_boundaries(signums=(signal.SIGUSR2, signal.SIGTERM)):
+def defer_signals_to_step_boundaries(signums=(signal.SIGUSR2, signal.SIGTERM)) -> dict:
     """Wrap the installed handlers (submitit's requeue handlers inside a SLURM job; in a local job, SIGTERM's default
     and Ctrl-C's KeyboardInterrupt) so that, while a loop runs, they fire at the end of the current step, after the
-    loop saved its resume checkpoint; with no loop running, at once. Wrapping twice is a no-op; only the main thread
-    may install handlers (elsewhere nothing changes)."""
+    loop saved its resume checkpoint (a second signal before then acts at once); with no loop running, at once.
+    Returns the handlers it replaced. Wrapping twice is a no-op; only the main thread may install handlers."""
+    replaced = {}
     if threading.current_thread() is not threading.main_thread():
-        return
+        return replaced
     for signum in signums:
         original = signal.getsignal(signum)
         if getattr(original, "deferred", False):
             continue
-        if original == signal.SIG_DFL and signum == signal.SIGTERM:
-            original = _exit_on_sigterm
-        if not callable(original):
+        act = _exit_on_sigterm if original == signal.SIG_DFL and signum == signal.SIGTERM else original
+        if not callable(act):
             continue
 
-        def deferred(sig, frame, original=original):
-            if _ACTIVE is None:
-                original(sig, frame)
+        def deferred(sig, frame, act=act):
+            if _ACTIVE is None or _ACTIVE._preempt is not None:
+                act(sig, frame)
             else:
-                _ACTIVE._preempt = (original, sig, frame)
+                _ACTIVE._preempt = (act, sig, frame)
 
         deferred.deferred = True
+        _DEFERRED[signum] = act
+        replaced[signum] = original
         signal.signal(signum, deferred)
+    return replaced
+
+
+@contextmanager
+def signals_deferred_to_step_boundaries(signums=(signal.SIGTERM, signal.SIGINT)):
+    """defer_signals_to_step_boundaries for as long as a local job runs; the process's own handlers come back after."""
+    replaced = defer_signals_to_step_boundaries(signums)
+    try:
+        yield
+    finally:
+        for signum, handler in replaced.items():
+            signal.signal(signum, handler)
+            _DEFERRED.pop(signum, None)
+
+
+_DEFERRED = {}  # signal number -> what it does once deferred to a step boundary (see Loop._agree_on_stopping)
 
 
 def _exit_on_sigterm(signum, frame):
+    """SIGTERM's default, once deferred: the process ends; a second one kills it at once."""
+    signal.signal(signum, signal.SIG_DFL)
     raise SystemExit(128 + signum)
