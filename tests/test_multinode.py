@@ -55,12 +55,18 @@ def _rank_aware_batch(exp: Experiment, checkpoints=None) -> list[tuple[str, dict
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
-    """The batch run in this process, after the stages that run in one process (autoencoder, classifier)."""
+    """The batch run in this process, after the stages that run in one process (autoencoder, classifier), on the one
+    thread each task gets (cpus_per_task): a CPU kernel's reduction order depends on its thread count."""
     require_slurm()  # it is only compared with SLURM jobs
     root = tmp_path_factory.mktemp("one")
     exp = _experiment(root)
-    launch_many([("autoencoder", exp.stage_config("autoencoder")), ("classifier", exp.stage_config("classifier"))])
-    launch_many(_rank_aware_batch(exp))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(SLURM["cpus_per_task"])
+    try:
+        launch_many([("autoencoder", exp.stage_config("autoencoder")), ("classifier", exp.stage_config("classifier"))])
+        launch_many(_rank_aware_batch(exp))
+    finally:
+        torch.set_num_threads(threads)
     return root / "ranks"
 
 
@@ -122,6 +128,7 @@ def test_rank_aware_stages_give_their_one_process_outputs_on_every_layout(one_pr
     hosts = [r["host"] for r in usage["ranks"]]
     assert [r["rank"] for r in usage["ranks"]] == [0, 1] and usage["world_size"] == 2
     assert len(set(hosts)) == nodes and len({(r["host"], r["pid"]) for r in usage["ranks"]}) == 2
+    assert [r["threads"] for r in usage["ranks"]] == [SLURM["cpus_per_task"]] * 2  # not a thread per core of the node
     for run in ("train/speed-s0", f"distill/{next(iter(exp.distill_runs))}"):
         ranks = [e["source"] for e in events(tmp_path / "ranks" / run) if e["event"] == "ranks"]
         assert len(ranks) == 1 and [r.split(":")[0] for r in ranks[0].split()] == [f"0@{hosts[0]}", f"1@{hosts[1]}"], run

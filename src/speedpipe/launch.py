@@ -52,7 +52,9 @@ def run_recording_usage(jobs: list[tuple[str, dict]], usage: str | None = None) 
         if not usage:
             return results
         peak_kb = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
-        ranks = gather_objects({"rank": env.rank, "host": platform.node(), "pid": os.getpid(),
+        import torch
+
+        ranks = gather_objects({"rank": env.rank, "host": platform.node(), "pid": os.getpid(), "threads": torch.get_num_threads(),
                                 "wall_s": round(time.perf_counter() - start, 3), "cpu_s": round(_cpu_seconds() - before, 3),
                                 "peak_rss_mb": round(peak_kb / 1024, 1)}, env)
     if env.is_main:
@@ -94,6 +96,10 @@ class StageJob:
 
         if int(os.environ.get("SLURM_NTASKS", "1")) > 1:  # RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        if "SLURM_CPUS_PER_TASK" in os.environ:  # torch would start a thread per core of the node: tasks sharing a node
+            import torch  # (without a cgroup binding their CPUs) then fight over them, and every collective waits
+
+            torch.set_num_threads(int(os.environ["SLURM_CPUS_PER_TASK"]))
         defer_signals_to_step_boundaries()  # a long stage saves its state at the end of the step, then submitit requeues
         return [str(result) for result in run_recording_usage(self.jobs, self.usage)]
 
