@@ -39,12 +39,15 @@ def _experiment(output_dir) -> Experiment:
 def _rank_aware_batch(exp: Experiment, checkpoints=None) -> list[tuple[str, dict]]:
     """encode, reference, the teacher's training, its sCD student and the sampling of both (the teacher's curve
     sampler, the student's one step), in the order they depend. checkpoints: the folder whose checkpoints are sampled
-    (the one-process run's, so that the samples compare bit for bit where the weights compare within TOLERANCE)."""
+    (the one-process run's, so that the samples compare bit for bit where the weights compare within TOLERANCE).
+    The student's samples are one batch: one rank samples nothing (as ranks beyond the batches of a large job do)."""
     teacher, student = exp.train_runs["speed-s0"], next(iter(exp.distill_runs.values()))
     samples = []
     for e in exp.evaluations():
         if e.step == 4 and (e.run, e.sampler) in ((teacher, exp.pipe["curve_sampler"]), (student, "scm1")):
             cfg = exp.stage_config("sample", evaluation=e)
+            if e.run == student:
+                cfg["sampling"]["batch_size"] = cfg["sampling"]["num_samples"]
             if checkpoints is not None:
                 cfg["sampling"]["checkpoint"] = str(checkpoints / Path(cfg["sampling"]["checkpoint"]).relative_to(exp.layout.root))
             samples.append(("sample", cfg))

@@ -169,7 +169,10 @@ def run(cfg, provenance):
 
     if env.world_size > 1:  # each rank writes its batches; rank 0 assembles them in batch order
         part_file = out.parent / f".part-{out.stem}-rank{env.rank}.npz"
-        write_npz(part_file, np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts]))
+        if parts:
+            write_npz(part_file, np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts]))
+        else:  # fewer batches than ranks: this rank sampled none
+            write_npz(part_file, np.zeros((0,), np.uint8), np.zeros((0,), np.int64))
         barrier(env)
         if env.is_main:
             parts = []
