@@ -74,8 +74,8 @@ def _last_logged_step(run_dir) -> int:
 def test_interrupted_job_is_requeued_and_resumes_bit_identical(tiny_train_config, tmp_path, interrupt, nodes):
     """A training job interrupted between evaluation checkpoints (only the last step is one) by SLURM's pre-timeout
     signal (USR2) or by `scontrol requeue` redoes at most the resume interval (25 steps) and ends bit-identical to an
-    uninterrupted run: one process, or for a job on two nodes (one task each) the same job uninterrupted. (The requeue
-    of a one-node job, the same restart and resume, is left to the two-node case: it cost CI half a minute.)"""
+    uninterrupted run: one process, or for a job on two nodes (one task each) the same job uninterrupted. (A one-node
+    job's requeue is the same restart and resume: the two-node case covers it.)"""
     from conftest import events
     from speedpipe.checkpoint import load_checkpoint
     from speedpipe.stages import train
