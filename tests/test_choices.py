@@ -338,7 +338,7 @@ def test_bf16_runs_the_network_under_bf16_autocast_and_fp32_in_fp32(key, precisi
     import importlib
 
     stage, factory, layer_type, overrides = PRECISION[key]
-    module = "speedpipe.consistency.trigflow" if factory == "student_from_checkpoint" else f"speedpipe.stages.{stage}"
+    module = "speedpipe.consistency.methods" if factory == "student_from_checkpoint" else f"speedpipe.stages.{stage}"
     seen = _watch(monkeypatch, importlib.import_module(module), factory, layer_type)
     run_stage(stage, tiny.config, *overrides(tiny, tmp_path), f"{key.split()[0]}={precision}")
     wanted = torch.bfloat16 if precision == "bf16" else torch.float32

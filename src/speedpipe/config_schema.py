@@ -153,6 +153,25 @@ class EvalConfig:
 
 
 @dataclass
+class MeanFlowConfig:
+    """The settings of the methods on MeanFlow's student (distill.method meanflow, imf; METHODS.md §4). Defaults: the
+    paper's ImageNet-256 ones, without guidance."""
+
+    p_mean: float = -0.4  # (t, r): two draws of logit-normal(p_mean, p_std), t the larger
+    p_std: float = 1.0
+    r_neq_t: float = 0.25  # the share of each batch with r ≠ t (the rest is flow matching, r = t)
+    adaptive_p: float = 1.0  # the loss weight sg(1/(‖Δ‖² + c)^p); 0: plain L2
+    adaptive_c: float = 1.0e-3
+    omega: float = 1.0  # guidance in training: ṽ = ω·v + κ·u(z, t, t | y) + (1 − ω − κ)·u(z, t, t | ∅) (1, 0: none)
+    kappa: float = 0.0
+    guidance_t: List[float] = field(default_factory=lambda: [0.0, 1.0])  # the times t where guidance applies
+    label_dropout: float = 0.0  # the share of labels dropped to the null class (the unconditional u guidance uses)
+
+
+MEANFLOW_METHODS = ("meanflow", "imf")  # the methods that read distill.meanflow
+
+
+@dataclass
 class DistillConfig:
     """A consistency model from a trained DiT (stage `distill`): sCD of the teacher, or sCT from its weights."""
 
@@ -182,6 +201,7 @@ class DistillConfig:
     run_dir: Optional[str] = None  # default: {output_dir}/{experiment}/distill/{method}-{teacher run}
     device: str = "auto"
     progress: bool = True
+    meanflow: MeanFlowConfig = field(default_factory=MeanFlowConfig)
 
 
 @dataclass
@@ -306,4 +326,7 @@ RANGES = {  # key: its valid values, beyond POSITIVE (every float of the config 
     "sampling.ddim_eta": Range(0, 1, "[]", note="0: deterministic, 1: DDPM's variance"),
     "sampling.scm_mid_t": Range(0, math.pi / 2, "()", note="a TrigFlow time: 0 is the data, pi/2 pure noise"),
     "distill.tangent_c": Range(0),
+    "distill.meanflow.p_std": Range(0, ends="()"), "distill.meanflow.r_neq_t": Range(0, 1, "[]"),
+    "distill.meanflow.adaptive_p": Range(0, note="0: plain L2"), "distill.meanflow.adaptive_c": Range(0, ends="()"),
+    "distill.meanflow.guidance_t": Range(0, 1, "[]", each=True, length=2), "distill.meanflow.label_dropout": UNIT,
 }

@@ -26,7 +26,7 @@ import torch.nn as nn
 from torch.func import jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from speedpipe.models.dit import DiT, build_model
+from speedpipe.models.dit import DiT
 from speedpipe.models.dit_tangent import forward_with_tangent
 
 
@@ -142,16 +142,6 @@ class TrigFlowStudent(TrigFlowModel):
         out, d_out = forward_with_tangent(self.net, x_scaled.to(dtype), dx_scaled.to(dtype), self.c_noise(t).to(dtype),
                                           (self.time_scale * dt).to(dtype), y)  # c_noise is linear in t
         return out[:, :C], d_out[:, :C]
-
-
-def student_from_checkpoint(state: dict, use_ema: bool = True) -> TrigFlowStudent:
-    """The distilled student of a distill checkpoint (its EMA weights by default): the teacher's DiT, read as F."""
-    from omegaconf import OmegaConf
-
-    net = build_model(OmegaConf.create(state["teacher_config"]), initialise=False)
-    net.load_state_dict(state["ema" if use_ema else "model"])
-    d = state["config"]["distill"]
-    return TrigFlowStudent(net.eval(), d["sigma_d"], d["time_scale"])
 
 
 def t_max(sigma_max: float, sigma_d: float) -> float:

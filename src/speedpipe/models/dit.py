@@ -229,10 +229,24 @@ class DiT(nn.Module):
         x = torch.einsum("nhwpqc->nchpwq", x)
         return x.reshape(x.shape[0], c, h * p, w * p)
 
+    def add_interval_embedding(self):
+        """A second time input (MeanFlow's interval t − r): an embedder like t's whose output layer starts at zero, so
+        the net computes what it computed before until it is trained. Idempotent."""
+        if getattr(self, "interval_embedder", None) is None:
+            hidden = self.t_embedder.mlp[2].out_features
+            self.interval_embedder = TimestepEmbedder(hidden).to(self.t_embedder.mlp[0].weight)
+            nn.init.normal_(self.interval_embedder.mlp[0].weight, std=0.02)
+            nn.init.constant_(self.interval_embedder.mlp[2].weight, 0)
+            nn.init.constant_(self.interval_embedder.mlp[2].bias, 0)
+        return self
+
     def forward(self, x, t, y, force_drop_ids=None):
         """x: [N, C, H, W] latents, t: [N] (float or integer) timesteps, y: [N] labels."""
+        return self.forward_conditioned(x, self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids))
+
+    def forward_conditioned(self, x, c):
+        """The net on the conditioning vector c (the sum of its input embeddings: time, label, interval)."""
         x = self.x_embedder(x) + self.pos_embed
-        c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)
         for block in self.blocks:
             x = block(x, c)
         return self.unpatchify(self.final_layer(x, c))

@@ -56,7 +56,7 @@ def _attention_tangent(q, k, v, dq, dk, dv):
     return torch.ops.aten._softmax_backward_data(ds.to(p.dtype), p, -1, p.dtype) @ v + p @ dv
 
 
-def _timestep_tangent(embedder, t, dt):
+def time_embedding_with_tangent(embedder, t, dt):
     """The DiT time embedding (the ops of embedder(t)) and its derivative along dt."""
     dim = embedder.frequency_embedding_size
     lin1, silu, lin2 = embedder.mlp
@@ -114,12 +114,16 @@ def _block_tangent(block: DiTBlock, x, dx, c, dc):
 
 def forward_with_tangent(net: DiT, x, dx, t, dt, y):
     """(net(x, t, y) with gradients, its derivative along (dx, dt) without): the same value as net(x, t, y)."""
+    t_emb, dc = time_embedding_with_tangent(net.t_embedder, t, dt)
+    return conditioned_with_tangent(net, x, dx, t_emb + net.y_embedder(y, net.training), dc)
+
+
+def conditioned_with_tangent(net: DiT, x, dx, c, dc):
+    """(net.forward_conditioned(x, c) with gradients, its derivative along (dx, dc) without)."""
     h = net.x_embedder(x) + net.pos_embed
     with torch.no_grad():  # the tangent's residual stream in the primal's dtype (fp32 under autocast, as h is)
         dh = F.conv2d(dx.to(net.x_embedder.proj.weight.dtype), net.x_embedder.proj.weight,
                       stride=net.x_embedder.proj.stride).flatten(2).transpose(1, 2).to(h.dtype)
-    t_emb, dc = _timestep_tangent(net.t_embedder, t, dt)
-    c = t_emb + net.y_embedder(y, net.training)
     for block in net.blocks:
         h, dh = _block_tangent(block, h, dh, c, dc)
     final = net.final_layer

@@ -17,11 +17,12 @@ its outputs, and the config a checkpoint carries (what a later stage rebuilds th
 """
 import functools
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import lru_cache
 from pathlib import Path
 
 from speedpipe.config import leaves
+from speedpipe.config_schema import MEANFLOW_METHODS, MeanFlowConfig
 from speedpipe.experiment_schema import schema_defaults
 from speedpipe.sampler_labels import parse_sampler
 
@@ -184,6 +185,15 @@ SAMPLER_READS = (("sampling.scm_mid_t", lambda c: _sampler(c).name == "scm2"),
                  ("sampling.cfg_scale", lambda c: not _sampler(c).consistency),
                  ("sampling.dit_compat", lambda c: not _sampler(c).consistency))
 
+def _reads_meanflow(config: dict) -> bool:
+    return config["distill"]["method"] in MEANFLOW_METHODS
+
+
+# A method's settings are read only by its jobs: distill.meanflow by MeanFlow's student's methods, the sCM tangent's
+# settings by the others.
+METHOD_READS = (*((f"distill.meanflow.{f.name}", _reads_meanflow) for f in fields(MeanFlowConfig)),
+                *((f"distill.{key}", lambda c: not _reads_meanflow(c)) for key in ("tangent_warmup", "tangent_c")))
+
 STAGES = {s.name: s for s in (
     Stage("autoencoder", None, 2,  # 2: the scale factor from streamed float64 moments
           reads=(*IDENTITY, "seed", *IMAGES, "autoencoder.name", "autoencoder.block_out_channels", "autoencoder.latent_channels",
@@ -208,7 +218,7 @@ STAGES = {s.name: s for s in (
     # teacher's were (the teacher checkpoint's latent_norm), so data.latent_norm is not read. 5: the training's random
     # streams (speedpipe.training.StepRandomness)
     Stage("distill", "train", 5,
-          reads=(*IDENTITY, "seed", *(k for k in LATENTS if k != "data.latent_norm"), "distill"),
+          reads=(*IDENTITY, "seed", *(k for k in LATENTS if k != "data.latent_norm"), "distill"), read_if=METHOD_READS,
           uses=loop_uses("distill"), ranks=True),
     Stage("sample", "sample", 4,  # 4: labels and each batch's noise from streams of their own; students under bf16 too
           reads=(*IDENTITY, "autoencoder.name", "autoencoder.path", "sampling"), read_if=SAMPLER_READS,

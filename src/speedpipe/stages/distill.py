@@ -50,8 +50,18 @@ class _StudentWithHead(torch.nn.Module):
         super().__init__()
         self.student, self.logvar_head = student, logvar_head
 
-    def forward(self, objective, x0, z, t, y, step):
-        return objective(self.student, self.logvar_head, x0, z, t, y, step)
+    def forward(self, objective, student, x0, z, t, y, step):
+        return objective(student, self.logvar_head, x0, z, t, y, step)
+
+
+class PhasedTimes:
+    """The training times: the TrigFlow proposal for the warm start's steps 1..W, the method's own after."""
+
+    def __init__(self, warm_start, method, warm_start_steps: int):
+        self.warm_start, self.method, self.warm_start_steps = warm_start, method, warm_start_steps
+
+    def sample(self, n, generator=None, step=None):
+        return (self.warm_start if step <= self.warm_start_steps else self.method).sample(n, generator, step)
 
 
 @STAGES["distill"].entry
@@ -74,21 +84,28 @@ def run(cfg, provenance):
                                  diffusion_steps=teacher_cfg.diffusion.diffusion_steps)
     teacher = TrigFlowTeacher.over_latents(copy.deepcopy(net).requires_grad_(False), diffusion.alphas_cumprod, d.sigma_d,
                                            d.cfg_scale)
-    student = TrigFlowStudent(net.requires_grad_(True), d.sigma_d, d.time_scale)
-    student.net.pos_embed.requires_grad_(False)
+    trigflow = TrigFlowStudent(net.requires_grad_(True), d.sigma_d, d.time_scale)  # the warm start's student
+    trigflow.net.pos_embed.requires_grad_(False)
+    method = consistency_method(d.method)
+    student = method.make_student(trigflow)  # the method's, on the same network (MeanFlow adds its interval embedding)
+    label_dropout = method.dropped_labels(d)
+    if label_dropout and net.y_embedder.embedding_table.num_embeddings == net.num_classes:
+        raise ConfigError(f"config key 'distill.method': {d.method} drops labels ({label_dropout}) to a null class the "
+                          f"teacher {d.teacher} has none of (it was trained with model.class_dropout_prob 0)")
     trained = _StudentWithHead(student, LogvarHead()).to(device)
     ema = copy.deepcopy(student.net).requires_grad_(False)
     opt = torch.optim.Adam([p for p in trained.parameters() if p.requires_grad], lr=d.lr, betas=tuple(d.betas))
     warm_start = TrigFlowDiffusionLoss(teacher, d.warm_start_target, d.precision)
-    method = consistency_method(d.method)
     consistency = method.objective(teacher, d)
 
     dataset = open_training_data(cfg, teacher_cfg.model,
                                  LatentNormalization.from_state(teacher_state.get("latent_norm"), teacher_cfg.model.in_channels))
     order = EpochBatches(len(dataset), d.global_batch_size, cfg.seed, key="distill.global_batch_size")
-    # the training streams with the time proposal for timesteps, no label dropout, z ~ N(0, I) (scaled by σ_d) as noise
-    randomness = StepRandomness(cfg.seed, TimeProposal(d.sigma_d, d.p_mean, d.p_std), dataset.latent_shape, 0.0,
-                                cfg.data.random_flip, dataset.samples_posterior, "cpu")
+    # the training streams with the time proposals for timesteps, the method's label dropout, z ~ N(0, I) (scaled by
+    # σ_d) as noise
+    times = PhasedTimes(TimeProposal(d.sigma_d, d.p_mean, d.p_std), method.make_times(d), d.warm_start_steps)
+    randomness = StepRandomness(cfg.seed, times, dataset.latent_shape, label_dropout, cfg.data.random_flip,
+                                dataset.samples_posterior, "cpu")
     # what a resumed run must share with the run it resumes: the settings, the data, and the teacher's content
     settings = {**STAGES["distill"].run_settings(provenance), "data": dataset.identity(),
                 "teacher": state_fingerprint({k: teacher_state.get(k) for k in ("ema", "config", "latent_norm")})}
@@ -104,19 +121,25 @@ def run(cfg, provenance):
     loop.resume()
     if env.is_main:
         save_config(provenance, loop.state_dir / "config.yaml")
-    net_ddp = DDP(trained, device_ids=[device.index] if device.type == "cuda" else None) if env.world_size > 1 else trained
+    # a student other than the TrigFlow one leaves the logvar head (and, in the warm start, its own parameters) unused
+    net_ddp = DDP(trained, device_ids=[device.index] if device.type == "cuda" else None,
+                  find_unused_parameters=student is not trigflow) if env.world_size > 1 else trained
     model_params, ema_params = list(student.net.parameters()), list(ema.parameters())
     mine = lambda v: None if v is None else rank_slice(v, env.rank, env.world_size)  # noqa: E731
 
     def forward(step):
         n = d.global_batch_size
         idx = order.next_global_batch()
-        t, _, flip, eps, noise = randomness.draw(n, step)
+        t, drop, flip, eps, noise = randomness.draw(n, step)
         z = d.sigma_d * noise
         latents, y = dataset.get_batch(mine(idx), mine(flip), mine(eps))
         x0 = d.sigma_d * latents  # TrigFlow data: unit-variance latents scaled to std σ_d
-        objective, k = (warm_start, step) if step <= d.warm_start_steps else (consistency, step - d.warm_start_steps)
-        terms = net_ddp(objective, x0.to(device), mine(z).to(device), mine(t).to(device), y.to(device), k)
+        if step <= d.warm_start_steps:
+            objective, model, k = warm_start, trigflow, step
+        else:
+            objective, model, k = consistency, student, step - d.warm_start_steps
+            y = torch.where(mine(drop), net.num_classes, y)
+        terms = net_ddp(objective, model, x0.to(device), mine(z).to(device), mine(t).to(device), y.to(device), k)
         if "g" in terms:
             terms["tangent g"] = terms.pop("g")
         return terms

@@ -113,12 +113,11 @@ def build_sampler_for(state, cfg, device):
                           f"{'distill' if label.consistency else 'train'} checkpoint, {cfg.sampling.checkpoint} is a "
                           f"{'distill' if is_student else 'train'} checkpoint")
     if label.consistency:
-        from speedpipe.consistency.methods import consistency_method
-        from speedpipe.consistency.trigflow import student_from_checkpoint
+        from speedpipe.consistency.methods import consistency_method, student_from_checkpoint
 
         m = state["teacher_config"]["model"]
         student = student_from_checkpoint(state, cfg.sampling.use_ema).to(device)
-        method = consistency_method(state["config"]["distill"].get("method", "scd"))  # checkpoints made before methods: sCD
+        method = consistency_method(state["config"]["distill"].get("method", "scd"))
         return UnderAutocast(method.make_sampler(student, (m["in_channels"], m["input_size"], m["input_size"]), label.steps,
                                                  cfg.sampling.scm_mid_t), cfg.sampling.precision, device)
     run_cfg = OmegaConf.create(state["config"])

@@ -27,11 +27,41 @@ class ConsistencyMethod:
     teacher_velocity: bool  # whether its objective evaluates the teacher network (then distill.cfg_scale guides it; the report says so)
     objective: Callable  # objective(teacher: TrigFlowTeacher, distill_config) -> loss(student, head, x0, z, t, y, step)
     sampler: Callable = None  # sampler(student, latent_shape, steps, mid_t) for the labels scm<steps> (None: ConsistencySampler)
+    student: Callable = None  # student(trigflow_student) -> the model it trains and samples, from the warm-started
+    # TrigFlow student and sharing its network (None: the TrigFlow student itself)
+    times: Callable = None  # times(distill_config) -> its training-time proposal, .sample(n, generator, step) (None: TrigFlow's)
+    label_dropout: Callable = None  # label_dropout(distill_config) -> the share of labels replaced by the null class (None: 0)
 
     def make_sampler(self, student, latent_shape, steps: int, mid_t: float):
         from speedpipe.consistency.sampling import ConsistencySampler
 
         return (self.sampler or ConsistencySampler)(student, latent_shape, steps, mid_t)
+
+    def make_student(self, trigflow_student):
+        return self.student(trigflow_student) if self.student else trigflow_student
+
+    def make_times(self, d):
+        from speedpipe.consistency.objectives import TimeProposal
+
+        return self.times(d) if self.times else TimeProposal(d.sigma_d, d.p_mean, d.p_std)
+
+    def dropped_labels(self, d) -> float:
+        return self.label_dropout(d) if self.label_dropout else 0.0
+
+
+def student_from_checkpoint(state: dict, use_ema: bool = True):
+    """The student of a distill checkpoint (its EMA weights by default), as its method builds it: the teacher's DiT
+    read as a TrigFlow model, then the method's own (MeanFlow adds an interval embedding before the weights load)."""
+    from omegaconf import OmegaConf
+
+    from speedpipe.consistency.trigflow import TrigFlowStudent
+    from speedpipe.models.dit import build_model
+
+    net = build_model(OmegaConf.create(state["teacher_config"]), initialise=False)
+    d = state["config"]["distill"]
+    student = consistency_method(d.get("method", "scd")).make_student(TrigFlowStudent(net, d["sigma_d"], d["time_scale"]))
+    net.load_state_dict(state["ema" if use_ema else "model"])  # checkpoints made before methods: sCD
+    return student.eval()
 
 
 def method_names() -> list[str]:
