@@ -153,6 +153,11 @@ CASES = {
         "distill.ckpt_steps": ([3], ["distill.steps=3"]), "distill.precision": ("bf16", []),           # the end: checkpoints)
         "distill.skip_nonfinite": (True, [f"distill.teacher={p['teacher_nan']}"]), "distill.run_dir": ("runs/student", []),
         "distill.device": ("auto", []), "distill.method": ("sct", []),
+        # MeanFlow's section, read by its jobs: a case runs the method (guidance keys with guidance on)
+        **{f"distill.meanflow.{key}": (value, ["distill.method=meanflow", *context]) for key, (value, context) in {
+            "p_mean": (0.5, []), "p_std": (0.3, []), "r_neq_t": (1.0, []), "adaptive_p": (0.0, []), "adaptive_c": (10.0, []),
+            "omega": (2.0, []), "kappa": (0.5, []), "guidance_t": ([0.5, 1.0], ["distill.meanflow.omega=2.0"]),
+            "label_dropout": (0.5, [])}.items()},
     },
     "sample": lambda p: {
         "experiment": ("y", ["sampling.out=null", "autoencoder.path=null"]),

@@ -37,6 +37,12 @@ def linear_time(tau: float) -> float:
     return math.sin(tau) / (math.sin(tau) + math.cos(tau))
 
 
+def linear_velocity(F, z, t):
+    """The linear path's velocity (2t − 1)/s²·z + F/s from the TrigFlow velocity F (in units of σ_d) at (z/s, τ(t))."""
+    s = _bcast(path_scale(t), z)
+    return (2 * _bcast(t, z) - 1) / s**2 * z + F / s
+
+
 class MeanFlowTimes:
     """(t, r) per example as a [n, 2] tensor: two logit-normal(P_mean, P_std) draws, t the larger, r the smaller; r = t
     (flow matching) for all but round(r_neq_t·n) examples of each batch, the batch's last ones (its order is random)."""
@@ -66,10 +72,9 @@ class MeanFlowStudent(torch.nn.Module):
 
     def forward(self, z, r, t, y):
         """u_θ in z's dtype; t and r are [n]."""
-        s = _bcast(path_scale(t), z)
         dtype = self.net.t_embedder.mlp[0].weight.dtype
-        F = self.net.forward_conditioned((z / s).to(dtype), self._conditioning(t, r, y))[:, : z.shape[1]]
-        return (2 * _bcast(t, z) - 1) / s**2 * z + F.to(z.dtype) / s
+        x_in = (z / _bcast(path_scale(t), z)).to(dtype)
+        return linear_velocity(self.net.forward_conditioned(x_in, self._conditioning(t, r, y))[:, : z.shape[1]].to(z.dtype), z, t)
 
     def with_tangent(self, z, r, t, dz, dr, dt, y):
         """(u_θ with gradients, its derivative along (dz, dr, dt) without), both in z's dtype, through the DiT's own
