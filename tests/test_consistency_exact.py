@@ -144,7 +144,9 @@ def test_the_exact_teacher_carries_noise_to_the_mixture():
     assert energy_distance(endpoints, mixture_latents(1500, torch.Generator().manual_seed(2))) < 0.005
 
 
-@pytest.mark.parametrize("method", method_names())  # every module of speedpipe.consistency.methods, a new one included
+# every method of speedpipe.consistency.methods on the TrigFlow student, a new one included (MeanFlow's student follows
+# another path: tests/test_meanflow.py judges its objective on a mixture with its exact average velocity)
+@pytest.mark.parametrize("method", [m for m in method_names() if consistency_method(m).student is None])
 def test_each_method_turns_the_warm_started_student_into_a_one_step_sampler_of_the_mixture(method):
     teacher = MixtureTeacher()
     warm_started, trained = distill(lambda net: TrigFlowStudent(net, SIGMA_D, time_scale=1.0), teacher, method)
