@@ -15,7 +15,6 @@ forward with the tangent + backward.
 """
 import argparse
 import copy
-import time
 
 import torch
 from torch.func import jvp
@@ -24,10 +23,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from speedpipe.consistency.methods.scd import SCDLoss
 from speedpipe.consistency.objectives import LogvarHead, graded_F, graded_F_and_tangent, sample_time, trigflow_point
 from speedpipe.consistency.trigflow import TrigFlowStudent, TrigFlowTeacher
+from _steps import device_name, plain_train_step, time_rows
 from speedpipe.diffusion import create_diffusion
-from speedpipe.diffusion.timesteps import build_sampler, build_weighting
 from speedpipe.models.dit import DiT_models
-from speedpipe.training import train_step, update_ema
+from speedpipe.training import update_ema
 
 
 def main():
@@ -98,17 +97,7 @@ def main():
         F, _ = graded_F_and_tangent(parts[True], x_t, t64, y, dxt_dt, args.precision)
         F.square().mean().backward()
 
-    plain = DiT_models[args.model](input_size=args.input_size).to(device).train()
-    plain_ema = copy.deepcopy(plain).requires_grad_(False)
-    plain_opt = torch.optim.AdamW(plain.parameters(), lr=1e-4, weight_decay=0, fused=fused or None)
-    sampler, weights = build_sampler("uniform", diffusion), build_weighting("none", diffusion).to(device)
-    plain_params, plain_ema_params = list(plain.parameters()), list(plain_ema.parameters())
-    latents = torch.randn(n, *shape, device=device)
-
-    def plain_step():
-        train_step(plain, diffusion, weights, plain_opt, latents, y, sampler.sample(n).to(device), torch.randn_like(latents),
-                   torch.zeros(n, dtype=torch.long, device=device), args.precision)
-        update_ema(plain_ema_params, plain_params, 0.9999)
+    plain_step = plain_train_step(args.model, args.input_size, n, args.precision, device)
 
     guided = f"guided (cfg {args.cfg_scale:g})"
     rows = {"plain train step": plain_step,
@@ -118,33 +107,16 @@ def main():
             "  torch.func.jvp, math kernel (before)": func_jvp,
             "  graded forward+tangent+backward (after)": graded_with_tangent_backward}
 
-    def timed(fn, k):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(k):
-            fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
-
-    for fn in rows.values():
-        timed(fn, 2)
-    totals = dict.fromkeys(rows, 0.0)
-    for _ in range(args.rounds):
-        for label, fn in rows.items():
-            totals[label] += timed(fn, args.steps)
+    per_call = time_rows(rows, args.steps, args.rounds, device)
     k = args.steps * args.rounds
-    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"device: {name}; {args.model} on {shape} latents, batch {n}, {args.precision}; {k} timed repeats each")
-    base = totals["plain train step"] / k
-    for label, seconds in totals.items():
-        per = seconds / k
+    print(f"device: {device_name(device)}; {args.model} on {shape} latents, batch {n}, {args.precision}; {k} timed repeats each")
+    base = per_call["plain train step"]
+    for label, per in per_call.items():
         print(f"  {label:44s} {1 / per:8.2f} /s  {1000 * per:9.1f} ms  {per / base:5.2f}x a plain train step")
-    graded = totals["  graded forward+backward"]
-    print(f"  before: JVP / graded forward+backward: {totals['  torch.func.jvp, math kernel (before)'] / graded:.2f}x")
+    graded = per_call["  graded forward+backward"]
+    print(f"  before: JVP / graded forward+backward: {per_call['  torch.func.jvp, math kernel (before)'] / graded:.2f}x")
     print(f"  after: the tangent's extra time / graded forward+backward: "
-          f"{(totals['  graded forward+tangent+backward (after)'] - graded) / graded:.2f}x")
+          f"{(per_call['  graded forward+tangent+backward (after)'] - graded) / graded:.2f}x")
 
 
 if __name__ == "__main__":
