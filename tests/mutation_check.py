@@ -187,6 +187,7 @@ FORMULA_MODULES = {
     "consistency/trigflow.py": [FORMULAS, T + "test_consistency.py"],
     "consistency/sampling.py": [FORMULAS, T + "test_consistency.py"],
     "consistency/methods/scd.py": [FORMULAS, T + "test_consistency.py"],
+    "consistency/meanflow.py": [T + "test_meanflow.py"],
     "models/dit_tangent.py": [T + "test_consistency.py"],
     "training.py": [FORMULAS, T + "test_contracts.py::test_the_ema_moves_towards_the_weights_by_one_minus_its_decay"],
     "uncertainty.py": [FORMULAS, T + "test_report.py"],
