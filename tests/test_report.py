@@ -138,3 +138,30 @@ def test_the_budget_figure_draws_the_interval_where_every_seed_crossed(curve, tm
     assert ax.get_xscale() == "log"
     bars = [c for c in ax.containers if hasattr(c, "has_yerr") and c.has_yerr]
     assert len(bars) == 1 and list(bars[0][0].get_xdata()) == [200, 300]  # B = 100 is a bound: no interval drawn
+
+
+def test_the_students_over_their_teachers_against_a_hand_computation():
+    """scm_across_teachers: per teacher sampler and per method, step and sampler, the mean FID over the teachers with the
+    95 % t-interval (t(0.975, 2) = 4.3027: mean 6, sd 1 over three -> 6 ± 2.484), each teacher's value; a student
+    without a teacher is left out."""
+    from speedpipe.reporting.tables import scm_across_teachers
+
+    def row(run, step, sampler, fid, acc=0.5, nfe=1):
+        return {"run": run, "step": step, "sampler": sampler, "FID": fid, "label acc.": acc, "nfe": nfe}
+
+    rows = [row(f"speed-s{i}", 800, "ddpm250", fid, nfe=250) for i, fid in enumerate((4.0, 4.5, 5.0))]
+    rows += [row(f"meanflow-speed-s{i}", 400, "scm1", fid, acc) for i, (fid, acc) in enumerate(((5.0, 0.3), (6.0, 0.4), (7.0, 0.5)))]
+    rows += [row(f"meanflow-speed-s{i}", 200, "scm1", 13.0) for i in range(3)]
+    rows += [row("meanflow-no-teacher", 400, "scm1", 90.0)]
+    cfg = {"pipeline": {"train_steps": 800, "distill_warm_start": 200}, "teacher_samplers": ["ddpm250"],
+           "distill_runs": [*({"name": f"meanflow-speed-s{i}", "teacher": f"speed-s{i}", "method": "meanflow"} for i in range(3)),
+                            {"name": "meanflow-no-teacher", "teacher": None, "method": "meanflow"}]}
+    table = scm_across_teachers(pd.DataFrame(rows), cfg).set_index("model")
+    assert list(table.index) == ["teacher", "MeanFlow student (warm start only)", "MeanFlow student (MeanFlow 200 steps)"]
+    student = table.loc["MeanFlow student (MeanFlow 200 steps)"]
+    half = 4.302652729911275 * 1.0 / np.sqrt(3)
+    assert student["FID"] == 6.0 and student["teachers"] == 3 and student["label acc."] == pytest.approx(0.4)
+    assert student["FID 95% t-interval"] == f"{6 - half:.2f} – {6 + half:.2f}" == "3.52 – 8.48"
+    assert student["FID by teacher"] == "5.00 / 6.00 / 7.00"
+    assert table.loc["teacher", "FID"] == 4.5 and table.loc["teacher", "NFE"] == 250
+    assert table.loc["MeanFlow student (warm start only)", "FID 95% t-interval"] == "13.00 – 13.00"

@@ -17,7 +17,7 @@ from speedpipe.stages import STAGES
 CONSISTENCY_KEYS = {"teacher_sampler", "teacher_ode_sampler", "teacher_baselines", "scm_samplers", "final_samples",
                     "distill_warm_start", "distill_steps", "distill_eval_steps"}  # required when there are teachers
 # names of the report's own tables and figures, which a named table (tables/{name}.*, figures/{name}.*) must not take
-RESERVED_NAMES = ("metrics", "scm", "usage", "summary", "training_loss", "timestep_methods", "samples_per_method", "teacher_grid",
+RESERVED_NAMES = ("metrics", "scm", "scm_across_teachers", "usage", "summary", "training_loss", "timestep_methods", "samples_per_method", "teacher_grid",
                   "teacher_vs_scm", "distillation")
 
 

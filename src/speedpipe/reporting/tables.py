@@ -10,7 +10,7 @@ import pandas as pd
 from speedpipe.consistency.methods import consistency_method
 from speedpipe.io import atomic_path, atomic_write_text
 from speedpipe.layout import Layout
-from speedpipe.uncertainty import LEVEL, budget_speedups, crossing, paired_difference, seed_speedups
+from speedpipe.uncertainty import LEVEL, budget_speedups, crossing, paired_difference, seed_speedups, t_interval
 
 METRIC_KEYS = {"frechet_inception_distance": "FID", "label_accuracy": "label acc.", "kernel_inception_distance_mean": "KID",
                "inception_score_mean": "IS", "precision": "precision", "recall": "recall"}
@@ -150,6 +150,31 @@ def scm_table(df, cfg) -> pd.DataFrame:
                 stage = "warm start only" if r.step == warm else f"{d['title']} {r.step - warm} steps"
                 rows.append({"teacher": teacher_run, "model": f"{d['title']} student ({stage})", "sampler": r.sampler, "step": r.step,
                              **_scm_row(r, ref, ode)})
+    return pd.DataFrame(rows)
+
+
+def scm_across_teachers(df, cfg) -> pd.DataFrame:
+    """Each teacher sampler, and each method's students at each evaluated step and sampler, over the teachers: the mean
+    FID with its t-interval (the teachers are the seeds of the comparison), each teacher's FID, the mean label accuracy.
+    Students without a teacher are not in it."""
+    pipe, rows = cfg["pipeline"], []
+    teachers = {t: students for t, students in students_by_teacher(cfg).items() if t is not None}
+    final = df[df.run.isin(list(teachers)) & (df.step == pipe["train_steps"])]
+    groups = [("teacher", s, final[final.sampler == s]) for s in cfg["teacher_samplers"]]
+    warm = pipe["distill_warm_start"]
+    for title, method in dict.fromkeys((d["title"], d["method"]) for students in teachers.values() for d in students):
+        runs = df[df.run.isin([d["name"] for students in teachers.values() for d in students if d["method"] == method])]
+        for (step, sampler), g in runs.groupby(["step", "sampler"]):
+            stage = "warm start only" if step == warm else f"{title} {step - warm} steps"
+            groups.append((f"{title} student ({stage})", sampler, g))
+    for model, sampler, g in groups:
+        fids = [float(v) for v in g.FID]
+        interval = t_interval(fids)
+        rows.append({"model": model, "sampler": sampler, "NFE": int(g.nfe.iloc[0]), "teachers": len(fids),
+                     "FID": round(sum(fids) / len(fids), 3),
+                     f"FID {LEVEL:.0%} t-interval": "n = 1, no interval" if interval is None else
+                     f"{interval[0]:.2f} – {interval[1]:.2f}", "FID by teacher": " / ".join(f"{v:.2f}" for v in fids),
+                     "label acc.": round(float(g["label acc."].mean()), 3)})
     return pd.DataFrame(rows)
 
 

@@ -227,7 +227,9 @@ STAGES = {s.name: s for s in (
           reads=(*IDENTITY, "eval.samples", "eval.out", "eval.metrics", "eval.label_accuracy", "eval.batch_size",
                  "eval.kid_subset_size", "eval.extractor", "eval.inception_weights", "eval.classifier_weights", "eval.reference",
                  "eval.device")),
-    Stage("report", None, 5, config="report"),  # 4: a section per consistency method; 5: log axes ticked at the evaluations, missing values as –
+    # 4: a section per consistency method; 5: log axes ticked at the evaluations, missing values as –; 6: the students over
+    # their teachers (scm_across_teachers), students without a teacher
+    Stage("report", None, 6, config="report"),
 )}
 
 

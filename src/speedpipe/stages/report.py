@@ -19,8 +19,8 @@ from speedpipe.layout import Layout
 from speedpipe.reporting.figures import (budget_figure, distillation_figure, fid_figure, grid_panels, save_figure,
                                          timestep_methods_figure, training_loss_figure)
 from speedpipe.reporting.readme import experiment_readme
-from speedpipe.reporting.tables import (budget_table, load_metrics, named_table, scm_table, seed_curves, students_by_teacher,
-                                        usage_tables, write_table)
+from speedpipe.reporting.tables import (budget_table, load_metrics, named_table, scm_across_teachers, scm_table, seed_curves,
+                                        students_by_teacher, usage_tables, write_table)
 from speedpipe.sampler_labels import parse_sampler
 from speedpipe.stages import STAGES
 from speedpipe.uncertainty import LEVEL, crossing, seed_speedups
@@ -74,6 +74,10 @@ def run(cfg, provenance):
                     f"samples each, same reference): FID / teacher against the teacher's {pipe['teacher_sampler']}, FID / ODE "
                     f"against its probability-flow ODE ({pipe['teacher_ode_sampler']}), the ceiling of a converged consistency "
                     f"model.", ("", "", scm))
+        if sum(t is not None for t in students_by_teacher(cfg)) > 1:
+            write_table(layout, "scm_across_teachers", f"The consistency models over their {pipe['extractor']}-feature FID "
+                        f"({pipe['final_samples']} samples each), mean over the teachers with its {LEVEL:.0%} t-interval "
+                        f"(the teachers are the seeds of the comparison).", ("", "", scm_across_teachers(df, cfg)))
         final, last = pipe["train_steps"], max(pipe["distill_eval_steps"])
         by_teacher = students_by_teacher(cfg)
         grid_panels(df, layout, "teacher_grid", [[(t, final, s, f"teacher {t}") for s in (pipe["teacher_sampler"], pipe["curve_sampler"])]
