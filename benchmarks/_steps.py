@@ -1,4 +1,6 @@
-"""What the step benchmarks share: timing rows side by side, and the plain diffusion training step they compare with."""
+"""What the step benchmarks share: their arguments, a DiT with every block's tangent non-trivial, timing rows side by side,
+and the plain diffusion training step they compare with."""
+import argparse
 import copy
 import time
 
@@ -8,6 +10,30 @@ from speedpipe.diffusion import create_diffusion
 from speedpipe.diffusion.timesteps import build_sampler, build_weighting
 from speedpipe.models.dit import DiT_models
 from speedpipe.training import train_step, update_ema
+
+
+def step_arguments(doc: str) -> argparse.ArgumentParser:
+    """The model, batch, precision and timing arguments of a step benchmark (CPU defaults: the demo's DiT-T/2, 4x8x8)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="DiT-T/2")
+    ap.add_argument("--input-size", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--steps", type=int, default=5, help="timed repeats per round")
+    ap.add_argument("--rounds", type=int, default=3)
+    return ap
+
+
+def random_dit(args):
+    """(device, the benchmark's DiT on it): seeded, TF32 on, every block's adaLN away from zero so that each block's
+    tangent is computed in earnest."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.manual_seed(0)
+    net = DiT_models[args.model](input_size=args.input_size).to(device)
+    for block in net.blocks:
+        torch.nn.init.normal_(block.adaLN_modulation[-1].weight, std=0.02)
+    return device, net
 
 
 def _timed(fn, k, device):

@@ -8,21 +8,19 @@ is the whole step: objective (speedpipe.consistency), backward, Adam, EMA. MeanF
 through the DiT's own tangent (MeanFlowStudent.with_tangent) or, in the reference row, torch.func.jvp through the math
 attention kernel; guided MeanFlow adds the two no-gradient passes of its training-time guidance (ω = 1, κ = 0.5).
 """
-import argparse
 import copy
 
 import torch
 from torch.func import jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from _steps import device_name, plain_train_step, time_rows
+from _steps import device_name, plain_train_step, random_dit, step_arguments, time_rows
 from speedpipe.consistency.meanflow import MeanFlowObjective, MeanFlowStudent, MeanFlowTimes, TrainingGuidance
 from speedpipe.consistency.methods.scd import SCDLoss
 from speedpipe.consistency.methods.sct import SCTLoss
 from speedpipe.consistency.objectives import LogvarHead, sample_time
 from speedpipe.consistency.trigflow import TrigFlowStudent, TrigFlowTeacher
 from speedpipe.diffusion import create_diffusion
-from speedpipe.models.dit import DiT_models
 from speedpipe.training import update_ema
 
 
@@ -37,22 +35,10 @@ class JVPMeanFlowStudent(MeanFlowStudent):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="DiT-T/2")
-    ap.add_argument("--input-size", type=int, default=8)
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    ap.add_argument("--steps", type=int, default=5, help="timed repeats per round")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap = step_arguments(__doc__)
     args = ap.parse_args()
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.manual_seed(0)
+    device, net = random_dit(args)
     n, shape = args.batch, (4, args.input_size, args.input_size)
-    net = DiT_models[args.model](input_size=args.input_size).to(device)
-    for block in net.blocks:  # away from adaLN-zero, so that every block's tangent is computed in earnest
-        torch.nn.init.normal_(block.adaLN_modulation[-1].weight, std=0.02)
     teacher = TrigFlowTeacher.over_latents(copy.deepcopy(net).eval().requires_grad_(False), create_diffusion("").alphas_cumprod, 0.5)
     x0, z = 0.5 * torch.randn(n, *shape, device=device), 0.5 * torch.randn(n, *shape, device=device)
     y = torch.randint(0, 1000, (n,), device=device)

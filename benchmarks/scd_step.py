@@ -13,41 +13,27 @@ doubled), each two ways:
 and the parts of a step alone: the teacher's forward, the graded forward+backward, torch.func.jvp, and the graded
 forward with the tangent + backward.
 """
-import argparse
 import copy
 
 import torch
 from torch.func import jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from _steps import device_name, plain_train_step, random_dit, step_arguments, time_rows
 from speedpipe.consistency.methods.scd import SCDLoss
 from speedpipe.consistency.objectives import LogvarHead, graded_F, graded_F_and_tangent, sample_time, trigflow_point
 from speedpipe.consistency.trigflow import TrigFlowStudent, TrigFlowTeacher
-from _steps import device_name, plain_train_step, time_rows
 from speedpipe.diffusion import create_diffusion
-from speedpipe.models.dit import DiT_models
 from speedpipe.training import update_ema
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="DiT-T/2")
-    ap.add_argument("--input-size", type=int, default=8)
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    ap = step_arguments(__doc__)
     ap.add_argument("--cfg-scale", type=float, default=3.0, help="the guided rows' guidance (the demo's)")
-    ap.add_argument("--steps", type=int, default=5, help="timed repeats per round")
-    ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.manual_seed(0)
+    device, net = random_dit(args)
     n, shape = args.batch, (4, args.input_size, args.input_size)
     diffusion = create_diffusion("")
-    net = DiT_models[args.model](input_size=args.input_size).to(device)
-    for block in net.blocks:  # away from adaLN-zero, so that every block's tangent is computed in earnest
-        torch.nn.init.normal_(block.adaLN_modulation[-1].weight, std=0.02)
     teachers = {cfg: TrigFlowTeacher.over_latents(copy.deepcopy(net).eval().requires_grad_(False), diffusion.alphas_cumprod, 0.5, cfg)
                 for cfg in (1.0, args.cfg_scale)}
     fused = device.type == "cuda"
