@@ -88,7 +88,7 @@ P_mean = {d['p_mean']}, P_std = {d['p_std']}, lr {d['lr']}); {pipe['final_sample
 ![teacher and consistency-model samples, one row per class](figures/teacher_vs_scm.png)
 
 {as_markdown(without_empty_columns(scm))}
-""" + ("" if len(teachers) < 2 else f"""
+""" + ("" if len(students_by_teacher(cfg)) < 2 else f"""
 Over the teachers (`tables/scm_across_teachers.md`): the mean FID with its t-interval, each teacher's FID.
 
 {as_markdown(without_empty_columns(scm_across_teachers(df, cfg)))}
