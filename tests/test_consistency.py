@@ -266,7 +266,8 @@ def test_nonfinite_tangent_is_caught(tiny_train_config, toy_teacher, tmp_path, p
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
-def test_scm_samplers_plug_into_the_sample_stage(tiny_train_config, toy_teacher, tmp_path):
+def _sampled(tiny_train_config, checkpoint, sampler, out, n=6):
+    """The sample stage on a student checkpoint, decoding with a tiny autoencoder: the images and their record."""
     import json
 
     from diffusers import AutoencoderKL
@@ -274,15 +275,20 @@ def test_scm_samplers_plug_into_the_sample_stage(tiny_train_config, toy_teacher,
     from speedpipe.models.autoencoder import save_tiny_autoencoder, tiny_autoencoder_config
     from speedpipe.stages import sample
 
+    vae = out.parent / "vae.safetensors"
+    if not vae.exists():
+        save_tiny_autoencoder(AutoencoderKL(**tiny_autoencoder_config([8, 8], 4)), 0.7, vae)
+    path = sample.run(load_config(tiny_train_config, [f"sampling.checkpoint={checkpoint}", f"sampling.sampler={sampler}",
+                                                      "autoencoder.name=tiny", f"autoencoder.path={vae}", f"sampling.num_samples={n}",
+                                                      f"sampling.out={out}", "sampling.progress=false"], phase="sample"))
+    return np.load(path)["arr_0"], json.loads(path.with_suffix(".json").read_text())
+
+
+def test_scm_samplers_plug_into_the_sample_stage(tiny_train_config, toy_teacher, tmp_path):
     run_dir = distill.run(_distill_cfg(tiny_train_config, toy_teacher, tmp_path / "d", "distill.steps=2"))  # 4 warm + 2
-    vae = tmp_path / "vae.safetensors"
-    save_tiny_autoencoder(AutoencoderKL(**tiny_autoencoder_config([8, 8], 4)), 0.7, vae)
     for sampler, nfe in (("scm1", 1), ("scm2", 2)):
-        out = sample.run(load_config(tiny_train_config, [f"sampling.checkpoint={run_dir / 'ckpt-0000006.pt'}", f"sampling.sampler={sampler}",
-                                                         "autoencoder.name=tiny", f"autoencoder.path={vae}", "sampling.num_samples=6",
-                                                         f"sampling.out={tmp_path / sampler}.npz", "sampling.progress=false"], phase="sample"))
-        images = np.load(out)["arr_0"]
-        assert images.shape == (6, 16, 16, 3) and json.loads(out.with_suffix(".json").read_text())["nfe_per_image"] == nfe
+        images, record = _sampled(tiny_train_config, run_dir / "ckpt-0000006.pt", sampler, tmp_path / f"{sampler}.npz")
+        assert images.shape == (6, 16, 16, 3) and record["nfe_per_image"] == nfe
 
 
 def test_consistency_sampler_steps_from_t_max_and_t_mid():
@@ -327,3 +333,37 @@ def test_scd_gradient_moves_f_toward_its_value_one_ode_step_earlier(t):
 
     SCDLoss(teacher, tangent_warmup=1)(student, LogvarHead().double(), x0, z, t, y, step=1)["loss"].backward()
     assert gap(1e-6) < gap(0.0) < gap(-1e-6)
+
+
+def _no_teacher_cfg(tiny_train_config, run_dir, *extra):
+    return load_config(tiny_train_config, [f"distill.run_dir={run_dir}", "distill.warm_start_target=data",
+                                           "distill.warm_start_steps=2", "distill.steps=2", "distill.global_batch_size=8",
+                                           "distill.log_every=1", "distill.ckpt_every=2", "distill.device=cpu",
+                                           "distill.progress=false", *extra], phase="train")
+
+
+@pytest.mark.parametrize("method", ["meanflow", "sct"])
+def test_a_method_that_evaluates_no_teacher_trains_without_one(tiny_train_config, tmp_path, method):
+    """distill.teacher null: the student is the run's own DiT (model.*), warm-started on the data, then the method; the
+    checkpoint carries that network's config, so the sample stage rebuilds the student (MeanFlow's with its interval
+    embedding) and samples it in one step."""
+    cfg = _no_teacher_cfg(tiny_train_config, tmp_path / method, f"distill.method={method}")
+    run_dir = distill.run(cfg)
+    state = load_checkpoint(run_dir / "ckpt-0000004.pt")
+    assert state["teacher_config"]["model"] == dict(cfg.model) and state["config"]["distill"]["teacher"] is None
+    assert ("interval_embedder.mlp.0.weight" in state["model"]) == (method == "meanflow")
+    assert {r["objective"] for r in _log(run_dir)} == {"warm_start", method}
+    images, record = _sampled(tiny_train_config, run_dir / "ckpt-0000004.pt", "scm1", tmp_path / "one.npz", n=4)
+    assert images.shape == (4, 16, 16, 3) and record["nfe_per_image"] == 1
+
+
+@pytest.mark.parametrize("setting,message", [
+    (("distill.method=scd",), "'distill.teacher': required by distill.method scd"),
+    (("distill.method=sct", "distill.warm_start_target=teacher"), "'distill.warm_start_target': 'teacher' needs a teacher"),
+    (("distill.method=meanflow", "distill.meanflow.label_dropout=0.1", "model.class_dropout_prob=0"), "has none of")])
+def test_a_run_without_a_teacher_is_refused_what_needs_one(tiny_train_config, tmp_path, setting, message):
+    from speedpipe.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        distill.run(_no_teacher_cfg(tiny_train_config, tmp_path / "refused", *setting))
+    assert not (tmp_path / "refused").exists()

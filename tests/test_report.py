@@ -165,3 +165,26 @@ def test_the_students_over_their_teachers_against_a_hand_computation():
     assert student["FID by teacher"] == "5.00 / 6.00 / 7.00"
     assert table.loc["teacher", "FID"] == 4.5 and table.loc["teacher", "NFE"] == 250
     assert table.loc["MeanFlow student (warm start only)", "FID 95% t-interval"] == "13.00 – 13.00"
+
+
+def test_the_scm_table_shows_a_student_without_a_teacher_with_no_ratios():
+    """scm_table: a teacher's student as FID / teacher (10 / 5 = 2) and FID / ODE (10 / 4 = 2.5), sampling 40 times
+    faster (0.4 s against 0.01 s per image); the student without a teacher under teacher "none", its ratios empty."""
+    from speedpipe.reporting.tables import scm_table
+
+    def row(run, step, sampler, fid, seconds, nfe=1):
+        return {"run": run, "step": step, "sampler": sampler, "FID": fid, "label acc.": 0.5, "nfe": nfe,
+                "seconds_per_image": seconds}
+
+    df = pd.DataFrame([row("speed-s0", 800, "ddpm250", 5.0, 0.4, 250), row("speed-s0", 800, "ddim50", 4.0, 0.1, 50),
+                       row("sct-speed-s0", 400, "scm1", 10.0, 0.01), row("sct-no-teacher", 400, "scm1", 30.0, 0.01)])
+    cfg = {"pipeline": {"train_steps": 800, "distill_warm_start": 200, "teacher_sampler": "ddpm250", "teacher_ode_sampler": "ddim50"},
+           "teacher_samplers": ["ddpm250", "ddim50"],
+           "distill_runs": [{"name": "sct-speed-s0", "teacher": "speed-s0", "method": "sct"},
+                            {"name": "sct-no-teacher", "teacher": None, "method": "sct"}]}
+    table = scm_table(df, cfg).set_index(["teacher", "model"])
+    student = table.loc[("speed-s0", "sCT student (sCT 200 steps)")]
+    assert (student["FID / teacher"], student["FID / ODE"], student["sampling speed-up"]) == (2.0, 2.5, 40.0)
+    free = table.loc[("none", "sCT student (sCT 200 steps)")]
+    assert free["FID"] == 30.0 and all(pd.isna(free[k]) for k in ("FID / teacher", "FID / ODE", "sampling speed-up"))
+    assert list(table.index.get_level_values(0)) == ["speed-s0"] * 3 + ["none"]

@@ -1,4 +1,5 @@
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -319,3 +320,55 @@ def test_an_invalid_table_is_refused_before_anything_runs(tmp_path):
     result = snakemake(tmp_path, "--configfile", str(tmp_path / "bad.yaml"))
     assert result.returncode != 0 and "unknown method 'speedd'; did you mean 'speed'?" in result.stderr + result.stdout
     assert not (tmp_path / "results").exists()
+
+
+def test_a_method_that_needs_no_teacher_is_planned_without_one(tmp_path):
+    """teacher_free: [meanflow] with no teachers at all: the student meanflow-no-teacher is base_config's DiT, warm-started
+    on the data; its job's params carry the network settings it reads (a teacher's students' carry none: their teacher
+    brings them); the dry run plans its distill job from the latents alone, and its evaluations."""
+    from speedpipe.experiment_file import TEACHER_KEYS
+    from speedpipe.workflow import Experiment
+
+    pipe = {k: v for k, v in micro_experiment(teachers=[], teacher_free=["meanflow"]).items()
+            if k not in TEACHER_KEYS | {"consistency_methods"}}
+    exp = Experiment(pipe)
+    student = exp.distill_runs["meanflow-no-teacher"]
+    assert student.teacher is None and list(exp.distill_runs) == ["meanflow-no-teacher"] and exp.teacher_samplers() == []
+    d = exp.stage_config("distill", student)
+    assert d["distill"]["teacher"] is None and d["distill"]["warm_start_target"] == "data" and d["distill"]["method"] == "meanflow"
+    reads = exp.job_params("distill", {"student": "meanflow-no-teacher"})[0]["reads"]
+    assert reads["model.name"] == d["model"]["name"] and "data.latent_norm" in reads
+    with_teacher = Experiment(micro_experiment())
+    assert not any(k.startswith("model.") for k in with_teacher.job_params("distill", {"student": "scd-speed-s0"})[0]["reads"])
+    (tmp_path / "free.yaml").write_text(yaml.safe_dump(pipe, sort_keys=False))
+    result = snakemake(tmp_path, "-n", "--configfile", str(tmp_path / "free.yaml"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = planned_jobs(result.stdout)
+    assert [j for j in jobs if j.startswith("distill")] == ["distill[student=meanflow-no-teacher]"]
+    assert "sample_meanflow_no_teacher" in jobs and "evaluate_meanflow_no_teacher" in jobs
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"teacher_free": ["scd"]}, "teacher_free: scd evaluates the teacher network"),
+    ({"teacher_free": ["meanflow"], "overrides": {"distill": ["distill.meanflow.label_dropout=0.1", "model.class_dropout_prob=0"]}},
+     "meanflow drops labels to the null class, and base_config's DiT has none"),
+    ({"teacher_free": ["meanflwo"]}, "teacher_free: no consistency method 'meanflwo'; did you mean 'meanflow'"),
+    ({"teachers": [], "teacher_free": []}, r"\['distill_eval_steps', 'distill_steps', 'distill_warm_start', 'final_samples', "
+                                           r"'scm_samplers'\] configure consistency models, but `teachers` and `teacher_free` are empty"),
+])
+def test_a_student_without_a_teacher_is_refused_what_needs_one_when_planned(change, message):
+    """A method that evaluates a teacher, or a label-dropping student on a DiT without a null class: refused by the
+    preflight checks, before any job."""
+    from speedpipe import preflight
+    from speedpipe.errors import ConfigError
+    from speedpipe.experiment_file import TEACHER_KEYS
+    from speedpipe.workflow import Experiment
+
+    pipe = micro_experiment(**change)
+    if not pipe["teachers"]:
+        pipe = {k: v for k, v in pipe.items() if k not in TEACHER_KEYS | {"consistency_methods"}}
+    try:
+        found = preflight.problems(Experiment(pipe))
+    except ConfigError as err:
+        found = [str(err)]
+    assert any(re.search(message, p) for p in found), found

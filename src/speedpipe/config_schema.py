@@ -176,7 +176,8 @@ class DistillConfig:
     """A consistency model from a trained DiT (stage `distill`): sCD of the teacher, or sCT from its weights."""
 
     method: str = "scd"  # the consistency method: a module of speedpipe.consistency.methods (scd, sct)
-    teacher: Optional[str] = None  # ckpt-*.pt of a train run (its EMA weights are the teacher and the student's init)
+    teacher: Optional[str] = None  # ckpt-*.pt of a train run (its EMA weights are the teacher and the student's init);
+    # null: no teacher, the run's own DiT (model.*) for a method that evaluates no teacher network (sct, meanflow)
     sigma_d: float = 0.5  # TrigFlow σ_d; the unit-variance latents are scaled by σ_d (data std σ_d, as in the paper)
     time_scale: float = 1.0  # the student's time input c_noise(t) = time_scale·t (the paper: t)
     warm_start_steps: int = 1_000  # TrigFlow diffusion fine-tune of the student before the method (steps 1..W)
@@ -198,7 +199,7 @@ class DistillConfig:
     resume_every_minutes: float = 30.0  # ... and every N minutes (0: off); also saved on SLURM's pre-timeout signal
     precision: str = "fp32"  # fp32 | bf16 (autocast of the network passes; tangent and loss in fp64)
     skip_nonfinite: bool = False  # skip (and count) steps with a non-finite tangent or loss instead of stopping
-    run_dir: Optional[str] = None  # default: {output_dir}/{experiment}/distill/{method}-{teacher run}
+    run_dir: Optional[str] = None  # default: {output_dir}/{experiment}/distill/{method}-{teacher run, or no-teacher}
     device: str = "auto"
     progress: bool = True
     meanflow: MeanFlowConfig = field(default_factory=MeanFlowConfig)

@@ -14,8 +14,9 @@ from speedpipe.launcher_settings import many_tasks_key, parse_launcher, refuse_t
 from speedpipe.sampler_labels import SamplerLabel, parse_sampler
 from speedpipe.stages import STAGES
 
-CONSISTENCY_KEYS = {"teacher_sampler", "teacher_ode_sampler", "teacher_baselines", "scm_samplers", "final_samples",
-                    "distill_warm_start", "distill_steps", "distill_eval_steps"}  # required when there are teachers
+TEACHER_KEYS = {"teacher_sampler", "teacher_ode_sampler", "teacher_baselines"}  # required when there are teachers
+STUDENT_KEYS = {"scm_samplers", "final_samples", "distill_warm_start", "distill_steps", "distill_eval_steps"}  # and students
+CONSISTENCY_KEYS = TEACHER_KEYS | STUDENT_KEYS
 # names of the report's own tables and figures, which a named table (tables/{name}.*, figures/{name}.*) must not take
 RESERVED_NAMES = ("metrics", "scm", "scm_across_teachers", "usage", "summary", "training_loss", "timestep_methods", "samples_per_method", "teacher_grid",
                   "teacher_vs_scm", "distillation")
@@ -124,20 +125,23 @@ def check_experiment_file(pipe: dict, base_dir=None) -> dict:
         check_name("data_from", pipe["data_from"], runs=False)
         if pipe["data_from"] == pipe["experiment"]:
             raise ConfigError(f"pipeline config: data_from {pipe['data_from']!r}: names this experiment itself (leave it out)")
-    teachers = pipe["teachers"]
+    teachers, teacher_free = pipe["teachers"], pipe["teacher_free"]
     if not teachers and "consistency_methods" in given_keys:
         raise ConfigError(f"pipeline config: consistency_methods {pipe['consistency_methods']} configure consistency models, "
                           f"but `teachers` is empty: name the train runs they start from")
-    given, missing = sorted(CONSISTENCY_KEYS & set(pipe)), sorted(CONSISTENCY_KEYS - set(pipe))
-    if teachers and missing:
-        raise ConfigError(f"pipeline config: missing key(s) {missing} (they configure the consistency models of the "
-                          f"teachers {teachers})")
-    if not teachers and given:
-        raise ConfigError(f"pipeline config: {given} configure consistency models, but `teachers` is empty: name the "
-                          f"train runs they start from")
-    for name in pipe["consistency_methods"]:
-        if name not in method_names():
-            raise refuse("consistency_methods: no consistency method", name, method_names())
+    for keys, needed, why in ((TEACHER_KEYS, bool(teachers), f"the teachers {teachers}"),
+                              (STUDENT_KEYS, bool(teachers or teacher_free), "the consistency models")):
+        given, missing = sorted(keys & set(pipe)), sorted(keys - set(pipe))
+        if needed and missing:
+            raise ConfigError(f"pipeline config: missing key(s) {missing} (they configure {why})")
+        if not needed and given:
+            raise ConfigError(f"pipeline config: {given} configure " + ("teachers, but `teachers` is empty: name the train "
+                              "runs they start from" if keys is TEACHER_KEYS else "consistency models, but `teachers` and "
+                              "`teacher_free` are empty"))
+    for key in ("consistency_methods", "teacher_free"):
+        for name in pipe[key]:
+            if name not in method_names():
+                raise refuse(f"{key}: no consistency method", name, method_names())
     _check_steps(pipe, "eval_steps")
     if min(pipe["eval_steps"]) < 1:
         raise ConfigError(f"pipeline config: eval_steps {pipe['eval_steps']}: the first checkpoint is at step 1 or later")
@@ -149,7 +153,7 @@ def check_experiment_file(pipe: dict, base_dir=None) -> dict:
             raise ConfigError(f"pipeline config: sampler {label!r}: scm samplers belong in scm_samplers (they need a consistency student)")
     if not all(sampler_label(label).consistency for label in pipe.get("scm_samplers", [])):
         raise ConfigError(f"pipeline config: scm_samplers {pipe['scm_samplers']}: only scm1 and scm2 sample a consistency student")
-    if teachers:
+    if teachers or teacher_free:
         _check_steps(pipe, "distill_eval_steps")
         total = pipe["distill_warm_start"] + pipe["distill_steps"]
         outside = [s for s in pipe["distill_eval_steps"] if not pipe["distill_warm_start"] <= s <= total]

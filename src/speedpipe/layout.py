@@ -61,7 +61,7 @@ class Layout:
     def train_dir(self, method: str, seed: int) -> Path:
         return self.run_dir("train", train_run_name(method, seed))
 
-    def distill_dir(self, method: str, teacher_run: str) -> Path:
+    def distill_dir(self, method: str, teacher_run: str | None) -> Path:
         return self.run_dir("distill", student_run_name(method, teacher_run))
 
     def samples(self, run: str, step, sampler: str, ext: str = "npz") -> Path:
@@ -100,9 +100,13 @@ def train_run_name(method: str, seed: int) -> str:
     return f"{method}-s{int(seed)}"
 
 
-def student_run_name(method: str, teacher_run: str) -> str:
-    """The consistency student of a teacher run by a method (speedpipe.consistency.methods): scd-speed-s0."""
-    return f"{method}-{teacher_run}"
+NO_TEACHER = "no-teacher"  # the teacher run's place in the names of students without one: meanflow-no-teacher
+
+
+def student_run_name(method: str, teacher_run: str | None) -> str:
+    """The consistency student of a teacher run by a method (speedpipe.consistency.methods): scd-speed-s0; without a
+    teacher, meanflow-no-teacher."""
+    return f"{method}-{teacher_run or NO_TEACHER}"
 
 
 # --- A stage config's paths: the path the config names, else the layout's place. The pipeline always names its
@@ -138,8 +142,9 @@ def train_run_dir(cfg) -> Path:
 
 
 def distill_run_dir(cfg) -> Path:
-    """distill.run_dir, else distill/{method}-{the teacher's run folder name}."""
-    return Path(cfg.distill.run_dir or Layout.standalone(cfg).distill_dir(cfg.distill.method, Path(cfg.distill.teacher).parent.name))
+    """distill.run_dir, else distill/{method}-{the teacher's run folder name, or no-teacher}."""
+    teacher = cfg.distill.teacher and Path(cfg.distill.teacher).parent.name
+    return Path(cfg.distill.run_dir or Layout.standalone(cfg).distill_dir(cfg.distill.method, teacher))
 
 
 def samples_path(cfg) -> Path:

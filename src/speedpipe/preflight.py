@@ -7,6 +7,8 @@ any job is submitted -- never after a teacher has trained.
 """
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 from speedpipe.errors import ConfigError
 from speedpipe.experiment_file import sampler_label
 from speedpipe.workflow import Experiment
@@ -22,6 +24,7 @@ def problems(exp: Experiment) -> list[str]:
     found += _missing_inputs(exp, data)
     found += _batches_larger_than_the_data(exp, size)
     found += _guidance_without_a_null_class(exp)
+    found += _students_without_a_teacher(exp)
     found += _data_made_otherwise(exp)
     return found
 
@@ -162,6 +165,8 @@ def _guidance_without_a_null_class(exp: Experiment) -> list[str]:
                              f"{e.run.method.name!r} trains without label dropout (model.class_dropout_prob is 0): sample "
                              f"it without -cfg, or train it with label dropout")
     for student in exp.distill_runs.values():
+        if student.teacher is None:
+            continue  # no teacher to guide
         scale = exp.stage_config("distill", student)["distill"]["cfg_scale"]
         model = exp.stage_config("train", student.teacher)["model"]
         if scale != 1.0 and model["class_dropout_prob"] == 0:
@@ -169,3 +174,22 @@ def _guidance_without_a_null_class(exp: Experiment) -> list[str]:
                          f"null class and the teacher trains without label dropout (model.class_dropout_prob is 0): set "
                          f"distill.cfg_scale=1.0")
     return sorted(set(found))
+
+
+def _students_without_a_teacher(exp: Experiment) -> list[str]:
+    """A teacher_free method must evaluate no teacher network, and a student that drops labels needs base_config's
+    DiT to have a null class (speedpipe.stages.distill refuses both too, but only when its job starts)."""
+    from speedpipe.consistency.methods import consistency_method
+
+    found = []
+    for student in exp.distill_runs.values():
+        if student.teacher is not None:
+            continue
+        method, cfg = consistency_method(student.method), exp.stage_config("distill", student)
+        if method.teacher_velocity:
+            found.append(f"teacher_free: {student.method} evaluates the teacher network; only a method that evaluates "
+                         f"none trains without a teacher (name a teacher in `teachers` instead)")
+        elif method.dropped_labels(OmegaConf.create(cfg["distill"])) and cfg["model"]["class_dropout_prob"] == 0:
+            found.append(f"distill run {student.name}: {student.method} drops labels to the null class, and base_config's "
+                         f"DiT has none (model.class_dropout_prob is 0): set it above 0 in overrides.distill")
+    return found

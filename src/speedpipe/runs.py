@@ -30,8 +30,9 @@ class TrainRun(Run):
 
 @dataclass(frozen=True)
 class DistillRun(Run):
-    """The consistency student of a teacher train run by one consistency method (speedpipe.consistency.methods)."""
-    teacher: TrainRun
+    """The consistency student of a teacher train run by one consistency method (speedpipe.consistency.methods); with
+    teacher None, the method's student trained without a teacher (teacher_free)."""
+    teacher: TrainRun | None
     method: str
     kind: ClassVar[str] = "distill"
 

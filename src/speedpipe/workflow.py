@@ -16,6 +16,7 @@ A method is a stage config file plus overrides; a `grid` expands it into one met
             variants: {t500: [diffusion.timestep_sampler.tau=500, diffusion.loss_weighting.tau=500]}}
     teachers: [speed-s0]                      # train runs the consistency models start from (none: no distillation)
     consistency_methods: [scd, sct]           # one student run each per teacher: scd-speed-s0, sct-speed-s0
+    teacher_free: [meanflow]                  # one student run each without a teacher: meanflow-no-teacher
     tables:                                   # the report's tables (default: one table `methods` of every method)
       components: {methods: [baseline, weighting_only], reference: baseline, steps: [400, 800]}
 """
@@ -39,7 +40,8 @@ JOB_VALUES = {"trainer.steps": "train_steps", "trainer.ckpt_steps": "eval_steps"
               "trainer.run_dir": "the results layout", "data.latents_dir": "the results layout",
               "eval.reference": "the results layout", "eval.classifier_weights": "the results layout (the classifier stage)",
               "autoencoder.path": "the results layout (the autoencoder stage)",
-              "distill.teacher": "teachers", "distill.method": "consistency_methods", "distill.warm_start_steps": "distill_warm_start", "distill.steps": "distill_steps",
+              "distill.teacher": "teachers", "distill.method": "consistency_methods",
+              "distill.warm_start_target": "teacher_free (without a teacher, the data)", "distill.warm_start_steps": "distill_warm_start", "distill.steps": "distill_steps",
               "distill.ckpt_steps": "distill_eval_steps", "distill.run_dir": "the results layout",
               "sampling.checkpoint": "the evaluated checkpoint", "sampling.sampler": "the sampler label",
               "sampling.cfg_scale": "the sampler label", "sampling.out": "the results layout",
@@ -91,9 +93,9 @@ class Experiment:
         for teacher in teachers:
             if teacher not in self.train_runs:
                 raise refuse("teachers: no train run", teacher, self.train_runs)
+        students = [(t, m) for t in teachers for m in pipe["consistency_methods"]] + [(None, m) for m in pipe["teacher_free"]]
         self.distill_runs = {student_run_name(m, t): DistillRun(student_run_name(m, t), self.layout.distill_dir(m, t),
-                                                                self.train_runs[t], m)
-                             for t in teachers for m in pipe["consistency_methods"]}
+                                                                t and self.train_runs[t], m) for t, m in students}
         self.tables = self._tables(pipe.get("tables"))
 
     def _tables(self, tables) -> dict[str, Table]:
@@ -130,7 +132,7 @@ class Experiment:
 
     @property
     def teachers(self) -> list[TrainRun]:
-        return list(dict.fromkeys(d.teacher for d in self.distill_runs.values()))
+        return list(dict.fromkeys(d.teacher for d in self.distill_runs.values() if d.teacher is not None))
 
     def run(self, name: str) -> TrainRun | DistillRun:
         if name in self.train_runs:
@@ -141,7 +143,7 @@ class Experiment:
 
     def teacher_samplers(self) -> list[str]:
         """Each teacher's final evaluations: its reference sampler, its ODE ceiling, then the baselines."""
-        if not self.distill_runs:
+        if not self.teachers:
             return []
         p = self.pipe
         return list(dict.fromkeys([p["teacher_sampler"], p["teacher_ode_sampler"], *p["teacher_baselines"]]))
@@ -258,9 +260,10 @@ class Experiment:
             job = {"seed": run.seed, "method": run.method.name, "trainer.steps": int(p["train_steps"]),
                    "trainer.ckpt_steps": [int(s) for s in p["eval_steps"]], "trainer.run_dir": str(run.dir)}
         elif stage == "distill":
-            job = {"distill.teacher": str(run.teacher.checkpoint(p["train_steps"])), "distill.method": run.method,
+            job = {"distill.teacher": run.teacher and str(run.teacher.checkpoint(p["train_steps"])), "distill.method": run.method,
                    "distill.warm_start_steps": int(p["distill_warm_start"]), "distill.steps": int(p["distill_steps"]),
-                   "distill.ckpt_steps": [int(s) for s in p["distill_eval_steps"]], "distill.run_dir": str(run.dir)}
+                   "distill.ckpt_steps": [int(s) for s in p["distill_eval_steps"]], "distill.run_dir": str(run.dir),
+                   **({} if run.teacher else {"distill.warm_start_target": "data"})}
         elif stage in ("sample", "evaluate"):
             e = evaluation
             label = sampler_label(e.sampler)
@@ -285,7 +288,8 @@ class Experiment:
         first_seed = self.pipe["seeds"][0]
         method_cfgs = {m: self.stage_config("train", self.train_runs[train_run_name(m, first_seed)]) for m in self.methods}
         train = method_cfgs[next(iter(self.methods))]
-        distill = self.stage_config("distill", next(iter(self.distill_runs.values())))["distill"] if self.distill_runs else None
+        students = sorted(self.distill_runs.values(), key=lambda d: d.teacher is None)  # a teacher's first: its warm start
+        distill = self.stage_config("distill", students[0])["distill"] if students else None
         pipeline = {k: v for k, v in self.pipe.items() if k != "launcher"}
         pipeline["overrides"] = {stage: kept for stage, items in self.pipe["overrides"].items() if (kept := _affecting(stage, items))}
         return {
@@ -294,7 +298,8 @@ class Experiment:
             "methods": {m.name: {"config": m.config, "overrides": _affecting("train", m.overrides)} for m in self.methods.values()},
             "train_runs": [{"name": r.name, "method": r.method.name, "seed": r.seed, "log": str(r.log)}
                            for r in self.train_runs.values()],
-            "distill_runs": [{"name": d.name, "teacher": d.teacher.name, "method": d.method} for d in self.distill_runs.values()],
+            "distill_runs": [{"name": d.name, "teacher": d.teacher and d.teacher.name, "method": d.method}
+                             for d in self.distill_runs.values()],
             "evaluations": [{"run": e.run.name, "kind": e.run.kind, "method": e.run.method.name if e.run.kind == "train" else e.run.method,
                              "seed": e.run.seed if e.run.kind == "train" else 0, "step": e.step, "sampler": e.sampler,
                              "metrics": str(self.metrics(e)), "grid": str(self.samples(e, "png"))} for e in self.evaluations()],

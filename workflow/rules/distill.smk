@@ -1,10 +1,11 @@
 # Consistency models: one student per teacher run and consistency method (the experiment file's consistency_methods;
-# the method is the job's distill.method), from the teacher's final checkpoint and the latent store.
+# the method is the job's distill.method), from the teacher's final checkpoint and the latent store; and one per method
+# of teacher_free, from the latent store alone.
 
 
 rule distill:
     input:
-        teacher=lambda wc: str(EXP.distill_runs[wc.student].teacher.checkpoint(EXP.pipe["train_steps"])),
+        teacher=lambda wc: [str(t.checkpoint(EXP.pipe["train_steps"])) for t in [EXP.distill_runs[wc.student].teacher] if t],
         latents=str(DATA.latents_dir() / "manifest.json"),
     output:
         ckpts=[str(checkpoint_path(LAYOUT.run_dir("distill", "{student}"), s)) for s in EXP.pipe.get("distill_eval_steps", [])],

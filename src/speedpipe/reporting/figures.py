@@ -130,7 +130,8 @@ def timestep_methods_figure(cfg, methods) -> plt.Figure:
 
 
 def distillation_figure(df, cfg, by_teacher) -> plt.Figure:
-    """Per teacher: each student's FID against its consistency steps, the teacher's samplers as horizontal lines."""
+    """Per teacher: each student's FID against its consistency steps, the teacher's samplers as horizontal lines (a
+    panel of the students without a teacher has none)."""
     pipe, final = cfg["pipeline"], cfg["pipeline"]["train_steps"]
     fig, axes = plt.subplots(1, len(by_teacher), figsize=(5.5 * len(by_teacher), 3.5), squeeze=False)
     for ax, (t, students) in zip(axes[0], by_teacher.items()):
@@ -139,10 +140,10 @@ def distillation_figure(df, cfg, by_teacher) -> plt.Figure:
                 s = df[(df.run == d["name"]) & (df.sampler == sampler)].sort_values("step")
                 ax.plot(s.step - pipe["distill_warm_start"], s.FID, marker="o", label=f"{d['title']} {sampler}")
         teacher = df[(df.run == t) & (df.step == final)].set_index("sampler")
-        for k, sampler in enumerate(cfg["teacher_samplers"]):
+        for k, sampler in enumerate(cfg["teacher_samplers"] if t is not None else []):
             ax.axhline(teacher.loc[sampler].FID, ls="--", lw=1, color=f"C{k + 2 * len(students)}", label=f"teacher {sampler}")
         ax.set(xlabel="consistency steps after the warm start", ylabel=f"FID ({pipe['final_samples']} samples)", yscale="log",
-               title=f"consistency models of {t}")
+               title=f"consistency models of {t}" if t is not None else "consistency models without a teacher")
         ax.legend(fontsize=7)
     fig.tight_layout()
     return fig

@@ -140,16 +140,18 @@ def scm_table(df, cfg) -> pd.DataFrame:
     distill checkpoint, as ratios to the teacher's reference sampler and to its ODE ceiling."""
     pipe, rows = cfg["pipeline"], []
     for teacher_run, students in students_by_teacher(cfg).items():
-        teacher = df[(df.run == teacher_run) & (df.step == pipe["train_steps"])].set_index("sampler")
-        ref, ode = teacher.loc[pipe["teacher_sampler"]], teacher.loc[pipe["teacher_ode_sampler"]]
-        rows += [{"teacher": teacher_run, "model": "teacher", "sampler": s, "step": pipe["train_steps"], **_scm_row(teacher.loc[s], ref, ode)}
-                 for s in cfg["teacher_samplers"]]
+        ref = ode = None  # a student without a teacher (teacher "none") has no teacher to be compared with
+        if teacher_run is not None:
+            teacher = df[(df.run == teacher_run) & (df.step == pipe["train_steps"])].set_index("sampler")
+            ref, ode = teacher.loc[pipe["teacher_sampler"]], teacher.loc[pipe["teacher_ode_sampler"]]
+            rows += [{"teacher": teacher_run, "model": "teacher", "sampler": s, "step": pipe["train_steps"],
+                      **_scm_row(teacher.loc[s], ref, ode)} for s in cfg["teacher_samplers"]]
         warm = pipe["distill_warm_start"]
         for d in students:
             for _, r in df[df.run == d["name"]].sort_values(["step", "sampler"]).iterrows():
                 stage = "warm start only" if r.step == warm else f"{d['title']} {r.step - warm} steps"
-                rows.append({"teacher": teacher_run, "model": f"{d['title']} student ({stage})", "sampler": r.sampler, "step": r.step,
-                             **_scm_row(r, ref, ode)})
+                rows.append({"teacher": teacher_run or "none", "model": f"{d['title']} student ({stage})", "sampler": r.sampler,
+                             "step": r.step, **_scm_row(r, ref, ode)})
     return pd.DataFrame(rows)
 
 
@@ -179,9 +181,12 @@ def scm_across_teachers(df, cfg) -> pd.DataFrame:
 
 
 def _scm_row(r, ref, ode) -> dict:
+    """A row's numbers; its ratios to the teacher's samplers are NaN without a teacher (ref and ode None)."""
+    nan = float("nan")
     return {"NFE": int(r.nfe), "FID": round(r.FID, 3), "label acc.": round(r["label acc."], 3),  # NaN when unconditional
-            "FID / teacher": round(r.FID / ref.FID, 3), "FID / ODE": round(r.FID / ode.FID, 3),
-            "s/image": round(r.seconds_per_image, 5), "sampling speed-up": round(ref.seconds_per_image / r.seconds_per_image, 1)}
+            "FID / teacher": nan if ref is None else round(r.FID / ref.FID, 3),
+            "FID / ODE": nan if ode is None else round(r.FID / ode.FID, 3), "s/image": round(r.seconds_per_image, 5),
+            "sampling speed-up": nan if ref is None else round(ref.seconds_per_image / r.seconds_per_image, 1)}
 
 
 def usage_tables(records) -> tuple[tuple[str, str, pd.DataFrame], tuple[str, str, pd.DataFrame]]:

@@ -22,7 +22,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from speedpipe.config import leaves
-from speedpipe.config_schema import MEANFLOW_METHODS, MeanFlowConfig
+from speedpipe.config_schema import MEANFLOW_METHODS, MeanFlowConfig, ModelConfig
 from speedpipe.experiment_schema import schema_defaults
 from speedpipe.sampler_labels import parse_sampler
 
@@ -194,6 +194,16 @@ def _reads_meanflow(config: dict) -> bool:
 METHOD_READS = (*((f"distill.meanflow.{f.name}", _reads_meanflow) for f in fields(MeanFlowConfig)),
                 *((f"distill.{key}", lambda c: not _reads_meanflow(c)) for key in ("tangent_warmup", "tangent_c")))
 
+
+def _without_teacher(config: dict) -> bool:
+    return not config["distill"]["teacher"]
+
+
+# A student without a teacher is the run's own DiT on latents normalised per data.latent_norm; with one, the teacher's
+# checkpoint brings all three.
+NETWORK_READS = (*((f"model.{f.name}", _without_teacher) for f in fields(ModelConfig)),
+                 ("diffusion.learn_sigma", _without_teacher), ("data.latent_norm", _without_teacher))
+
 STAGES = {s.name: s for s in (
     Stage("autoencoder", None, 2,  # 2: the scale factor from streamed float64 moments
           reads=(*IDENTITY, "seed", *IMAGES, "autoencoder.name", "autoencoder.block_out_channels", "autoencoder.latent_channels",
@@ -214,11 +224,11 @@ STAGES = {s.name: s for s in (
     Stage("train", "train", 3,
           reads=(*IDENTITY, "seed", "method", *LATENTS, "model", "diffusion", "optim", "trainer"),
           uses=loop_uses("trainer"), ranks=True),
-    # 4: consistency methods (distill.method), the DiT's own tangent in the graded pass; its latents are normalised as its
-    # teacher's were (the teacher checkpoint's latent_norm), so data.latent_norm is not read. 5: the training's random
+    # 4: consistency methods (distill.method), the DiT's own tangent in the graded pass. 5: the training's random
     # streams (speedpipe.training.StepRandomness)
     Stage("distill", "train", 5,
-          reads=(*IDENTITY, "seed", *(k for k in LATENTS if k != "data.latent_norm"), "distill"), read_if=METHOD_READS,
+          reads=(*IDENTITY, "seed", *LATENTS, "distill", "model", "diffusion.learn_sigma"),
+          read_if=(*METHOD_READS, *NETWORK_READS),
           uses=loop_uses("distill"), ranks=True),
     Stage("sample", "sample", 4,  # 4: labels and each batch's noise from streams of their own; students under bf16 too
           reads=(*IDENTITY, "autoencoder.name", "autoencoder.path", "sampling"), read_if=SAMPLER_READS,

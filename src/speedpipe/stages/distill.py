@@ -8,6 +8,11 @@ diffusion model in the student's own parameterisation (the same warm start for e
 (distill.steps) are the method's objective. Checkpoints are numbered by that global step: ckpt-{W} is the
 warm-started student, the same for every method.
 
+Without a teacher (distill.teacher null; a method that evaluates no teacher network, such as sct or meanflow) the
+student is the run's own DiT (model.*, from model.init_from or initialised), the warm start regresses on the data
+(distill.warm_start_target: data; W = 0 trains the method from that network as it is) and the latents are normalised
+per data.latent_norm.
+
 Reads the teacher checkpoint and the latent store; writes {run_dir}/ckpt-{step:07d}.pt (student, student EMA,
 logvar head, optimizer, RNG, data order, the teacher's config and latent normalisation), log.csv and
 config.yaml. Resumable and bit-identical on CPU, DDP over the global batch like the train stage.
@@ -64,42 +69,58 @@ class PhasedTimes:
         return (self.warm_start if step <= self.warm_start_steps else self.method).sample(n, generator, step)
 
 
+def refuse_without_teacher(d, method):
+    """A run without a teacher (distill.teacher null) trains from the run's own DiT: its method must evaluate no teacher
+    network and its warm start must regress on the data."""
+    if method.teacher_velocity:
+        raise ConfigError(f"config key 'distill.teacher': required by distill.method {d.method} (its objective evaluates "
+                          f"the teacher network; a ckpt-*.pt of a train run)")
+    if d.warm_start_target != "data":
+        raise ConfigError(f"config key 'distill.warm_start_target': {d.warm_start_target!r} needs a teacher, and "
+                          f"distill.teacher is null: set it to 'data'")
+
+
 @STAGES["distill"].entry
 def run(cfg, provenance):
     d = cfg.distill
+    method = consistency_method(d.method)
     if not d.teacher:
-        raise ConfigError("config key 'distill.teacher': required (a ckpt-*.pt of a train run)")
+        refuse_without_teacher(d, method)
     device, env = setup_device(d.device, "distill.device")
     if d.global_batch_size % env.world_size:
         raise ConfigError(f"config key 'distill.global_batch_size': {d.global_batch_size} is not divisible by {env.world_size} ranks")
     run_dir = distill_run_dir(cfg)
     torch.manual_seed(stream_seed(cfg.seed, "init"))  # the same on every rank: results do not depend on the world size
 
-    teacher_state = load_checkpoint(d.teacher)
-    teacher_cfg = OmegaConf.create(teacher_state["config"])
-    net = build_model(teacher_cfg, initialise=False)
-    net.load_state_dict(teacher_state["ema"])
-    net = net.to(device).eval()
-    diffusion = create_diffusion(noise_schedule=teacher_cfg.diffusion.noise_schedule,
-                                 diffusion_steps=teacher_cfg.diffusion.diffusion_steps)
-    teacher = TrigFlowTeacher.over_latents(copy.deepcopy(net).requires_grad_(False), diffusion.alphas_cumprod, d.sigma_d,
-                                           d.cfg_scale)
+    if d.teacher:
+        teacher_state = load_checkpoint(d.teacher)
+        net_cfg = OmegaConf.create(teacher_state["config"])
+        net = build_model(net_cfg, initialise=False)
+        net.load_state_dict(teacher_state["ema"])
+        net = net.to(device).eval()
+        diffusion = create_diffusion(noise_schedule=net_cfg.diffusion.noise_schedule,
+                                     diffusion_steps=net_cfg.diffusion.diffusion_steps)
+        teacher = TrigFlowTeacher.over_latents(copy.deepcopy(net).requires_grad_(False), diffusion.alphas_cumprod,
+                                               d.sigma_d, d.cfg_scale)
+        normalization = LatentNormalization.from_state(teacher_state.get("latent_norm"), net_cfg.model.in_channels)
+    else:  # the run's own DiT (model.init_from's weights, or initialised), its latents normalised per data.latent_norm
+        teacher_state, net_cfg, teacher, normalization = None, cfg, None, None
+        net = build_model(cfg).to(device).eval()  # eval: labels are dropped by the method's stream, not the DiT
     trigflow = TrigFlowStudent(net.requires_grad_(True), d.sigma_d, d.time_scale)  # the warm start's student
     trigflow.net.pos_embed.requires_grad_(False)
-    method = consistency_method(d.method)
     student = method.make_student(trigflow)  # the method's, on the same network (MeanFlow adds its interval embedding)
     label_dropout = method.dropped_labels(d)
     if label_dropout and net.y_embedder.embedding_table.num_embeddings == net.num_classes:
         raise ConfigError(f"config key 'distill.method': {d.method} drops labels ({label_dropout}) to a null class the "
-                          f"teacher {d.teacher} has none of (it was trained with model.class_dropout_prob 0)")
+                          f"network of {d.teacher or 'this run (model.class_dropout_prob)'} has none of (it needs "
+                          f"model.class_dropout_prob > 0)")
     trained = _StudentWithHead(student, LogvarHead()).to(device)
     ema = copy.deepcopy(student.net).requires_grad_(False)
     opt = torch.optim.Adam([p for p in trained.parameters() if p.requires_grad], lr=d.lr, betas=tuple(d.betas))
     warm_start = TrigFlowDiffusionLoss(teacher, d.warm_start_target, d.precision)
     consistency = method.objective(teacher, d)
 
-    dataset = open_training_data(cfg, teacher_cfg.model,
-                                 LatentNormalization.from_state(teacher_state.get("latent_norm"), teacher_cfg.model.in_channels))
+    dataset = open_training_data(cfg, net_cfg.model, normalization)
     order = EpochBatches(len(dataset), d.global_batch_size, cfg.seed, key="distill.global_batch_size")
     # the training streams with the time proposals for timesteps, the method's label dropout, z ~ N(0, I) (scaled by
     # σ_d) as noise
@@ -108,14 +129,17 @@ def run(cfg, provenance):
                                 dataset.samples_posterior, "cpu")
     # what a resumed run must share with the run it resumes: the settings, the data, and the teacher's content
     settings = {**STAGES["distill"].run_settings(provenance), "data": dataset.identity(),
-                "teacher": state_fingerprint({k: teacher_state.get(k) for k in ("ema", "config", "latent_norm")})}
+                "teacher": teacher_state and state_fingerprint({k: teacher_state.get(k) for k in ("ema", "config", "latent_norm")})}
     loop = ResumableLoop(run_dir, Cadence(total_steps(d), d.log_every, d.ckpt_every, (d.warm_start_steps, *d.ckpt_steps),
                                           d.resume_every_steps, d.resume_every_minutes),
                          {"model": student.net, "logvar_head": trained.logvar_head, "ema": ema, "opt": opt, "data_order": order},
                          randomness.generators, env, LOG_COLUMNS, what="distill", progress=d.progress, settings=settings,
                          nonfinite="skip" if d.skip_nonfinite else "stop",
-                         checkpoint_extra=lambda: {"config": to_plain(provenance), "teacher_config": teacher_state["config"],
-                                                   "latent_norm": teacher_state.get("latent_norm")},
+                         # teacher_config: the network's config (the teacher's; without a teacher, the run's own)
+                         checkpoint_extra=lambda: {"config": to_plain(provenance),
+                                                   "teacher_config": teacher_state["config"] if d.teacher else to_plain(provenance),
+                                                   "latent_norm": teacher_state.get("latent_norm") if d.teacher
+                                                   else dataset.normalization.state_dict()},
                          log_fields=lambda step, mean, steps_per_s: {
                              "objective": "warm_start" if step <= d.warm_start_steps else method.name})
     loop.resume()

@@ -80,11 +80,14 @@ def run(cfg, provenance):
                         f"(the teachers are the seeds of the comparison).", ("", "", scm_across_teachers(df, cfg)))
         final, last = pipe["train_steps"], max(pipe["distill_eval_steps"])
         by_teacher = students_by_teacher(cfg)
-        grid_panels(df, layout, "teacher_grid", [[(t, final, s, f"teacher {t}") for s in (pipe["teacher_sampler"], pipe["curve_sampler"])]
-                                                 for t in by_teacher], classes)
+        teachers = [t for t in by_teacher if t is not None]
+        if teachers:
+            grid_panels(df, layout, "teacher_grid", [[(t, final, s, f"teacher {t}") for s in (pipe["teacher_sampler"], pipe["curve_sampler"])]
+                                                     for t in teachers], classes)
         grid_panels(df, layout, "teacher_vs_scm", [
             [(t, final, s, "teacher") for s in (pipe["teacher_sampler"], pipe["teacher_ode_sampler"],
-                                                 *[b for b in pipe["teacher_baselines"] if parse_sampler(b).name == "ddim2"])]
+                                                 *[b for b in pipe["teacher_baselines"] if parse_sampler(b).name == "ddim2"])
+             if t is not None]
             + [(d["name"], last, s, f"{d['title']} student") for d in students for s in pipe["scm_samplers"]]
             for t, students in by_teacher.items()], classes)
 
@@ -124,8 +127,8 @@ def summary(cfg, curve: pd.DataFrame, df: pd.DataFrame) -> dict:
         out["tables"][table["name"]] = entry
     number = lambda r: {"fid": float(r.FID), "label_accuracy": None if pd.isna(r["label acc."]) else float(r["label acc."])}  # noqa: E731
     for t, students in students_by_teacher(cfg).items():
-        teacher = df[(df.run == t) & (df.step == pipe["train_steps"])]
-        out["teachers"][t] = {
+        teacher = df[(df.run == t) & (df.step == pipe["train_steps"])]  # none without a teacher (t None: "none")
+        out["teachers"][t or "none"] = {
             "reference_sampler": pipe["teacher_sampler"], "ode_sampler": pipe["teacher_ode_sampler"],
             "samplers": {r.sampler: number(r) for _, r in teacher.iterrows()},
             "students": {d["method"]: {str(int(step)): {r.sampler: number(r) for _, r in g.iterrows()}
