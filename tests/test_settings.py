@@ -158,6 +158,11 @@ CASES = {
             "p_mean": (0.5, []), "p_std": (0.3, []), "r_neq_t": (1.0, []), "adaptive_p": (0.0, []), "adaptive_c": (10.0, []),
             "omega": (2.0, []), "kappa": (0.5, []), "guidance_t": ([0.5, 1.0], ["distill.meanflow.omega=2.0"]),
             "label_dropout": (0.5, [])}.items()},
+        # without a teacher the student is the run's own DiT on latents normalised per data.latent_norm
+        **{key: (value, ["distill.teacher=null", "distill.method=sct", "distill.warm_start_target=data", "data.source=synthetic"])
+           for key, value in {"model.name": "DiT-T/2", "model.input_size": 4, "model.in_channels": 3, "model.num_classes": 5,
+                              "model.class_dropout_prob": 0.0, "model.fused_attn": False, "model.init_from": p["init"],
+                              "diffusion.learn_sigma": False, "data.latent_norm": "channel"}.items()},
     },
     "sample": lambda p: {
         "experiment": ("y", ["sampling.out=null", "autoencoder.path=null"]),
