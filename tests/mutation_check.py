@@ -169,8 +169,8 @@ MUTATIONS = [
     ("write error: the path left out", "io.py", 'raise WriteError(f"cannot write {path}: {err}', 'raise WriteError(f"cannot write: {err}',
      [T + "test_faults.py::test_a_full_disk_keeps_the_previous_state_and_the_same_command_finishes_once_space_is_freed"]),
     ("teacher identity: the checkpoint file's bytes", "stages/distill.py",
-     '"teacher": state_fingerprint({k: teacher_state.get(k) for k in ("ema", "config", "latent_norm")})',
-     '"teacher": __import__("speedpipe.io").io.sha256_file(d.teacher)',
+     '"teacher": teacher_state and state_fingerprint({k: teacher_state.get(k) for k in ("ema", "config", "latent_norm")})',
+     '"teacher": teacher_state and __import__("speedpipe.io").io.sha256_file(d.teacher)',
      [T + "test_faults.py::test_a_failed_train_job_and_a_failed_distill_job_are_finished_by_the_same_command[SIGKILL]"]),
 ]
 

@@ -347,10 +347,13 @@ def test_a_method_that_evaluates_no_teacher_trains_without_one(tiny_train_config
     """distill.teacher null: the student is the run's own DiT (model.*), warm-started on the data, then the method; the
     checkpoint carries that network's config, so the sample stage rebuilds the student (MeanFlow's with its interval
     embedding) and samples it in one step."""
-    cfg = _no_teacher_cfg(tiny_train_config, tmp_path / method, f"distill.method={method}")
+    from speedpipe.data.latents import open_training_data
+
+    cfg = _no_teacher_cfg(tiny_train_config, tmp_path / method, f"distill.method={method}", "data.latent_norm=channel")
     run_dir = distill.run(cfg)
     state = load_checkpoint(run_dir / "ckpt-0000004.pt")
     assert state["teacher_config"]["model"] == dict(cfg.model) and state["config"]["distill"]["teacher"] is None
+    assert state["latent_norm"] == open_training_data(cfg).normalization.state_dict()  # the data's statistics, per data.latent_norm
     assert ("interval_embedder.mlp.0.weight" in state["model"]) == (method == "meanflow")
     assert {r["objective"] for r in _log(run_dir)} == {"warm_start", method}
     images, record = _sampled(tiny_train_config, run_dir / "ckpt-0000004.pt", "scm1", tmp_path / "one.npz", n=4)
@@ -360,7 +363,8 @@ def test_a_method_that_evaluates_no_teacher_trains_without_one(tiny_train_config
 @pytest.mark.parametrize("setting,message", [
     (("distill.method=scd",), "'distill.teacher': required by distill.method scd"),
     (("distill.method=sct", "distill.warm_start_target=teacher"), "'distill.warm_start_target': 'teacher' needs a teacher"),
-    (("distill.method=meanflow", "distill.meanflow.label_dropout=0.1", "model.class_dropout_prob=0"), "has none of")])
+    (("distill.method=meanflow", "distill.meanflow.label_dropout=0.1", "model.class_dropout_prob=0"), "has none of"),
+    (("distill.method=meanflow", "distill.meanflow.omega=2.0"), "'distill.meanflow.label_dropout': 0, but guidance")])
 def test_a_run_without_a_teacher_is_refused_what_needs_one(tiny_train_config, tmp_path, setting, message):
     from speedpipe.errors import ConfigError
 

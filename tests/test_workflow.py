@@ -337,28 +337,65 @@ def test_a_method_that_needs_no_teacher_is_planned_without_one(tmp_path):
     d = exp.stage_config("distill", student)
     assert d["distill"]["teacher"] is None and d["distill"]["warm_start_target"] == "data" and d["distill"]["method"] == "meanflow"
     reads = exp.job_params("distill", {"student": "meanflow-no-teacher"})[0]["reads"]
-    assert reads["model.name"] == d["model"]["name"] and "data.latent_norm" in reads
-    with_teacher = Experiment(micro_experiment())
-    assert not any(k.startswith("model.") for k in with_teacher.job_params("distill", {"student": "scd-speed-s0"})[0]["reads"])
+    assert reads["model.name"] == d["model"]["name"] and reads["data.latent_norm"] == "channel"
+    assert "distill.cfg_scale" not in reads  # micro sets 2.0: it guides a teacher, and there is none
+    with_teacher = Experiment(micro_experiment()).job_params("distill", {"student": "scd-speed-s0"})[0]["reads"]
+    assert not [k for k in with_teacher if k.startswith(("model.", "diffusion.", "data.latent_norm"))], with_teacher
+    assert with_teacher["distill.cfg_scale"] == 2.0
+
+
+def test_an_experiment_of_students_without_a_teacher_runs_to_its_report_and_check(tmp_path, micro_run):
+    """teacher_free alone, on the micro experiment's data: a train method and two students without a teacher, through
+    Snakemake to the report: the students' rows under teacher none without ratios, no teacher figure, a README that
+    names no teacher, a summary whose entry "none" holds the students' numbers, and `speedpipe check` of the run
+    against itself comparing them with no claim about a teacher."""
+    import json
+
+    import pandas as pd
+
+    from speedpipe.check import judge
+    from speedpipe.experiment_file import TEACHER_KEYS
+
+    shutil.copytree(micro_run / "results/micro", tmp_path / "results/micro", symlinks=True,
+                    ignore=shutil.ignore_patterns("train", "distill", "samples", "metrics"))
+    pipe = {k: v for k, v in micro_experiment(experiment="free", data_from="micro", teachers=[], teacher_free=["meanflow", "sct"],
+                                              methods={"baseline": str(REPO / "configs/mnist5k/baseline.yaml")}).items()
+            if k not in TEACHER_KEYS | {"consistency_methods", "tables"}}
     (tmp_path / "free.yaml").write_text(yaml.safe_dump(pipe, sort_keys=False))
-    result = snakemake(tmp_path, "-n", "--configfile", str(tmp_path / "free.yaml"))
-    assert result.returncode == 0, result.stderr[-3000:]
-    jobs = planned_jobs(result.stdout)
-    assert [j for j in jobs if j.startswith("distill")] == ["distill[student=meanflow-no-teacher]"]
-    assert "sample_meanflow_no_teacher" in jobs and "evaluate_meanflow_no_teacher" in jobs
+    result = snakemake(tmp_path, "--configfile", str(tmp_path / "free.yaml"))
+    assert result.returncode == 0, result.stderr[-5000:]
+    root = tmp_path / "results/free"
+    scm = pd.read_csv(root / "tables/scm.csv")
+    assert set(scm.teacher) == {"none"} and len(scm) == 2 * 2 * 2 and scm["FID / teacher"].isna().all()  # 2 methods x 2 steps x 2
+    assert {m.split(" student")[0] for m in scm.model} == {"MeanFlow", "sCT"}
+    assert not (root / "figures/teacher_grid.png").exists() and (root / "figures/teacher_vs_scm.png").stat().st_size > 0
+    readme = (root / "README.md").read_text()
+    assert "Without a teacher (teacher `none` in the tables): meanflow, sct" in readme and "Teachers [" not in readme
+    summary = json.loads((root / "tables/summary.json").read_text())
+    assert list(summary["teachers"]) == ["none"] and list(summary["teachers"]["none"]) == ["students"]
+    assert sorted(summary["teachers"]["none"]["students"]) == ["meanflow", "sct"]
+    expected = json.loads((REPO / "results/demo/expected.json").read_text())
+    j = judge(summary, {**expected, "reference": summary})
+    assert all(c["holds"] for c in j.conclusions) and not [n for n in j.numbers if n["moved"]]
+    assert any(n["number"] == "meanflow student without a teacher scm1 FID at 4" for n in j.numbers), j.numbers
 
 
 @pytest.mark.parametrize("change,message", [
     ({"teacher_free": ["scd"]}, "teacher_free: scd evaluates the teacher network"),
     ({"teacher_free": ["meanflow"], "overrides": {"distill": ["distill.meanflow.label_dropout=0.1", "model.class_dropout_prob=0"]}},
      "meanflow drops labels to the null class, and base_config's DiT has none"),
+    ({"teacher_free": ["meanflow"], "overrides": {"distill": ["distill.meanflow.omega=2.0"]}},
+     "meanflow-no-teacher: config key 'distill.meanflow.label_dropout': 0, but guidance in training"),
+    ({"teacher_free": ["sct"], "overrides": {"distill": ["model.init_from=/nowhere/dit.pt"]}},
+     "sct-no-teacher: config key 'model.init_from': /nowhere/dit.pt does not exist"),
     ({"teacher_free": ["meanflwo"]}, "teacher_free: no consistency method 'meanflwo'; did you mean 'meanflow'"),
     ({"teachers": [], "teacher_free": []}, r"\['distill_eval_steps', 'distill_steps', 'distill_warm_start', 'final_samples', "
                                            r"'scm_samplers'\] configure consistency models, but `teachers` and `teacher_free` are empty"),
 ])
 def test_a_student_without_a_teacher_is_refused_what_needs_one_when_planned(change, message):
-    """A method that evaluates a teacher, or a label-dropping student on a DiT without a null class: refused by the
-    preflight checks, before any job."""
+    """A method that evaluates a teacher, a label-dropping student on a DiT without a null class, MeanFlow's guidance
+    without the null class label dropout trains, a DiT file that does not exist: refused by the preflight checks,
+    before any job."""
     from speedpipe import preflight
     from speedpipe.errors import ConfigError
     from speedpipe.experiment_file import TEACHER_KEYS

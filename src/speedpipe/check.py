@@ -78,21 +78,25 @@ def judge(run: dict, expected: dict) -> Judge:
                 faster = lambda s: s["mean_curve"] is not None and s["mean_curve"] > 1  # noqa: E731
                 j.conclusion(claim, faster(theirs), faster(ours))
     for teacher, t in reference["teachers"].items():
-        mine = run["teachers"][teacher]
-        for sampler, value in t["samplers"].items():
-            j.number(f"teacher {teacher} {sampler} FID", [mine["samplers"][sampler]["fid"]], [value["fid"]], "fid")
-        accuracy = lambda s: (s["samplers"][s["reference_sampler"]]["label_accuracy"] or 0) >= bars["teacher_label_accuracy"]  # noqa: E731
-        j.conclusion(f"teacher {teacher}: {t['reference_sampler']} samples land in their class at least "
-                     f"{bars['teacher_label_accuracy']:.0%} of the time", accuracy(t), accuracy(mine))
+        mine, has_teacher = run["teachers"][teacher], "samplers" in t  # "none": the students without a teacher
+        of = f"of {teacher}" if has_teacher else "without a teacher"
+        if has_teacher:
+            for sampler, value in t["samplers"].items():
+                j.number(f"teacher {teacher} {sampler} FID", [mine["samplers"][sampler]["fid"]], [value["fid"]], "fid")
+            accuracy = lambda s: (s["samplers"][s["reference_sampler"]]["label_accuracy"] or 0) >= bars["teacher_label_accuracy"]  # noqa: E731
+            j.conclusion(f"teacher {teacher}: {t['reference_sampler']} samples land in their class at least "
+                         f"{bars['teacher_label_accuracy']:.0%} of the time", accuracy(t), accuracy(mine))
         for method, student in t["students"].items():
             if method not in mine.get("students", {}):
-                j.conclusion(f"{method} student of {teacher} in the run", True, False)
+                j.conclusion(f"{method} student {of} in the run", True, False)
                 continue
             last = max(student, key=int)
             mine_student = mine["students"][method]
             for sampler, value in student[last].items():
-                j.number(f"{method} student of {teacher} {sampler} FID at {last}", [mine_student[last][sampler]["fid"]],
+                j.number(f"{method} student {of} {sampler} FID at {last}", [mine_student[last][sampler]["fid"]],
                          [value["fid"]], "fid")
+            if not has_teacher:
+                continue
             two_step = lambda s: s[last]["scm2"]["fid"]  # noqa: E731
             ode = lambda s: s["samplers"][s["ode_sampler"]]["fid"]  # noqa: E731
             j.conclusion(f"{method} student of {teacher}: 2-step FID at most its teacher's ODE ({t['ode_sampler']})",

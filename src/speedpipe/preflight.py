@@ -177,8 +177,9 @@ def _guidance_without_a_null_class(exp: Experiment) -> list[str]:
 
 
 def _students_without_a_teacher(exp: Experiment) -> list[str]:
-    """A teacher_free method must evaluate no teacher network, and a student that drops labels needs base_config's
-    DiT to have a null class (speedpipe.stages.distill refuses both too, but only when its job starts)."""
+    """A teacher_free method must evaluate no teacher network, a student that drops labels needs base_config's DiT to
+    have a null class, the DiT's model.init_from must exist, and the method's objective must accept the settings
+    without a teacher (speedpipe.stages.distill refuses each too, but only when its job starts)."""
     from speedpipe.consistency.methods import consistency_method
 
     found = []
@@ -186,10 +187,18 @@ def _students_without_a_teacher(exp: Experiment) -> list[str]:
         if student.teacher is not None:
             continue
         method, cfg = consistency_method(student.method), exp.stage_config("distill", student)
+        d, init_from = OmegaConf.create(cfg["distill"]), cfg["model"]["init_from"]
         if method.teacher_velocity:
             found.append(f"teacher_free: {student.method} evaluates the teacher network; only a method that evaluates "
                          f"none trains without a teacher (name a teacher in `teachers` instead)")
-        elif method.dropped_labels(OmegaConf.create(cfg["distill"])) and cfg["model"]["class_dropout_prob"] == 0:
+            continue
+        if method.dropped_labels(d) and cfg["model"]["class_dropout_prob"] == 0:
             found.append(f"distill run {student.name}: {student.method} drops labels to the null class, and base_config's "
                          f"DiT has none (model.class_dropout_prob is 0): set it above 0 in overrides.distill")
+        if init_from and not Path(init_from).is_file():
+            found.append(f"distill run {student.name}: config key 'model.init_from': {init_from} does not exist")
+        try:
+            method.objective(None, d)  # what its objective refuses without a teacher (MeanFlow: guidance without a null class)
+        except ConfigError as err:
+            found.append(f"distill run {student.name}: {err}")
     return found

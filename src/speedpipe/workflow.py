@@ -14,7 +14,7 @@ A method is a stage config file plus overrides; a `grid` expands it into one met
       speed: {config: configs/mnist5k/speed.yaml, grid: {diffusion.timestep_sampler.k: [1, 10]}}   # speed-k1, speed-k10
       tau: {config: configs/mnist5k/speed.yaml,                                                    # tau-t500
             variants: {t500: [diffusion.timestep_sampler.tau=500, diffusion.loss_weighting.tau=500]}}
-    teachers: [speed-s0]                      # train runs the consistency models start from (none: no distillation)
+    teachers: [speed-s0]                      # train runs the consistency models start from (none: no teacher's students)
     consistency_methods: [scd, sct]           # one student run each per teacher: scd-speed-s0, sct-speed-s0
     teacher_free: [meanflow]                  # one student run each without a teacher: meanflow-no-teacher
     tables:                                   # the report's tables (default: one table `methods` of every method)
@@ -41,7 +41,7 @@ JOB_VALUES = {"trainer.steps": "train_steps", "trainer.ckpt_steps": "eval_steps"
               "eval.reference": "the results layout", "eval.classifier_weights": "the results layout (the classifier stage)",
               "autoencoder.path": "the results layout (the autoencoder stage)",
               "distill.teacher": "teachers", "distill.method": "consistency_methods",
-              "distill.warm_start_target": "teacher_free (without a teacher, the data)", "distill.warm_start_steps": "distill_warm_start", "distill.steps": "distill_steps",
+              "distill.warm_start_steps": "distill_warm_start", "distill.steps": "distill_steps",
               "distill.ckpt_steps": "distill_eval_steps", "distill.run_dir": "the results layout",
               "sampling.checkpoint": "the evaluated checkpoint", "sampling.sampler": "the sampler label",
               "sampling.cfg_scale": "the sampler label", "sampling.out": "the results layout",

@@ -11,8 +11,9 @@ BUDGET_FIGURES = {f"budgets_{t}": report(str(LAYOUT.figure(f"{t}_budgets")), cap
 SCM_OUTPUTS = dict(
     scm=report(str(LAYOUT.table("scm", "md")), caption="../report/scm.rst", category="Tables"),
     scm_grids=report(str(LAYOUT.figure("teacher_vs_scm")), caption="../report/scm_grids.rst", category="Figures"),
-    teacher_grid=report(str(LAYOUT.figure("teacher_grid")), caption="../report/teacher_grid.rst", category="Figures"),
     distillation=report(str(LAYOUT.figure("distillation")), caption="../report/distillation.rst", category="Figures"),
+    **({"teacher_grid": report(str(LAYOUT.figure("teacher_grid")), caption="../report/teacher_grid.rst", category="Figures")}
+       if EXP.teachers else {}),
 ) if EXP.distill_runs else {}
 
 

@@ -71,23 +71,26 @@ FID and the other metrics at the table's iterations: `tables/{name}.md` (also `.
     warm_start = None if d is None else ("a regression on the teacher's velocity at guidance " + str(d["cfg_scale"])
                                          if d["warm_start_target"] == "teacher" else "the TrigFlow diffusion loss on the data")
     teachers = [t for t in students_by_teacher(cfg) if t is not None]
-    without = ("" if not pipe["teacher_free"] else f"""
-Without a teacher (the rows of teacher `none`): {', '.join(pipe['teacher_free'])}, each from base_config's DiT with a
-{pipe['distill_warm_start']}-step TrigFlow warm start on the data, then the same {pipe['distill_steps']} steps of its objective.
-""")
+    with_teacher = "" if not teachers else f"""Teachers {teachers} at {pipe['train_steps']} iterations; from each, every method of
+`consistency_methods` starts from the teacher's weights with the same {pipe['distill_warm_start']}-step TrigFlow warm start
+({warm_start}), then takes {pipe['distill_steps']} steps of its own objective.
+"""
+    without = "" if not pipe["teacher_free"] else f"""Without a teacher (teacher `none` in the tables): {', '.join(pipe['teacher_free'])},
+each from base_config's DiT with a {pipe['distill_warm_start']}-step TrigFlow warm start on the data, then
+{pipe['distill_steps']} steps of its objective.
+"""
     scm_section = "" if scm is None else ("" if not teachers else """
 ## The teachers
 
 ![teacher samples, one row per class](figures/teacher_grid.png)
 """) + f"""
-## Consistency models versus teacher
+## Consistency models{" versus teacher" if teachers else ""}
 
-Teachers {teachers} at {pipe['train_steps']} iterations; from each, every consistency method starts
-from the teacher's weights with the same {pipe['distill_warm_start']}-step TrigFlow warm start ({warm_start}), then takes
-{pipe['distill_steps']} steps of its own objective (σ_d = {d['sigma_d']},
-P_mean = {d['p_mean']}, P_std = {d['p_std']}, lr {d['lr']}); {pipe['final_samples']} samples per evaluation. The methods:
+{with_teacher}{without}
+Every student: σ_d = {d['sigma_d']}, P_mean = {d['p_mean']}, P_std = {d['p_std']}, lr {d['lr']}; {pipe['final_samples']}
+samples per evaluation. The methods:
 {method_lines(cfg)}
-{without}
+
 ![distillation curve](figures/distillation.png)
 
 ![teacher and consistency-model samples, one row per class](figures/teacher_vs_scm.png)

@@ -200,9 +200,10 @@ def _without_teacher(config: dict) -> bool:
 
 
 # A student without a teacher is the run's own DiT on latents normalised per data.latent_norm; with one, the teacher's
-# checkpoint brings all three.
-NETWORK_READS = (*((f"model.{f.name}", _without_teacher) for f in fields(ModelConfig)),
-                 ("diffusion.learn_sigma", _without_teacher), ("data.latent_norm", _without_teacher))
+# checkpoint brings all three, and distill.cfg_scale guides the teacher.
+TEACHER_READS = (*((f"model.{f.name}", _without_teacher) for f in fields(ModelConfig)),
+                 ("diffusion.learn_sigma", _without_teacher), ("data.latent_norm", _without_teacher),
+                 ("distill.cfg_scale", lambda c: not _without_teacher(c)))
 
 STAGES = {s.name: s for s in (
     Stage("autoencoder", None, 2,  # 2: the scale factor from streamed float64 moments
@@ -228,7 +229,7 @@ STAGES = {s.name: s for s in (
     # streams (speedpipe.training.StepRandomness)
     Stage("distill", "train", 5,
           reads=(*IDENTITY, "seed", *LATENTS, "distill", "model", "diffusion.learn_sigma"),
-          read_if=(*METHOD_READS, *NETWORK_READS),
+          read_if=(*METHOD_READS, *TEACHER_READS),
           uses=loop_uses("distill"), ranks=True),
     Stage("sample", "sample", 4,  # 4: labels and each batch's noise from streams of their own; students under bf16 too
           reads=(*IDENTITY, "autoencoder.name", "autoencoder.path", "sampling"), read_if=SAMPLER_READS,
@@ -238,8 +239,9 @@ STAGES = {s.name: s for s in (
                  "eval.kid_subset_size", "eval.extractor", "eval.inception_weights", "eval.classifier_weights", "eval.reference",
                  "eval.device")),
     # 4: a section per consistency method; 5: log axes ticked at the evaluations, missing values as –; 6: the students over
-    # their teachers (scm_across_teachers), students without a teacher
-    Stage("report", None, 6, config="report"),
+    # their teachers (scm_across_teachers), students without a teacher; 7: the consistency section says which students
+    # start from a teacher and which from none
+    Stage("report", None, 7, config="report"),
 )}
 
 

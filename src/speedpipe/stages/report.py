@@ -71,9 +71,10 @@ def run(cfg, provenance):
     if cfg["distill_runs"]:
         scm = scm_table(df, cfg)
         write_table(layout, "scm", f"Consistency models versus their teacher ({pipe['extractor']} features, {pipe['final_samples']} "
-                    f"samples each, same reference): FID / teacher against the teacher's {pipe['teacher_sampler']}, FID / ODE "
-                    f"against its probability-flow ODE ({pipe['teacher_ode_sampler']}), the ceiling of a converged consistency "
-                    f"model.", ("", "", scm))
+                    f"samples each, same reference)" + (f": FID / teacher against the teacher's {pipe['teacher_sampler']}, FID / "
+                    f"ODE against its probability-flow ODE ({pipe['teacher_ode_sampler']}), the ceiling of a converged "
+                    f"consistency model" if "teacher_sampler" in pipe else "") + (
+                    "; students without a teacher under teacher none" if pipe["teacher_free"] else "") + ".", ("", "", scm))
         if sum(t is not None for t in students_by_teacher(cfg)) > 1:
             write_table(layout, "scm_across_teachers", f"The consistency models over their {pipe['extractor']}-feature FID "
                         f"({pipe['final_samples']} samples each), mean over the teachers with its {LEVEL:.0%} t-interval "
@@ -85,10 +86,11 @@ def run(cfg, provenance):
             grid_panels(df, layout, "teacher_grid", [[(t, final, s, f"teacher {t}") for s in (pipe["teacher_sampler"], pipe["curve_sampler"])]
                                                      for t in teachers], classes)
         grid_panels(df, layout, "teacher_vs_scm", [
-            [(t, final, s, "teacher") for s in (pipe["teacher_sampler"], pipe["teacher_ode_sampler"],
-                                                 *[b for b in pipe["teacher_baselines"] if parse_sampler(b).name == "ddim2"])
-             if t is not None]
-            + [(d["name"], last, s, f"{d['title']} student") for d in students for s in pipe["scm_samplers"]]
+            ([] if t is None else [(t, final, s, "teacher") for s in (
+                pipe["teacher_sampler"], pipe["teacher_ode_sampler"],
+                *[b for b in pipe["teacher_baselines"] if parse_sampler(b).name == "ddim2"])])
+            + [(d["name"], last, s, f"{d['title']} student" + (" (no teacher)" if t is None else ""))
+               for d in students for s in pipe["scm_samplers"]]
             for t, students in by_teacher.items()], classes)
 
         save_figure(distillation_figure(df, cfg, by_teacher), layout, "distillation")
@@ -127,12 +129,12 @@ def summary(cfg, curve: pd.DataFrame, df: pd.DataFrame) -> dict:
         out["tables"][table["name"]] = entry
     number = lambda r: {"fid": float(r.FID), "label_accuracy": None if pd.isna(r["label acc."]) else float(r["label acc."])}  # noqa: E731
     for t, students in students_by_teacher(cfg).items():
-        teacher = df[(df.run == t) & (df.step == pipe["train_steps"])]  # none without a teacher (t None: "none")
-        out["teachers"][t or "none"] = {
+        teacher = {} if t is None else {  # students without a teacher ("none"): their numbers only
             "reference_sampler": pipe["teacher_sampler"], "ode_sampler": pipe["teacher_ode_sampler"],
-            "samplers": {r.sampler: number(r) for _, r in teacher.iterrows()},
-            "students": {d["method"]: {str(int(step)): {r.sampler: number(r) for _, r in g.iterrows()}
-                                       for step, g in df[df.run == d["name"]].groupby("step")} for d in students}}
+            "samplers": {r.sampler: number(r) for _, r in df[(df.run == t) & (df.step == pipe["train_steps"])].iterrows()}}
+        out["teachers"][t or "none"] = {**teacher, "students": {
+            d["method"]: {str(int(step)): {r.sampler: number(r) for _, r in g.iterrows()}
+                          for step, g in df[df.run == d["name"]].groupby("step")} for d in students}}
     return out
 
 

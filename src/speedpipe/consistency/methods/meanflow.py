@@ -4,12 +4,17 @@ section distill.meanflow."""
 from speedpipe.consistency.meanflow import (MeanFlowObjective, MeanFlowSampler, MeanFlowStudent, MeanFlowTimes,
                                             TrainingGuidance)
 from speedpipe.consistency.methods import ConsistencyMethod
+from speedpipe.errors import ConfigError
 
 
 def objective(teacher, d, imf: bool = False):
     m = d.meanflow
-    return MeanFlowObjective(TrainingGuidance(m.omega, m.kappa, *m.guidance_t), m.adaptive_p, m.adaptive_c, d.precision,
-                             imf=imf)
+    guidance = TrainingGuidance(m.omega, m.kappa, *m.guidance_t)
+    if teacher is None and guidance.active and not m.label_dropout:  # a teacher's student starts with its trained null class
+        raise ConfigError(f"config key 'distill.meanflow.label_dropout': 0, but guidance in training (omega {m.omega}, "
+                          f"kappa {m.kappa}) without a teacher needs the null class that label dropout trains: set it "
+                          f"above 0 (the paper: 0.1)")
+    return MeanFlowObjective(guidance, m.adaptive_p, m.adaptive_c, d.precision, imf=imf)
 
 
 def with_meanflow_student(name: str, title: str, follows: str, objective) -> ConsistencyMethod:
