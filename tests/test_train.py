@@ -43,28 +43,28 @@ def test_training_reduces_the_loss_and_writes_checkpoints(tiny_train_config):
 
 
 def test_killed_run_resumes_bit_identical(tiny_train_config, tmp_path):
-    overrides = ["trainer.steps=400", "trainer.ckpt_every=20", "trainer.log_every=20"]
+    overrides = ["trainer.steps=200", "trainer.ckpt_every=20", "trainer.log_every=20"]
     reference = train.run(load_config(tiny_train_config, overrides + [f"trainer.run_dir={tmp_path / 'ref'}"], phase="train"))
 
     killed_dir = tmp_path / "killed"
     args = ["main.py", "-c", str(tiny_train_config), "-p", "train", *overrides, f"trainer.run_dir={killed_dir}"]
     proc = subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
-    while not (killed_dir / "ckpt-0000100.pt").exists():
+    while not (killed_dir / "ckpt-0000060.pt").exists():
         assert proc.poll() is None, proc.stderr.read().decode()
         assert time.time() < deadline
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     interrupted_at = load_checkpoint(latest_checkpoint(killed_dir))["step"]
-    assert interrupted_at < 400, "the run finished before it could be killed"
+    assert interrupted_at < 200, "the run finished before it could be killed"
 
     result = run_python(args)
     assert result.returncode == 0, result.stderr
     resumed, finished = events(killed_dir)[-2:]  # the second run started at the checkpoint and ran only the rest
     assert (resumed["event"], resumed["step"], resumed["source"]) == ("resume", interrupted_at, f"ckpt-{interrupted_at:07d}.pt")
-    assert (finished["event"], finished["step"], int(finished["steps_performed"])) == ("finished", 400, 400 - interrupted_at)
-    _assert_same_state(load_checkpoint(reference / "ckpt-0000400.pt"), load_checkpoint(killed_dir / "ckpt-0000400.pt"))
+    assert (finished["event"], finished["step"], int(finished["steps_performed"])) == ("finished", 200, 200 - interrupted_at)
+    _assert_same_state(load_checkpoint(reference / "ckpt-0000200.pt"), load_checkpoint(killed_dir / "ckpt-0000200.pt"))
     assert _losses(reference) == _losses(killed_dir)
     names = lambda run: sorted(p.name for p in run.glob("ckpt-*.pt"))  # noqa: E731
     assert names(killed_dir) == names(reference)  # a write cut by the kill left no file that looks done
