@@ -346,12 +346,18 @@ def _no_teacher_cfg(tiny_train_config, run_dir, *extra):
 def test_a_method_that_evaluates_no_teacher_trains_without_one(tiny_train_config, tmp_path, method):
     """distill.teacher null: the student is the run's own DiT (model.*), warm-started on the data, then the method; the
     checkpoint carries that network's config, so the sample stage rebuilds the student (MeanFlow's with its interval
-    embedding) and samples it in one step."""
+    embedding) and samples it in one step. A run stopped after its warm start and continued ends bit-identical."""
     from speedpipe.data.latents import open_training_data
 
     cfg = _no_teacher_cfg(tiny_train_config, tmp_path / method, f"distill.method={method}", "data.latent_norm=channel")
     run_dir = distill.run(cfg)
     state = load_checkpoint(run_dir / "ckpt-0000004.pt")
+    distill.run(_no_teacher_cfg(tiny_train_config, tmp_path / "resumed", f"distill.method={method}", "data.latent_norm=channel",
+                                "distill.steps=1"))  # one step of the method, then the same run continued
+    resumed = load_checkpoint(distill.run(_no_teacher_cfg(tiny_train_config, tmp_path / "resumed", f"distill.method={method}",
+                                                          "data.latent_norm=channel")) / "ckpt-0000004.pt")
+    assert [e["event"] for e in events(tmp_path / "resumed")][-2:] == ["resume", "finished"]
+    assert all(torch.equal(state[k][n], resumed[k][n]) for k in ("model", "ema") for n in state[k])
     assert state["teacher_config"]["model"] == dict(cfg.model) and state["config"]["distill"]["teacher"] is None
     assert state["latent_norm"] == open_training_data(cfg).normalization.state_dict()  # the data's statistics, per data.latent_norm
     assert ("interval_embedder.mlp.0.weight" in state["model"]) == (method == "meanflow")
