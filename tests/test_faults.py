@@ -1,6 +1,6 @@
 """No lost work: the faults of a real cluster, through the command a user runs (docs/faults.md).
 
-One experiment (tests/data/faults.yaml: a SpeeD run of 200 iterations and its sCD student of 80 steps, on the micro
+One experiment (tests/data/faults.yaml: a SpeeD run of 100 iterations and its sCD student of 60 steps, on the micro
 experiment's data) is run once without a fault: the reference. Each test then makes the same experiment again, faults it
 the way clusters do -- SIGKILL of a job after its first checkpoint, SIGKILL of the Snakemake driver, a longer run asked
 of a finished one, `scancel` of a SLURM job -- and runs the same `snakemake` command again. Each asserts what a user
@@ -195,27 +195,27 @@ def test_a_failed_train_job_and_a_failed_distill_job_are_finished_by_the_same_co
             pipe["launcher"][stage] = {"executor": "slurm", "cpus_per_task": 1, "mem_gb": 2, "time_min": 10, "poll_seconds": 0.5}
         experiment.write_text(yaml.safe_dump(pipe, sort_keys=False))
     driver = start(work)
-    wait_for_state_file(work, TRAIN, "ckpt-0000050.pt", driver)
+    wait_for_state_file(work, TRAIN, "ckpt-0000025.pt", driver)
     fault(work, driver, "train")
     assert driver.wait(timeout=120) != 0
-    assert not (work / TRAIN / "ckpt-0000050.pt").exists(), "Snakemake kept the failed job's outputs: no fault was made"
+    assert not (work / TRAIN / "ckpt-0000025.pt").exists(), "Snakemake kept the failed job's outputs: no fault was made"
     train_saved, train_before = saved_before(work, TRAIN)
-    assert 50 <= train_saved < 200
+    assert 25 <= train_saved < 100
     if fault is cancel_the_slurm_job:  # SIGTERM then SIGKILL: the job saved at its step boundary and stopped
         assert events(work / TRAIN)[-1]["event"] == "terminated"
 
     driver = start(work)  # the same command: train resumes and finishes; distill fails in its turn
-    wait_for_state_file(work, STUDENT, "ckpt-0000020.pt", driver)
+    wait_for_state_file(work, STUDENT, "ckpt-0000010.pt", driver)
     fault(work, driver, "distill")
     assert driver.wait(timeout=120) != 0
     student_saved, student_before = saved_before(work, STUDENT)
-    assert 20 <= student_saved < 80
+    assert 10 <= student_saved < 60
     if fault is cancel_the_slurm_job:
         assert events(work / STUDENT)[-1]["event"] == "terminated"
 
     result = run(work)
     assert result.returncode == 0, result.stderr[-5000:]
-    for folder, saved, before, total in ((TRAIN, train_saved, train_before, 200), (STUDENT, student_saved, student_before, 80)):
+    for folder, saved, before, total in ((TRAIN, train_saved, train_before, 100), (STUDENT, student_saved, student_before, 60)):
         assert_equal_to_reference(work, reference, folder)
         assert_resumed(work, folder, saved, total)
         assert_not_rewritten(work, folder, before)
@@ -226,7 +226,7 @@ def test_a_killed_snakemake_driver_is_finished_by_the_same_command_after_one_unl
     removed by one --unlock; the same command's train job then waits for the orphan (the run folder's lock) instead
     of writing beside it, and finds the run finished: one writer, nothing trained twice."""
     driver = start(work)
-    wait_for_state_file(work, TRAIN, "ckpt-0000050.pt", driver)
+    wait_for_state_file(work, TRAIN, "ckpt-0000025.pt", driver)
     os.kill(driver.pid, signal.SIGKILL)
     driver.wait()
     locked = run(work)  # Snakemake's own lock, left by the dead driver
@@ -237,8 +237,8 @@ def test_a_killed_snakemake_driver_is_finished_by_the_same_command_after_one_unl
     assert_equal_to_reference(work, reference, TRAIN)
     assert_equal_to_reference(work, reference, STUDENT)
     rows = [(e["event"], e["step"]) for e in events(work / TRAIN)]
-    assert rows[:2] == [("start", 0), ("finished", 200)], "a second writer ran beside the orphaned job"
-    assert rows[2:] == [("resume", 200), ("finished", 200)]
+    assert rows[:2] == [("start", 0), ("finished", 100)], "a second writer ran beside the orphaned job"
+    assert rows[2:] == [("resume", 100), ("finished", 100)]
     assert events(work / TRAIN)[-1]["steps_performed"] == "0"
 
 
@@ -248,19 +248,19 @@ def test_a_finished_run_extended_continues_from_its_last_checkpoint(work, refere
     experiment = work / "faults.yaml"
     longer = experiment.read_text()
     shorter = yaml.safe_load(longer)
-    shorter.update(train_steps=150, eval_steps=[50, 100, 150])
+    shorter.update(train_steps=75, eval_steps=[25, 50, 75])
     experiment.write_text(yaml.safe_dump(shorter, sort_keys=False))
     result = run(work, f"{TRAIN}/log.csv")
     assert result.returncode == 0, result.stderr[-5000:]
     saved, before = saved_before(work, TRAIN)
-    assert saved == 150
+    assert saved == 75
 
     experiment.write_text(longer)
     result = run(work, f"{TRAIN}/log.csv")
     assert result.returncode == 0, result.stderr[-5000:]
     assert "localrule train:" in result.stdout + result.stderr  # the job was re-run (its params changed), not skipped
     assert_equal_to_reference(work, reference, TRAIN, provenance=False)
-    assert_resumed(work, TRAIN, 150, 200)
+    assert_resumed(work, TRAIN, 75, 100)
     assert_not_rewritten(work, TRAIN, before)
 
 
@@ -314,17 +314,17 @@ def test_a_finished_student_extended_continues_from_its_last_checkpoint(work, re
     experiment = work / "faults.yaml"
     longer = experiment.read_text()
     shorter = yaml.safe_load(longer)
-    shorter.update(distill_steps=30, distill_eval_steps=[20, 50])
+    shorter.update(distill_steps=25, distill_eval_steps=[10, 35])
     experiment.write_text(yaml.safe_dump(shorter, sort_keys=False))
     result = run(work)
     assert result.returncode == 0, result.stderr[-5000:]
     saved, before = saved_before(work, STUDENT)
-    assert saved == 50
+    assert saved == 35
 
     experiment.write_text(longer)
     result = run(work)
     assert result.returncode == 0, result.stderr[-5000:]
     assert "localrule distill:" in result.stdout + result.stderr
     assert_equal_to_reference(work, reference, STUDENT, provenance=False)
-    assert_resumed(work, STUDENT, 50, 80)
+    assert_resumed(work, STUDENT, 35, 60)
     assert_not_rewritten(work, STUDENT, before)

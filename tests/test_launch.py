@@ -82,7 +82,7 @@ def test_interrupted_job_is_requeued_and_resumes_bit_identical(tiny_train_config
 
     launcher = {**SLURM, "nodes": nodes}
     require_nodes(nodes)
-    steps = ["trainer.steps=300", "trainer.ckpt_every=300", "trainer.log_every=5", "trainer.resume_every_steps=25",
+    steps = ["trainer.steps=200", "trainer.ckpt_every=200", "trainer.log_every=5", "trainer.resume_every_steps=25",
              "trainer.resume_every_minutes=0"]
     if nodes == 1:
         reference = train.run(load_config(tiny_train_config, [f"trainer.run_dir={tmp_path / 'ref'}", *steps], phase="train"))
@@ -98,7 +98,7 @@ def test_interrupted_job_is_requeued_and_resumes_bit_identical(tiny_train_config
         while time.time() < deadline and _last_logged_step(run_dir) < 100:
             time.sleep(0.02)
         ids = queued_job_ids(_job_name("train", cfg))
-        if ids and not (run_dir / "ckpt-0000300.pt").exists():
+        if ids and not (run_dir / "ckpt-0000200.pt").exists():
             interrupted["step"] = _last_logged_step(run_dir)
             command = ["scontrol", "requeue", ids[0]] if interrupt == "scontrol requeue" else ["scancel", "--signal=USR2", ids[0]]
             subprocess.run(command, check=True)
@@ -118,7 +118,7 @@ def test_interrupted_job_is_requeued_and_resumes_bit_identical(tiny_train_config
     if nodes == 2:  # the start and the resume each ran a rank on each node
         ranks = [e["source"] for e in events(run_dir) if e["event"] == "ranks"]
         assert len(ranks) == 2 and all(len({r.split("@")[1].split(":")[0] for r in row.split()}) == 2 for row in ranks), ranks
-    a, b = load_checkpoint(reference / "ckpt-0000300.pt"), load_checkpoint(run_dir / "ckpt-0000300.pt")
+    a, b = load_checkpoint(reference / "ckpt-0000200.pt"), load_checkpoint(run_dir / "ckpt-0000200.pt")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
 
