@@ -127,6 +127,10 @@ def run(cfg, provenance):
     times = PhasedTimes(TimeProposal(d.sigma_d, d.p_mean, d.p_std), method.make_times(d), d.warm_start_steps)
     randomness = StepRandomness(cfg.seed, times, dataset.latent_shape, label_dropout, cfg.data.random_flip,
                                 dataset.samples_posterior, "cpu")
+    # what a checkpoint records to rebuild its student: the network's config (the teacher's; without a teacher, the
+    # run's own) and the latents' normalisation
+    network_config = teacher_state["config"] if teacher_state else to_plain(provenance)
+    latent_norm = teacher_state.get("latent_norm") if teacher_state else dataset.normalization.state_dict()
     # what a resumed run must share with the run it resumes: the settings, the data, and the teacher's content
     settings = {**STAGES["distill"].run_settings(provenance), "data": dataset.identity(),
                 "teacher": teacher_state and state_fingerprint({k: teacher_state.get(k) for k in ("ema", "config", "latent_norm")})}
@@ -135,11 +139,8 @@ def run(cfg, provenance):
                          {"model": student.net, "logvar_head": trained.logvar_head, "ema": ema, "opt": opt, "data_order": order},
                          randomness.generators, env, LOG_COLUMNS, what="distill", progress=d.progress, settings=settings,
                          nonfinite="skip" if d.skip_nonfinite else "stop",
-                         # teacher_config: the network's config (the teacher's; without a teacher, the run's own)
-                         checkpoint_extra=lambda: {"config": to_plain(provenance),
-                                                   "teacher_config": teacher_state["config"] if d.teacher else to_plain(provenance),
-                                                   "latent_norm": teacher_state.get("latent_norm") if d.teacher
-                                                   else dataset.normalization.state_dict()},
+                         checkpoint_extra=lambda: {"config": to_plain(provenance), "teacher_config": network_config,
+                                                   "latent_norm": latent_norm},
                          log_fields=lambda step, mean, steps_per_s: {
                              "objective": "warm_start" if step <= d.warm_start_steps else method.name})
     loop.resume()
