@@ -64,12 +64,14 @@ SlurmdLogFile=/var/log/slurm/slurmd.log"
 else
   # the network: a bridge with the controller's address, and per node a namespace joined to it by a veth pair
   ip link show "$BRIDGE" >/dev/null 2>&1 || ip link add "$BRIDGE" type bridge
-  ip addr show dev "$BRIDGE" | grep -q "inet $SUBNET.1/" || ip addr add "$SUBNET.1/24" dev "$BRIDGE"
+  # the address tests read ip's whole output first: under pipefail, `ip ... | grep -q` fails now and then (grep quits at
+  # its match, ip dies of SIGPIPE), which would add the address twice ("Address already assigned")
+  [[ "$(ip addr show dev "$BRIDGE")" == *"inet $SUBNET.1/"* ]] || ip addr add "$SUBNET.1/24" dev "$BRIDGE"
   ip link set "$BRIDGE" up
   NODE_LINES=""
   for k in $(seq 1 "$NODES"); do
     node=spnode$k addr=$SUBNET.$((10 + k))
-    if ! ip netns exec "$node" ip -4 addr show dev eth0 2>/dev/null | grep -q "inet $addr/"; then
+    if [[ "$(ip netns exec "$node" ip -4 addr show dev eth0 2>/dev/null || true)" != *"inet $addr/"* ]]; then
       ip netns delete "$node" 2>/dev/null || true  # a set-up cut short: made again from the start
       ip link delete "spv$k" 2>/dev/null || true
       ip netns add "$node"
