@@ -34,6 +34,8 @@ onstart:
 wildcard_constraints:
     run=alternation(EXP.train_runs),
     student=alternation(EXP.distill_runs),
+    teacher=alternation(teacher.name for teacher in EXP.teachers),
+    sampler=alternation(EXP.teacher_own_samplers()),  # a teacher's own sampling jobs (workflow/rules/evaluate.smk)
 
 
 include: "workflow/rules/common.smk"

@@ -17,11 +17,9 @@ import yaml
 from conftest import REPO, planned_jobs, snakemake
 from speedpipe.config import load_config
 from speedpipe.config_schema import Config
-from speedpipe.consistency.methods import method_names
 from speedpipe.stages import STAGES, UndeclaredRead
+from speedpipe.workflow import EVALUATION_RULES
 
-STUDENT_PREFIXES = tuple(f"{m}_" for m in method_names())  # the sample/evaluate rules of the students: sample_scd_speed_s0
-DATA = {"autoencoder", "encode", "classifier", "reference"}
 
 
 @contextlib.contextmanager
@@ -56,12 +54,16 @@ def override(stage, item):
 
 
 def groups(jobs) -> dict[str, set]:
-    """The planned jobs by kind: data stages by name, train, distill, sample/evaluate of train runs and of students."""
+    """The planned jobs by kind: data stages by name, train, distill, sample/evaluate of the diffusion models (their
+    curves and the teachers' samplers: 'teacher') and of the students."""
     out = {}
     for job in jobs:
         rule = job.split("[")[0]
-        kind = rule if rule in DATA | {"train", "distill", "report"} else \
-            f"{rule.split('_')[0]}:{'student' if rule.split('_', 1)[1].startswith(STUDENT_PREFIXES) else 'teacher'}"
+        if rule in EVALUATION_RULES:
+            stage, evaluated = EVALUATION_RULES[rule]
+            kind = f"{stage}:{'student' if evaluated == 'student' else 'teacher'}"
+        else:
+            kind = rule
         out.setdefault(kind, set()).add(job)
     return out
 
@@ -264,7 +266,7 @@ def test_every_job_logs_and_records_its_resources(micro_run):
     usage = sorted((root / "logs").rglob("*.usage.json"))
     rules = {p.parent.name for p in usage}
     assert {"autoencoder", "encode", "classifier", "reference", "train", "distill"} <= rules
-    assert any(r.startswith("sample_") for r in rules) and any(r.startswith("evaluate_") for r in rules)
+    assert set(EVALUATION_RULES) <= rules, rules
     for path in usage:
         record = json.loads(path.read_text())
         assert record["wall_s"] > 0 and record["cpu_s"] > 0 and record["peak_rss_mb"] > 100, (path, record)

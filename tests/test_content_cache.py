@@ -196,9 +196,8 @@ def test_job_params_carry_the_contents_of_user_inputs_not_their_paths(folder, tm
     assert reference["eval.reference"] == str(pretrained.layout.reference("inception-v3-compat"))
     (train,) = _reads(pretrained, "train", {"run": "baseline-s0"})
     assert train["model.init_from"] == content(init)
-    key = next(iter(pretrained.evaluation_keys()))
-    assert all(r["autoencoder.path"] == content(vae) for r in _reads(pretrained, f"sample_{key}"))
-    assert all(r["eval.inception_weights"] == content(inception) for r in _reads(pretrained, f"evaluate_{key}"))
+    assert all(r["autoencoder.path"] == content(vae) for r in _reads(pretrained, "sample_curve", {"run": "baseline-s0"}))
+    assert all(r["eval.inception_weights"] == content(inception) for r in _reads(pretrained, "evaluate_curve", {"run": "baseline-s0"}))
     assert list((tmp_path / ".snakemake" / "speedpipe-fingerprints").iterdir())  # remembered for the next planning
 
     tiny = Experiment(_image_experiment(tmp_path, folder))

@@ -157,3 +157,23 @@ def test_sigmoid_weighting_is_kingma_and_gao_in_its_elbo_form(diffusion):
         assert np.allclose(w, expected / expected.mean(), rtol=1e-5) and w.mean() == pytest.approx(1.0, abs=1e-5)
     # a larger bias weights lower-noise (larger log SNR) steps more
     assert build_weighting("sigmoid", diffusion, b=2.0)[100] > build_weighting("sigmoid", diffusion, b=0.0)[100]
+
+
+@pytest.mark.parametrize("kind,section", [("SAMPLERS", "SamplerConfig"), ("WEIGHTINGS", "WeightingConfig")])
+def test_the_config_takes_the_parameters_the_methods_declare(kind, section):
+    """The config section's keys, read from the methods' source without importing them, are exactly the parameters (and
+    annotated types) of the methods as imported: a method's new parameter is a config key, a removed one is not."""
+    import dataclasses
+    import inspect
+    import typing
+
+    from speedpipe import config_schema
+    from speedpipe.diffusion.timesteps import registered
+
+    declared = {}
+    for method in registered(kind).values():
+        params = list(inspect.signature(method).parameters.values())
+        assert params[0].name == "diffusion"
+        declared.update({p.name: p.annotation for p in params[1:]})
+    fields = {f.name: f.type for f in dataclasses.fields(getattr(config_schema, section)) if f.name != "name"}
+    assert fields == {name: typing.Optional[annotation] for name, annotation in declared.items()}

@@ -3,41 +3,28 @@ the valid values beyond their types: CHOICES (the options of a choice), POSITIVE
 them when it loads a config)."""
 import math
 import re
-from dataclasses import dataclass, field
-from typing import List, NamedTuple, Optional
+from dataclasses import dataclass, field, make_dataclass
+from typing import Any, List, NamedTuple, Optional
+
+from speedpipe.timestep_parameters import declared_parameters
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # experiment, method and table names: they become folder and file names
 NAME_RULE = "names are letters, digits, '_', '.' and '-' (they become folder and file names), starting with a letter or digit"
 
 
-@dataclass
-class SamplerConfig:
-    """Timestep sampler: uniform | speed (k, tau, dual) | lognormal (p_mean, p_std) | logit_normal (m, s) |
-    clts (mu, sigma, ramp_steps). Unset = the method's default."""
-
-    name: str = "uniform"
-    k: Optional[float] = None
-    tau: Optional[int] = None
-    dual: Optional[bool] = None
-    p_mean: Optional[float] = None
-    p_std: Optional[float] = None
-    m: Optional[float] = None
-    s: Optional[float] = None
-    mu: Optional[float] = None
-    sigma: Optional[float] = None
-    ramp_steps: Optional[int] = None
+def _method_section(class_name: str, default: str, registry: str, doc: str):
+    """A timestep sampler's or loss weighting's section: its name, and every parameter a method declares
+    (speedpipe.timestep_parameters), unset (None) by default: the method's own default applies."""
+    params = [(key, Optional[kind] if kind else Any, None) for key, kind in declared_parameters(registry).items()]
+    return make_dataclass(class_name, [("name", str, default), *params], namespace={"__doc__": doc, "__module__": __name__})
 
 
-@dataclass
-class WeightingConfig:
-    """Per-timestep MSE weight: none | speed (lam, tau) | p2 (k, gamma) | min_snr (gamma) | sigmoid (b)."""
-
-    name: str = "none"
-    lam: Optional[float] = None
-    tau: Optional[int] = None
-    k: Optional[float] = None
-    gamma: Optional[float] = None
-    b: Optional[float] = None
+SamplerConfig = _method_section("SamplerConfig", "uniform", "SAMPLERS", "Timestep sampler: uniform | speed (k, tau, dual) | "
+                                "lognormal (p_mean, p_std) | logit_normal (m, s) | clts (mu, sigma, ramp_steps) | a module's "
+                                "of speedpipe.diffusion.timestep_methods. Unset = the method's default.")
+WeightingConfig = _method_section("WeightingConfig", "none", "WEIGHTINGS", "Per-timestep MSE weight: none | speed (lam, tau) | "
+                                  "p2 (k, gamma) | min_snr (gamma) | sigmoid (b) | a module's of "
+                                  "speedpipe.diffusion.timestep_methods.")
 
 
 @dataclass

@@ -3,8 +3,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from speedpipe.experiment_file import Method
-from speedpipe.layout import checkpoint
+from speedpipe.experiment_file import Method, sampler_label
+from speedpipe.layout import Layout, checkpoint
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,11 @@ class TrainRun(Run):
     seed: int
     kind: ClassVar[str] = "train"
 
+    def job_values(self, pipe: dict, layout: Layout) -> dict:
+        """The values the experiment sets in this run's job (speedpipe.workflow.JOB_VALUES says from where)."""
+        return {"seed": self.seed, "method": self.method.name, "trainer.steps": int(pipe["train_steps"]),
+                "trainer.ckpt_steps": [int(s) for s in pipe["eval_steps"]], "trainer.run_dir": str(self.dir)}
+
 
 @dataclass(frozen=True)
 class DistillRun(Run):
@@ -36,6 +41,13 @@ class DistillRun(Run):
     method: str
     kind: ClassVar[str] = "distill"
 
+    def job_values(self, pipe: dict, layout: Layout) -> dict:
+        """The values the experiment sets in this run's job; without a teacher, the warm start regresses on the data."""
+        return {"distill.teacher": self.teacher and str(self.teacher.checkpoint(pipe["train_steps"])), "distill.method": self.method,
+                "distill.warm_start_steps": int(pipe["distill_warm_start"]), "distill.steps": int(pipe["distill_steps"]),
+                "distill.ckpt_steps": [int(s) for s in pipe["distill_eval_steps"]], "distill.run_dir": str(self.dir),
+                **({} if self.teacher else {"distill.warm_start_target": "data"})}
+
 
 @dataclass(frozen=True)
 class Evaluation:
@@ -44,6 +56,13 @@ class Evaluation:
     step: int
     sampler: str
     num_samples: int
+
+    def job_values(self, pipe: dict, layout: Layout) -> dict:
+        """The values the experiment sets in the sampling and the evaluation job of these samples."""
+        label, samples = sampler_label(self.sampler), str(layout.samples(self.run.name, self.step, self.sampler))
+        return {"sampling.checkpoint": str(self.run.checkpoint(self.step)), "sampling.sampler": label.name,
+                "sampling.cfg_scale": label.cfg_scale, "sampling.out": samples, "sampling.num_samples": int(self.num_samples),
+                "eval.samples": samples, "eval.out": str(layout.metrics(self.run.name, self.step, self.sampler))}
 
 
 @dataclass(frozen=True)

@@ -28,8 +28,7 @@ from pathlib import Path
 from speedpipe import planning_cache
 from speedpipe.config import parse_override
 from speedpipe.errors import ConfigError
-from speedpipe.experiment_file import (RESERVED_NAMES, check_experiment_file, check_name, expand_methods, refuse,
-                                       sampler_label)
+from speedpipe.experiment_file import RESERVED_NAMES, check_experiment_file, check_name, expand_methods, refuse
 from speedpipe.layout import Layout, student_run_name, train_run_name
 from speedpipe.runs import DistillRun, Evaluation, Run, Table, TrainRun
 from speedpipe.stages import DATA_STAGES, STAGES
@@ -49,9 +48,14 @@ JOB_VALUES = {"trainer.steps": "train_steps", "trainer.ckpt_steps": "eval_steps"
               "eval.out": "the results layout"}
 
 
+# The sampling and evaluation rules, one per kind of Experiment.evaluation_jobs: rule -> (stage, kind).
+EVALUATION_RULES = {f"{stage}_{kind}": (stage, kind) for kind in ("curve", "teacher", "student") for stage in ("sample", "evaluate")}
+
+
 def job_label(wildcards: dict) -> str:
-    """A job's name within its rule (its wildcard value; "" for a rule of one job): its log and usage file names."""
-    return next(iter(wildcards.values()), "")
+    """A job's name within its rule (its wildcard values joined by '-'; "" for a rule of one job): its log and usage
+    file names."""
+    return "-".join(wildcards.values())
 
 
 def alternation(names) -> str:
@@ -134,13 +138,6 @@ class Experiment:
     def teachers(self) -> list[TrainRun]:
         return list(dict.fromkeys(d.teacher for d in self.distill_runs.values() if d.teacher is not None))
 
-    def run(self, name: str) -> TrainRun | DistillRun:
-        if name in self.train_runs:
-            return self.train_runs[name]
-        if name in self.distill_runs:
-            return self.distill_runs[name]
-        raise refuse("no run", name, [*self.train_runs, *self.distill_runs])
-
     def teacher_samplers(self) -> list[str]:
         """Each teacher's final evaluations: its reference sampler, its ODE ceiling, then the baselines."""
         if not self.teachers:
@@ -148,46 +145,43 @@ class Experiment:
         p = self.pipe
         return list(dict.fromkeys([p["teacher_sampler"], p["teacher_ode_sampler"], *p["teacher_baselines"]]))
 
+    def teacher_own_samplers(self) -> list[str]:
+        """The teacher samplers evaluated in jobs of their own: all of them but the curve sampler where the curve already
+        evaluates the final checkpoint."""
+        curve_has_final = self.pipe["train_steps"] in self.pipe["eval_steps"]
+        return [k for k in self.teacher_samplers() if not (curve_has_final and k == self.pipe["curve_sampler"])]
+
+    @functools.cached_property
+    def evaluation_jobs(self) -> list[tuple[str, dict, list[Evaluation]]]:
+        """(kind, wildcards, evaluations) of every sampling job, each followed by an evaluation job of the same files
+        (workflow/rules/evaluate.smk, one rule per kind and stage: EVALUATION_RULES). A job runs all of its files in one
+        process, so the interpreter and library start-up is paid once per job; an evaluation setting re-runs only the
+        evaluation jobs."""
+        p = self.pipe
+        count = lambda sampler: p["curve_samples"] if sampler == p["curve_sampler"] else p["final_samples"]  # noqa: E731
+        jobs = [("curve", {"run": run.name}, [(run, step, p["curve_sampler"]) for step in p["eval_steps"]])
+                for run in self.train_runs.values()]
+        jobs += [("teacher", {"teacher": teacher.name, "sampler": label}, [(teacher, p["train_steps"], label)])
+                 for teacher in self.teachers for label in self.teacher_own_samplers()]
+        jobs += [("student", {"student": student.name}, [(student, step, label) for step in p["distill_eval_steps"]
+                                                        for label in p["scm_samplers"]])
+                 for student in self.distill_runs.values()]
+        return [(kind, wildcards, [Evaluation(run, step, label, count(label)) for run, step, label in files])
+                for kind, wildcards, files in jobs]
+
     def evaluations(self) -> list[Evaluation]:
         """Every metrics file the report needs: the curve points of each train run, each teacher's samplers at its
         final checkpoint, each student's samplers at its checkpoints."""
-        p = self.pipe
-        count = lambda sampler: p["curve_samples"] if sampler == p["curve_sampler"] else p["final_samples"]  # noqa: E731
-        jobs = [(run, step, p["curve_sampler"]) for run in self.train_runs.values() for step in p["eval_steps"]]
-        jobs += [(teacher, p["train_steps"], label) for teacher in self.teachers for label in self.teacher_samplers()]
-        jobs += [(student, step, label) for student in self.distill_runs.values()
-                 for step in p["distill_eval_steps"] for label in p["scm_samplers"]]
-        unique = dict.fromkeys((run.name, step, sampler) for run, step, sampler in jobs)
-        return [Evaluation(self.run(r), s, k, count(k)) for r, s, k in sorted(unique)]
+        return sorted((e for _, _, evaluations in self.evaluation_jobs for e in evaluations),
+                      key=lambda e: (e.run.name, e.step, e.sampler))
 
-    def evaluation_jobs(self) -> dict[str, tuple[Run, list[Evaluation]]]:
-        """job name -> (run, its evaluations), each job sampled and evaluated in one process (one start-up).
-
-        A train run's curve points make one job, with a teacher's few-step samplers; each of a teacher's samplers
-        with more steps than the curve sampler makes its own (they are the long ones, and run side by side); a
-        student's checkpoints make one.
-        """
-        def steps(label):
-            return sampler_label(label).steps
-
-        jobs, teachers, teacher_samplers = {}, {t.name for t in self.teachers}, set(self.teacher_samplers())
-        for e in self.evaluations():
-            final = e.run.name in teachers and e.step == self.pipe["train_steps"] and e.sampler in teacher_samplers
-            name = f"{e.run.name}-{e.sampler}" if final and steps(e.sampler) > steps(self.pipe["curve_sampler"]) else e.run.name
-            jobs.setdefault(name, (e.run, []))[1].append(e)
-        return jobs
-
-    def evaluation_keys(self) -> dict[str, tuple[Run, list[Evaluation]]]:
-        """evaluation_jobs under rule-name keys (non-word characters as '_'): rules sample_{key} and evaluate_{key}.
-        Sampling and evaluation are separate jobs, so that an evaluation setting never re-samples."""
-        keys = {}
-        for name, job in self.evaluation_jobs().items():
-            key = re.sub(r"\W", "_", name)
-            if key in keys:
-                raise ConfigError(f"pipeline config: the runs {keys[key][0].name!r} and {job[0].name!r} differ only in "
-                                  f"'-', '.' or '_': rename a method")
-            keys[key] = job
-        return keys
+    def evaluation_job(self, kind: str, wildcards: dict) -> list[Evaluation]:
+        """The evaluations of one sampling (and evaluation) job of a kind: its wildcards are looked up, never parsed."""
+        for job_kind, job_wildcards, evaluations in self.evaluation_jobs:
+            if job_kind == kind and job_wildcards == wildcards:
+                return evaluations
+        raise refuse(f"no {kind} evaluation job", job_label(wildcards),
+                     [job_label(w) for k, w, _ in self.evaluation_jobs if k == kind])
 
     def samples(self, e: Evaluation, ext: str = "npz") -> Path:
         return self.layout.samples(e.run.name, e.step, e.sampler, ext)
@@ -203,19 +197,19 @@ class Experiment:
 
     def jobs(self, rule: str, wildcards: dict | None = None) -> list[tuple[str, dict]]:
         """(stage, resolved config) of every stage run of one Snakemake job, in order."""
-        wildcards = wildcards or {}
+        wildcards = dict(wildcards or {})  # a Snakemake Wildcards object, as a plain dict
         if rule == "train":
             return [("train", self.stage_config("train", self.train_runs[wildcards["run"]]))]
         if rule == "distill":
             return [("distill", self.stage_config("distill", self.distill_runs[wildcards["student"]]))]
         if rule == "report":
             return [("report", self.report_config())]
-        stage, _, key = rule.partition("_")
-        if stage in ("sample", "evaluate") and key:
-            return [(stage, self.stage_config(stage, evaluation=e)) for e in self.evaluation_keys()[key][1]]
+        if rule in EVALUATION_RULES:
+            stage, kind = EVALUATION_RULES[rule]
+            return [(stage, self.stage_config(stage, evaluation=e)) for e in self.evaluation_job(kind, wildcards)]
         if rule in STAGES:
             return [(rule, self.stage_config(rule))]
-        raise refuse("no rule", rule, ["train", "distill", "report", *STAGES])
+        raise refuse("no rule", rule, ["train", "distill", "report", *EVALUATION_RULES, *STAGES])
 
     def job_params(self, rule: str, wildcards: dict | None = None) -> list[dict]:
         """A job's Snakemake params: per stage run, its version and the values it reads (speedpipe.stages) -- so an
@@ -255,22 +249,8 @@ class Experiment:
         run = evaluation.run if evaluation is not None else run
         path, overrides = self._source(run)
         cfg = self._config(path, overrides, stage)
-        job = {}
-        if stage == "train":
-            job = {"seed": run.seed, "method": run.method.name, "trainer.steps": int(p["train_steps"]),
-                   "trainer.ckpt_steps": [int(s) for s in p["eval_steps"]], "trainer.run_dir": str(run.dir)}
-        elif stage == "distill":
-            job = {"distill.teacher": run.teacher and str(run.teacher.checkpoint(p["train_steps"])), "distill.method": run.method,
-                   "distill.warm_start_steps": int(p["distill_warm_start"]), "distill.steps": int(p["distill_steps"]),
-                   "distill.ckpt_steps": [int(s) for s in p["distill_eval_steps"]], "distill.run_dir": str(run.dir),
-                   **({} if run.teacher else {"distill.warm_start_target": "data"})}
-        elif stage in ("sample", "evaluate"):
-            e = evaluation
-            label = sampler_label(e.sampler)
-            job = {"sampling.checkpoint": str(e.run.checkpoint(e.step)), "sampling.sampler": label.name,
-                   "sampling.cfg_scale": label.cfg_scale, "sampling.out": str(self.samples(e)),
-                   "sampling.num_samples": int(e.num_samples), "eval.samples": str(self.samples(e)),
-                   "eval.out": str(self.metrics(e))}
+        source = evaluation or run  # its job values (seed, steps, checkpoint, sampler, paths); none for a data stage's job
+        job = source.job_values(p, self.layout) if source is not None else {}
         job.update(self._pipeline_paths(stage, cfg))  # last: no stage or method override moves them
         self._note_overridden(path, stage, (), {k: v for k, v in job.items() if k in JOB_VALUES})
         for dotted, value in job.items():
@@ -318,7 +298,8 @@ class Experiment:
         """(rule, wildcards) of every Snakemake job of the experiment."""
         data = [(s, {}) for s in ("autoencoder", "encode", "classifier", "reference") if self.runs_stage(s)]
         runs = [("train", {"run": r}) for r in self.train_runs] + [("distill", {"student": d.name}) for d in self.distill_runs.values()]
-        evaluations = [(f"{stage}_{key}", {}) for key in self.evaluation_keys() for stage in ("sample", "evaluate")]
+        evaluations = [(rule, wildcards) for kind, wildcards, _ in self.evaluation_jobs
+                       for rule, (_, rule_kind) in EVALUATION_RULES.items() if rule_kind == kind]
         return data + runs + evaluations + [("report", {})]
 
     def overridden_values(self) -> list[str]:
@@ -348,18 +329,16 @@ class Experiment:
 
     def _pipeline_paths(self, stage: str, cfg: dict) -> dict:
         """The values every job takes from the experiment: its identity, and where the files the rules pass between jobs
-        are (the latent store, the reference statistics, the pipeline's classifier and tiny autoencoder)."""
+        are that its stage is given (Stage.given: the latent store, the reference statistics, the pipeline's classifier
+        and tiny autoencoder)."""
         p, layout = self.pipe, self.data_layout
-        paths = {"experiment": p["experiment"], "output_dir": p["output_dir"], "eval.extractor": p["extractor"]}
-        if stage in ("encode", "train", "distill"):
-            paths["data.latents_dir"] = str(layout.latents_dir())
-        if stage in ("reference", "evaluate"):
-            paths["eval.reference"] = str(layout.reference(p["extractor"]))
-            if self.needs_classifier:
-                paths["eval.classifier_weights"] = str(layout.classifier_dir() / "model.safetensors")
-        if stage in ("encode", "sample") and cfg["autoencoder"]["name"] == "tiny":
-            paths["autoencoder.path"] = str(layout.autoencoder_dir() / "model.safetensors")
-        return paths
+        made = {"data.latents_dir": str(layout.latents_dir()), "eval.reference": str(layout.reference(p["extractor"]))}
+        if self.needs_classifier:
+            made["eval.classifier_weights"] = str(layout.classifier_dir() / "model.safetensors")
+        if cfg["autoencoder"]["name"] == "tiny":
+            made["autoencoder.path"] = str(layout.autoencoder_dir() / "model.safetensors")
+        return {"experiment": p["experiment"], "output_dir": p["output_dir"], "eval.extractor": p["extractor"],
+                **{key: path for key, path in made.items() if key in STAGES[stage].given}}
 
     @functools.cached_property
     def tiny_autoencoder(self) -> bool:

@@ -7,11 +7,15 @@ curriculum that moves with the training step (CLTS), P2, Min-SNR and sigmoid (Ki
 weightings are independent and chosen by name; a sampler draws for a training step (`step`, 1-based), which only the
 curriculum reads -- a resumed run, at the same step, draws as an uninterrupted one.
 """
+import functools
+import importlib
 import inspect
 import math
 
 import numpy as np
 import torch
+
+from speedpipe.timestep_parameters import plugin_modules
 
 
 def meaningful_steps(alphas_cumprod: np.ndarray, threshold: float = 1e-4) -> int:
@@ -175,7 +179,22 @@ SAMPLERS = {"uniform": UniformSampler, "speed": SpeedSampler, "lognormal": Logno
 WEIGHTINGS = {"none": no_weights, "speed": speed_weights, "p2": p2_weights, "min_snr": min_snr_weights, "sigmoid": sigmoid_weights}
 
 
-def _call_with_params(kind, registry, name, diffusion, params):
+@functools.lru_cache(maxsize=None)
+def registered(kind: str) -> dict:
+    """The methods of a kind (SAMPLERS or WEIGHTINGS) by name: the built-in ones above and those of the modules of
+    speedpipe.diffusion.timestep_methods."""
+    methods = dict(globals()[kind])
+    for module_name in plugin_modules():
+        module = importlib.import_module(f"speedpipe.diffusion.timestep_methods.{module_name}")
+        for name, method in getattr(module, kind, {}).items():
+            if name in methods:
+                raise ValueError(f"{module.__name__}: {kind} name {name!r} is taken by another method")
+            methods[name] = method
+    return methods
+
+
+def _call_with_params(kind, methods, name, diffusion, params):
+    registry = registered(methods)
     if name not in registry:
         raise ValueError(f"{kind}: unknown name {name!r}; expected one of {sorted(registry)}")
     factory = registry[name]
@@ -192,9 +211,9 @@ def _call_with_params(kind, registry, name, diffusion, params):
 
 def build_sampler(name: str, diffusion, **params) -> TimestepSampler:
     """build_sampler("speed", diffusion, k=5, tau=700).sample(n) -> LongTensor [n]."""
-    return _call_with_params("timestep sampler", SAMPLERS, name, diffusion, params)
+    return _call_with_params("timestep sampler", "SAMPLERS", name, diffusion, params)
 
 
 def build_weighting(name: str, diffusion, **params) -> torch.Tensor:
     """build_weighting("speed", diffusion, lam=0.6, tau=700) -> FloatTensor [T] of per-timestep MSE weights."""
-    return _call_with_params("loss weighting", WEIGHTINGS, name, diffusion, params)
+    return _call_with_params("loss weighting", "WEIGHTINGS", name, diffusion, params)

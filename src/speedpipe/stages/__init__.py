@@ -51,6 +51,7 @@ class Stage:
     reads: tuple[str, ...] = ()
     uses: tuple[str, ...] = ()
     read_if: tuple = ()  # (key, whether a job with this plain config reads it): keys of a section only some jobs read
+    given: tuple[str, ...] = ()  # the keys a pipeline job is given: where the files of the stages before it lie
     config: str = "stage"  # stage: a speedpipe.config_schema.Config | report: speedpipe.workflow.Experiment.report_config()
     ranks: bool = False  # whether its work is split over the tasks of a multi-task job (else it runs in one process)
 
@@ -214,30 +215,31 @@ STAGES = {s.name: s for s in (
     Stage("encode", None, 1,
           reads=(*IDENTITY, "seed", *IMAGES, "data.latents_dir", "autoencoder.name", "autoencoder.path", "encode.mode",
                  "encode.shard_size", "encode.dtype", "encode.batch_size", "encode.device", "encode.precision"),
+          given=("data.latents_dir", "autoencoder.path"),
           uses=("autoencoder.allow_download", "encode.num_workers", "encode.progress"), ranks=True),
     Stage("classifier", None, 1,
           reads=(*IDENTITY, "seed", *IMAGES, "eval.classifier_steps", "eval.classifier_batch_size", "eval.classifier_lr")),
     Stage("reference", None, 2,  # 2: eval.reference_max_images spread over the dataset (was its first images)
           reads=(*IDENTITY, *IMAGES, "eval.extractor", "eval.inception_weights", "eval.classifier_weights", "eval.reference",
                  "eval.reference_npz", "eval.reference_max_images", "eval.batch_size", "eval.device"),
-          uses=("eval.num_workers",), ranks=True),
+          given=("eval.reference", "eval.classifier_weights"), uses=("eval.num_workers",), ranks=True),
     # 3: a generator per random stream (timesteps, dropout, flips, posterior, noise) and the initialisation's own seed
     Stage("train", "train", 3,
-          reads=(*IDENTITY, "seed", "method", *LATENTS, "model", "diffusion", "optim", "trainer"),
+          reads=(*IDENTITY, "seed", "method", *LATENTS, "model", "diffusion", "optim", "trainer"), given=("data.latents_dir",),
           uses=loop_uses("trainer"), ranks=True),
     # 4: consistency methods (distill.method), the DiT's own tangent in the graded pass. 5: the training's random
     # streams (speedpipe.training.StepRandomness)
     Stage("distill", "train", 5,
           reads=(*IDENTITY, "seed", *LATENTS, "distill", "model", "diffusion.learn_sigma"),
-          read_if=(*METHOD_READS, *TEACHER_READS),
+          read_if=(*METHOD_READS, *TEACHER_READS), given=("data.latents_dir",),
           uses=loop_uses("distill"), ranks=True),
     Stage("sample", "sample", 4,  # 4: labels and each batch's noise from streams of their own; students under bf16 too
-          reads=(*IDENTITY, "autoencoder.name", "autoencoder.path", "sampling"), read_if=SAMPLER_READS,
+          reads=(*IDENTITY, "autoencoder.name", "autoencoder.path", "sampling"), read_if=SAMPLER_READS, given=("autoencoder.path",),
           uses=("autoencoder.allow_download", "sampling.progress"), ranks=True),
     Stage("evaluate", None, 3,  # 3: unsupported metrics left out with the reason, samples streamed
           reads=(*IDENTITY, "eval.samples", "eval.out", "eval.metrics", "eval.label_accuracy", "eval.batch_size",
                  "eval.kid_subset_size", "eval.extractor", "eval.inception_weights", "eval.classifier_weights", "eval.reference",
-                 "eval.device")),
+                 "eval.device"), given=("eval.reference", "eval.classifier_weights")),
     # 4: a section per consistency method; 5: log axes ticked at the evaluations, missing values as –; 6: the students over
     # their teachers (scm_across_teachers), students without a teacher; 7: the consistency section says which students
     # start from a teacher and which from none

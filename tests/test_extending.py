@@ -1,0 +1,130 @@
+"""What an addition costs: each test copies the package, adds exactly one file to the copy and runs the stages that use it
+through the command line (README, "Extending"). Nothing else of the copy is edited, so a registry, schema or rule that
+names the methods one by one fails here."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+TIMESTEP_METHOD = '''"""p_t ∝ (t + 1)^power, and a weighting of 1/2 before `start`: a test's methods, which record what they were built with
+and what they drew (PLUGIN_RECORD)."""
+import json
+import os
+
+import numpy as np
+import torch
+
+from speedpipe.diffusion.timesteps import TimestepSampler
+
+
+def _record(**values):
+    with open(os.environ["PLUGIN_RECORD"], "a") as f:
+        f.write(json.dumps(values) + "\\n")
+
+
+class LateSampler(TimestepSampler):
+    def __init__(self, diffusion, power: float):
+        probs = (np.arange(diffusion.num_timesteps) + 1.0) ** power
+        super().__init__(probs / probs.sum())
+        self.power = power
+
+    def sample(self, n, generator=None, step=None):
+        t = super().sample(n, generator, step)
+        _record(power=self.power, t=t.tolist())
+        return t
+
+
+def half_before(diffusion, start: int):
+    _record(start=start)
+    return torch.as_tensor(np.where(np.arange(diffusion.num_timesteps) < start, 0.5, 1.0), dtype=torch.float32)
+
+
+SAMPLERS = {"late": LateSampler}
+WEIGHTINGS = {"half_before": half_before}
+'''
+
+CONSISTENCY_METHOD = '''"""sCT with a larger tangent normalisation constant: a test's method."""
+from speedpipe.consistency.methods import ConsistencyMethod
+from speedpipe.consistency.methods.sct import SCTLoss
+
+METHOD = ConsistencyMethod(
+    name="sct_wide", title="sCT (c = 1)", follows="the data's velocity of the pair that made x_t", teacher_velocity=False,
+    objective=lambda teacher, d: SCTLoss(d.tangent_warmup, 1.0, d.precision))
+'''
+
+
+@pytest.fixture
+def package_copy(tmp_path):
+    """A copy of src/speedpipe that a test adds one file to; `run(*args)` runs `python *args` on it."""
+    src = tmp_path / "src"
+    shutil.copytree(REPO / "src/speedpipe", src / "speedpipe", ignore=shutil.ignore_patterns("__pycache__"))
+    record = tmp_path / "record.jsonl"
+
+    def run(*args):
+        env = {**os.environ, "PYTHONPATH": str(src), "PLUGIN_RECORD": str(record), "OMP_NUM_THREADS": "1"}
+        return subprocess.run([sys.executable, *args], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=600)
+
+    def records():
+        return [json.loads(line) for line in record.read_text().splitlines()] if record.exists() else []
+
+    return src / "speedpipe", run, records
+
+
+def test_a_timestep_method_is_one_file(package_copy, tiny_train_config, tmp_path):
+    """A sampler and a weighting with parameters of their own, in diffusion/timestep_methods/late.py: the config takes
+    their parameters (a misspelt one is refused, named), the train stage builds them from the config and trains on
+    their draws, and the train job's params carry the new keys (an edit re-runs the job)."""
+    package, run, records = package_copy  # run: python on the copy
+    (package / "diffusion/timestep_methods/late.py").write_text(TIMESTEP_METHOD)
+    methods = ["diffusion.timestep_sampler={name: late, power: 3.0}", "diffusion.loss_weighting={name: half_before, start: 300}"]
+    common = ["-c", str(tiny_train_config), "trainer.steps=2", "trainer.ckpt_every=2", f"trainer.run_dir={tmp_path / 'run'}"]
+
+    refused = run("-m", "speedpipe.cli", "train", *common, "diffusion.timestep_sampler={name: late, powr: 3.0}")
+    assert refused.returncode != 0 and "diffusion.timestep_sampler.powr" in refused.stderr, refused.stderr[-2000:]
+    assert not records() and not (tmp_path / "run").exists()  # refused before anything was built or written
+
+    result = run("-m", "speedpipe.cli", "train", *common, *methods)
+    assert result.returncode == 0, result.stderr[-3000:]
+    drawn = [r for r in records() if "power" in r]
+    assert {r["power"] for r in drawn} == {3.0} and len(drawn) == 2  # one draw per training step
+    assert sum(sum(r["t"]) for r in drawn) / sum(len(r["t"]) for r in drawn) > 600  # E[t] = 0.75 T under t^3
+    assert {r["start"] for r in records() if "start" in r} == {300}  # built by the config check and by the stage
+    assert (tmp_path / "run/ckpt-0000002.pt").is_file()
+
+    params = run("-c", "import json, sys; from speedpipe.config import load_config; from speedpipe.stages import STAGES; "
+                 "print(json.dumps(STAGES['train'].params(load_config(sys.argv[1], sys.argv[2:], phase='train'))))",
+                 str(tiny_train_config), *methods)
+    reads = json.loads(params.stdout)["reads"]
+    assert reads["diffusion.timestep_sampler.power"] == 3.0 and reads["diffusion.loss_weighting.start"] == 300, params.stderr
+
+
+def test_a_consistency_method_is_one_file(package_copy, tiny_train_config, tmp_path):
+    """consistency/methods/sct_wide.py: the distill stage trains it by name (here without a teacher) and the sample stage
+    draws from its checkpoint in one step."""
+    package, run, _ = package_copy
+    (package / "consistency/methods/sct_wide.py").write_text(CONSISTENCY_METHOD)
+    distill = run("-m", "speedpipe.cli", "distill", "-c", str(tiny_train_config), "distill.method=sct_wide", f"distill.run_dir={tmp_path / 'student'}",
+                  "distill.warm_start_target=data", "distill.warm_start_steps=2", "distill.steps=2", "distill.global_batch_size=8",
+                  "distill.log_every=1", "distill.ckpt_every=2", "distill.device=cpu", "distill.progress=false")
+    assert distill.returncode == 0, distill.stderr[-3000:]
+    log = (tmp_path / "student/log.csv").read_text().splitlines()
+    objective = log[0].split(",").index("objective")
+    assert [row.split(",")[objective] for row in log[1:]] == ["warm_start"] * 2 + ["sct_wide"] * 2
+
+    from diffusers import AutoencoderKL
+
+    from speedpipe.models.autoencoder import save_tiny_autoencoder, tiny_autoencoder_config
+
+    save_tiny_autoencoder(AutoencoderKL(**tiny_autoencoder_config([8, 8], 4)), 0.7, tmp_path / "vae.safetensors")
+    sample = run("-m", "speedpipe.cli", "sample", "-c", str(tiny_train_config), f"sampling.checkpoint={tmp_path / 'student/ckpt-0000004.pt'}",
+                 "autoencoder.name=tiny", f"autoencoder.path={tmp_path / 'vae.safetensors'}",
+                 "sampling.sampler=scm1", "sampling.num_samples=4", "sampling.batch_size=4", "sampling.device=cpu",
+                 f"sampling.out={tmp_path / 'one.npz'}", "sampling.progress=false")
+    assert sample.returncode == 0, sample.stderr[-3000:]
+    assert json.loads((tmp_path / "one.json").read_text())["nfe_per_image"] == 1
