@@ -120,7 +120,7 @@ def test_ddim_eta_replans_the_jobs_with_a_ddim_sampler_and_no_other(finished):
         result = snakemake(work, "-n", "--configfile", str(work / "micro.yaml"))
     assert result.returncode == 0, result.stderr[-3000:]
     planned = groups(planned_jobs(result.stdout))
-    ddpm_only = {job for job in every["sample:teacher"] if re.search(r"_ddpm\d+(_cfg[\d_]+)?$", job.split("[")[0])}
+    ddpm_only = {job for job in every["sample:teacher"] if re.search(r"sampler=ddpm\d+(-cfg[\d.]+)?\]$", job)}
     assert len(ddpm_only) == 4, sorted(every["sample:teacher"])  # each of the two teachers' ddpm10 and ddpm10-cfg2
     assert set(planned) == {"sample:teacher", "evaluate:teacher", "report"}, sorted(planned)
     assert planned["sample:teacher"] == every["sample:teacher"] - ddpm_only

@@ -48,13 +48,15 @@ SAMPLERS = {"late": LateSampler}
 WEIGHTINGS = {"half_before": half_before}
 '''
 
-CONSISTENCY_METHOD = '''"""sCT with a larger tangent normalisation constant: a test's method."""
+CONSISTENCY_METHOD = '''"""sCT with its tangent normalisation constant as a setting of its own (distill.sct_wide.c): a test's method."""
 from speedpipe.consistency.methods import ConsistencyMethod
 from speedpipe.consistency.methods.sct import SCTLoss
 
+SETTINGS = {"c": 1.0}
+
 METHOD = ConsistencyMethod(
-    name="sct_wide", title="sCT (c = 1)", follows="the data's velocity of the pair that made x_t", teacher_velocity=False,
-    objective=lambda teacher, d: SCTLoss(d.tangent_warmup, 1.0, d.precision))
+    name="sct_wide", title="sCT (wide c)", follows="the data's velocity of the pair that made x_t", teacher_velocity=False,
+    objective=lambda teacher, d: SCTLoss(d.tangent_warmup, d.sct_wide.c, d.precision))
 '''
 
 
@@ -105,17 +107,33 @@ def test_a_timestep_method_is_one_file(package_copy, tiny_train_config, tmp_path
 
 
 def test_a_consistency_method_is_one_file(package_copy, tiny_train_config, tmp_path):
-    """consistency/methods/sct_wide.py: the distill stage trains it by name (here without a teacher) and the sample stage
-    draws from its checkpoint in one step."""
+    """consistency/methods/sct_wide.py, with a setting of its own: the config takes distill.sct_wide.c (a misspelt key is
+    refused, named), the distill stage trains the method by name (here without a teacher) with the setting's value, only
+    its jobs' params carry it, and the sample stage draws from its checkpoint in one step."""
     package, run, _ = package_copy
     (package / "consistency/methods/sct_wide.py").write_text(CONSISTENCY_METHOD)
-    distill = run("-m", "speedpipe.cli", "distill", "-c", str(tiny_train_config), "distill.method=sct_wide", f"distill.run_dir={tmp_path / 'student'}",
-                  "distill.warm_start_target=data", "distill.warm_start_steps=2", "distill.steps=2", "distill.global_batch_size=8",
-                  "distill.log_every=1", "distill.ckpt_every=2", "distill.device=cpu", "distill.progress=false")
-    assert distill.returncode == 0, distill.stderr[-3000:]
-    log = (tmp_path / "student/log.csv").read_text().splitlines()
-    objective = log[0].split(",").index("objective")
-    assert [row.split(",")[objective] for row in log[1:]] == ["warm_start"] * 2 + ["sct_wide"] * 2
+    settings = ["-c", str(tiny_train_config), "distill.method=sct_wide", "distill.warm_start_target=data", "distill.warm_start_steps=2",
+                "distill.steps=2", "distill.global_batch_size=8", "distill.log_every=1", "distill.ckpt_every=2",
+                "distill.device=cpu", "distill.progress=false"]
+
+    def trained(name, *extra):
+        result = run("-m", "speedpipe.cli", "distill", *settings, f"distill.run_dir={tmp_path / name}", *extra)
+        assert result.returncode == 0, result.stderr[-3000:]
+        log = [row.split(",") for row in (tmp_path / name / "log.csv").read_text().splitlines()]
+        objective, loss = log[0].index("objective"), log[0].index("loss")
+        return [(row[objective], float(row[loss])) for row in log[1:]]
+
+    refused = run("-m", "speedpipe.cli", "distill", *settings, "distill.sct_wide.cc=2.0", f"distill.run_dir={tmp_path / 'refused'}")
+    assert refused.returncode != 0 and "distill.sct_wide.cc" in refused.stderr, refused.stderr[-2000:]
+    default, wide = trained("student"), trained("wide", "distill.sct_wide.c=4.0")
+    assert [o for o, _ in default] == ["warm_start"] * 2 + ["sct_wide"] * 2
+    assert default[:2] == wide[:2] and default[2][1] != wide[2][1]  # the same warm start; the method's loss reads c
+
+    params = run("-c", "import json, sys; from speedpipe.config import load_config; from speedpipe.stages import STAGES; "
+                 "print(json.dumps([STAGES['distill'].params(load_config(sys.argv[1], [*sys.argv[2:], f'distill.method={m}'], "
+                 "phase='train'))['reads'] for m in ('sct_wide', 'sct')]))", str(tiny_train_config), "distill.sct_wide.c=4.0")
+    own, other = json.loads(params.stdout)
+    assert own["distill.sct_wide.c"] == 4.0 and "distill.sct_wide.c" not in other, params.stderr
 
     from diffusers import AutoencoderKL
 

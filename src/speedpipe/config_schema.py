@@ -3,10 +3,10 @@ the valid values beyond their types: CHOICES (the options of a choice), POSITIVE
 them when it loads a config)."""
 import math
 import re
-from dataclasses import dataclass, field, make_dataclass
+from dataclasses import dataclass, field, fields, make_dataclass
 from typing import Any, List, NamedTuple, Optional
 
-from speedpipe.timestep_parameters import declared_parameters
+from speedpipe.declared import method_settings, timestep_parameters
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # experiment, method and table names: they become folder and file names
 NAME_RULE = "names are letters, digits, '_', '.' and '-' (they become folder and file names), starting with a letter or digit"
@@ -14,8 +14,8 @@ NAME_RULE = "names are letters, digits, '_', '.' and '-' (they become folder and
 
 def _method_section(class_name: str, default: str, registry: str, doc: str):
     """A timestep sampler's or loss weighting's section: its name, and every parameter a method declares
-    (speedpipe.timestep_parameters), unset (None) by default: the method's own default applies."""
-    params = [(key, Optional[kind] if kind else Any, None) for key, kind in declared_parameters(registry).items()]
+    (speedpipe.declared), unset (None) by default: the method's own default applies."""
+    params = [(key, Optional[kind] if kind else Any, None) for key, kind in timestep_parameters(registry).items()]
     return make_dataclass(class_name, [("name", str, default), *params], namespace={"__doc__": doc, "__module__": __name__})
 
 
@@ -159,7 +159,7 @@ MEANFLOW_METHODS = ("meanflow", "imf")  # the methods that read distill.meanflow
 
 
 @dataclass
-class DistillConfig:
+class DistillSettings:
     """A consistency model from a trained DiT (stage `distill`): sCD of the teacher, or sCT from its weights."""
 
     method: str = "scd"  # the consistency method: a module of speedpipe.consistency.methods (scd, sct)
@@ -190,6 +190,33 @@ class DistillConfig:
     device: str = "auto"
     progress: bool = True
     meanflow: MeanFlowConfig = field(default_factory=MeanFlowConfig)
+
+
+def _declared_type(value):
+    """A setting's type from its default: bool, int, float, str, a list of one of them, or any."""
+    kinds = [bool, int, float, str]
+    if isinstance(value, list):
+        kind = next((k for k in kinds if value and all(type(v) is k for v in value)), Any)
+        return List[kind]
+    return next((k for k in kinds if type(value) is k), Any)
+
+
+def _method_settings_section(method: str, defaults: dict) -> type:
+    """distill.{method}: the settings a consistency method declares (SETTINGS in its module), at their defaults."""
+    keys = [(key, _declared_type(value), field(default_factory=lambda v=value: list(v)) if isinstance(value, list) else value)
+            for key, value in defaults.items()]
+    return make_dataclass(f"{method}_settings", keys, namespace={"__module__": __name__})
+
+
+_METHOD_SECTIONS = method_settings()
+_TAKEN = sorted(set(_METHOD_SECTIONS) & {f.name for f in fields(DistillSettings)})
+if _TAKEN:
+    raise TypeError(f"consistency methods {_TAKEN}: their SETTINGS section would replace the distill key of that name")
+DistillConfig = make_dataclass(
+    "DistillConfig", [(method, section, field(default_factory=section)) for method, section in
+                      ((m, _method_settings_section(m, defaults)) for m, defaults in _METHOD_SECTIONS.items())],
+    bases=(DistillSettings,), namespace={"__module__": __name__, "__doc__": DistillSettings.__doc__ + " A method's own "
+                                         "settings (SETTINGS in its module, speedpipe.declared) are the section distill.{method}."})
 
 
 @dataclass

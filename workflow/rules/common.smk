@@ -10,3 +10,12 @@ DATA = EXP.data_layout  # the data stages' files: this experiment's, or those of
 AUTOENCODER_WEIGHTS = str(DATA.autoencoder_dir() / "model.safetensors")
 CLASSIFIER_WEIGHTS = str(DATA.classifier_dir() / "model.safetensors")
 REFERENCE = str(DATA.reference(EXP.pipe["extractor"]))
+
+
+def samples(run, files, exts=("npz", "json", "png")):
+    """The sample files of an evaluation job: per (step, sampler) of a run (a wildcard pattern such as "{run}")."""
+    return [str(LAYOUT.samples(run, step, sampler, ext)) for step, sampler in files for ext in exts]
+
+
+def metrics(run, files):
+    return [str(LAYOUT.metrics(run, step, sampler)) for step, sampler in files]

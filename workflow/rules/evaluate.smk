@@ -9,15 +9,6 @@ TEACHER_STEP = EXP.pipe["train_steps"]  # a teacher's samplers (the wildcard sam
 EVALUATED_WITH = [CLASSIFIER_WEIGHTS] if EXP.needs_classifier else []
 
 
-def samples(run, files, exts=("npz", "json", "png")):
-    """The sample files of a job: per (step, sampler) of a run (a wildcard pattern such as "{run}")."""
-    return [str(LAYOUT.samples(run, step, sampler, ext)) for step, sampler in files for ext in exts]
-
-
-def metrics(run, files):
-    return [str(LAYOUT.metrics(run, step, sampler)) for step, sampler in files]
-
-
 rule sample_curve:
     input:
         checkpoints=[str(checkpoint_path(LAYOUT.run_dir("train", "{run}"), step)) for step, _ in CURVE],

@@ -15,7 +15,7 @@ import math
 import numpy as np
 import torch
 
-from speedpipe.timestep_parameters import plugin_modules
+from speedpipe.declared import timestep_modules
 
 
 def meaningful_steps(alphas_cumprod: np.ndarray, threshold: float = 1e-4) -> int:
@@ -184,7 +184,7 @@ def registered(kind: str) -> dict:
     """The methods of a kind (SAMPLERS or WEIGHTINGS) by name: the built-in ones above and those of the modules of
     speedpipe.diffusion.timestep_methods."""
     methods = dict(globals()[kind])
-    for module_name in plugin_modules():
+    for module_name in timestep_modules():
         module = importlib.import_module(f"speedpipe.diffusion.timestep_methods.{module_name}")
         for name, method in getattr(module, kind, {}).items():
             if name in methods:

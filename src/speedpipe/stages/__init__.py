@@ -23,6 +23,7 @@ from pathlib import Path
 
 from speedpipe.config import leaves
 from speedpipe.config_schema import MEANFLOW_METHODS, MeanFlowConfig, ModelConfig
+from speedpipe.declared import method_settings
 from speedpipe.experiment_schema import schema_defaults
 from speedpipe.sampler_labels import parse_sampler
 
@@ -190,10 +191,16 @@ def _reads_meanflow(config: dict) -> bool:
     return config["distill"]["method"] in MEANFLOW_METHODS
 
 
+def _method_is(method: str):
+    return lambda config: config["distill"]["method"] == method
+
+
 # A method's settings are read only by its jobs: distill.meanflow by MeanFlow's student's methods, the sCM tangent's
-# settings by the others.
+# settings by the others, the section distill.{method} a method declares (SETTINGS) by that method.
 METHOD_READS = (*((f"distill.meanflow.{f.name}", _reads_meanflow) for f in fields(MeanFlowConfig)),
-                *((f"distill.{key}", lambda c: not _reads_meanflow(c)) for key in ("tangent_warmup", "tangent_c")))
+                *((f"distill.{key}", lambda c: not _reads_meanflow(c)) for key in ("tangent_warmup", "tangent_c")),
+                *((f"distill.{method}.{key}", _method_is(method)) for method, settings in method_settings().items()
+                  for key in settings))
 
 
 def _without_teacher(config: dict) -> bool:

@@ -6,8 +6,10 @@ that velocity), whether that evaluates the teacher network, its samplers, and wh
 distill stage, the experiment file, the rules and the report ask the method; none of them names one. Every method
 starts from the same diffusion checkpoint and the same warm start (speedpipe.stages.distill).
 
-A third method is one file here, `mymethod.py`, defining METHOD = ConsistencyMethod(name="mymethod", ...), and its
-name in an experiment file's `consistency_methods` (or `distill.method=mymethod` for a single stage run).
+A further method is one file here, `mymethod.py`, defining METHOD = ConsistencyMethod(name="mymethod", ...) and, for
+hyper-parameters of its own, SETTINGS = {"key": default} (the config section distill.mymethod, speedpipe.declared; its
+objective reads them as d.mymethod.key), and its name in an experiment file's `consistency_methods` (or
+`distill.method=mymethod` for a single stage run).
 """
 import difflib
 import functools
