@@ -59,6 +59,34 @@ METHOD = ConsistencyMethod(
     objective=lambda teacher, d: SCTLoss(d.tangent_warmup, d.sct_wide.c, d.precision))
 '''
 
+IMAGE_SOURCE = '''"""Stripes of `period` pixels, horizontal (class 0) or vertical (class 1): a test's image source."""
+import torch
+
+SETTINGS = {"count": 40, "period": 4}
+
+
+class Stripes(torch.utils.data.Dataset):
+    num_classes = 2
+
+    def __init__(self, size, count, period):
+        self.size, self.count, self.period = size, count, period
+
+    def __len__(self):
+        return self.count
+
+    def __getitem__(self, i):
+        ramp = (torch.arange(self.size) // self.period % 2).float() * 2 - 1
+        image = ramp[:, None].expand(self.size, self.size) if i % 2 == 0 else ramp[None, :].expand(self.size, self.size)
+        return image.expand(3, -1, -1).contiguous(), i % 2
+
+    def fingerprint(self):
+        return f"stripes-{self.size}-{self.count}-{self.period}"
+
+
+def open_dataset(data):
+    return Stripes(data.image_size, data.stripes.count, data.stripes.period)
+'''
+
 
 @pytest.fixture
 def package_copy(tmp_path):
@@ -146,3 +174,28 @@ def test_a_consistency_method_is_one_file(package_copy, tiny_train_config, tmp_p
                  f"sampling.out={tmp_path / 'one.npz'}", "sampling.progress=false")
     assert sample.returncode == 0, sample.stderr[-3000:]
     assert json.loads((tmp_path / "one.json").read_text())["nfe_per_image"] == 1
+
+
+def test_an_image_source_is_one_file(package_copy, tiny_train_config, tmp_path):
+    """data/sources/stripes.py, with settings of its own: data.name selects it, the config takes data.stripes.* (a
+    misspelt key is refused, named), a data stage (the classifier) trains on its images, the checks before a run count
+    them, and only the data stages of an experiment on that source carry its settings in their params."""
+    package, run, _ = package_copy
+    (package / "data/sources/stripes.py").write_text(IMAGE_SOURCE)
+    settings = ["-c", str(tiny_train_config), "data.name=stripes", "data.stripes.count=60", "eval.classifier_steps=3",
+                "eval.classifier_batch_size=8"]
+
+    refused = run("-m", "speedpipe.cli", "classifier", *settings, "data.stripes.cuont=10")
+    assert refused.returncode != 0 and "data.stripes.cuont" in refused.stderr, refused.stderr[-2000:]
+    result = run("-m", "speedpipe.cli", "classifier", *settings)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "results/tiny/classifier/metrics.json").read_text())
+    assert metrics["heldout_images"] == 6 and metrics["steps"] == 3  # every tenth of the 60 images held out
+
+    checked = run("-c", "import json, sys; from speedpipe.config import load_config, to_plain; from speedpipe.stages import STAGES; "
+                  "from speedpipe.preflight import _dataset_size; "
+                  "cfgs = [load_config(sys.argv[1], [*sys.argv[2:], f'data.name={n}'], phase=None) for n in ('stripes', 'mnist5k')]; "
+                  "print(json.dumps([[STAGES['classifier'].params(c)['reads'] for c in cfgs], _dataset_size(to_plain(cfgs[0]), [])]))",
+                  str(tiny_train_config), "data.stripes.count=60")
+    (own, other), size = json.loads(checked.stdout)
+    assert own["data.stripes.count"] == 60 and "data.stripes.count" not in other and size == 60, checked.stderr[-2000:]

@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass, field, fields, make_dataclass
 from typing import Any, List, NamedTuple, Optional
 
-from speedpipe.declared import method_settings, timestep_parameters
+from speedpipe.declared import method_settings, source_settings, timestep_parameters
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # experiment, method and table names: they become folder and file names
 NAME_RULE = "names are letters, digits, '_', '.' and '-' (they become folder and file names), starting with a letter or digit"
@@ -25,6 +25,30 @@ SamplerConfig = _method_section("SamplerConfig", "uniform", "SAMPLERS", "Timeste
 WeightingConfig = _method_section("WeightingConfig", "none", "WEIGHTINGS", "Per-timestep MSE weight: none | speed (lam, tau) | "
                                   "p2 (k, gamma) | min_snr (gamma) | sigmoid (b) | a module's of "
                                   "speedpipe.diffusion.timestep_methods.")
+
+
+def _declared_type(value):
+    """A setting's type from its default: bool, int, float, str, a list of one of them, or any."""
+    kinds = [bool, int, float, str]
+    if isinstance(value, list):
+        kind = next((k for k in kinds if value and all(type(v) is k for v in value)), Any)
+        return List[kind]
+    return next((k for k in kinds if type(value) is k), Any)
+
+
+def with_declared_sections(base: type, name: str, declared: dict[str, dict]) -> type:
+    """The dataclass `base` with a section per plug-in that declares settings (SETTINGS in its module, read by
+    speedpipe.declared): {plug-in: {key: default}} -> a field `plug-in` of those keys, typed by their defaults."""
+    taken = sorted(set(declared) & {f.name for f in fields(base)})
+    if taken:
+        raise TypeError(f"{name}: the settings section of {taken} would replace the key of that name")
+    sections = []
+    for plugin, defaults in declared.items():
+        keys = [(key, _declared_type(value), field(default_factory=lambda v=value: list(v)) if isinstance(value, list) else value)
+                for key, value in defaults.items()]
+        section = make_dataclass(f"{plugin}_settings", keys, namespace={"__module__": __name__})
+        sections.append((plugin, section, field(default_factory=section)))
+    return make_dataclass(name, sections, bases=(base,), namespace={"__module__": __name__, "__doc__": base.__doc__})
 
 
 @dataclass
@@ -48,10 +72,10 @@ class ModelConfig:
 
 
 @dataclass
-class DataConfig:
+class DataSettings:
     """Images (for the autoencoder, encode and reference stages) and the latent source training reads."""
 
-    name: str = "mnist5k"  # mnist5k | image_folder
+    name: str = "mnist5k"  # mnist5k | image_folder | a module of speedpipe.data.sources
     root: Optional[str] = None  # image_folder: root/<class_name>/*.{JPEG,jpg,png,webp}, or a flat folder
     image_size: int = 32
     mnist_fit: str = "pad"  # mnist5k 28x28 -> image_size: pad (centred) | resize (bicubic)
@@ -61,6 +85,9 @@ class DataConfig:
     random_flip: bool = True  # use the stored latent of the horizontally flipped image half the time
     latent_norm: str = "none"  # none (DiT: the scaled latents as they are) | channel (per-channel zero mean, unit std)
     synthetic_size: int = 512  # number of synthetic examples (source: synthetic)
+
+
+DataConfig = with_declared_sections(DataSettings, "DataConfig", {s: d for s, d in source_settings().items() if d})  # data.{source}.*
 
 
 @dataclass
@@ -192,31 +219,7 @@ class DistillSettings:
     meanflow: MeanFlowConfig = field(default_factory=MeanFlowConfig)
 
 
-def _declared_type(value):
-    """A setting's type from its default: bool, int, float, str, a list of one of them, or any."""
-    kinds = [bool, int, float, str]
-    if isinstance(value, list):
-        kind = next((k for k in kinds if value and all(type(v) is k for v in value)), Any)
-        return List[kind]
-    return next((k for k in kinds if type(value) is k), Any)
-
-
-def _method_settings_section(method: str, defaults: dict) -> type:
-    """distill.{method}: the settings a consistency method declares (SETTINGS in its module), at their defaults."""
-    keys = [(key, _declared_type(value), field(default_factory=lambda v=value: list(v)) if isinstance(value, list) else value)
-            for key, value in defaults.items()]
-    return make_dataclass(f"{method}_settings", keys, namespace={"__module__": __name__})
-
-
-_METHOD_SECTIONS = method_settings()
-_TAKEN = sorted(set(_METHOD_SECTIONS) & {f.name for f in fields(DistillSettings)})
-if _TAKEN:
-    raise TypeError(f"consistency methods {_TAKEN}: their SETTINGS section would replace the distill key of that name")
-DistillConfig = make_dataclass(
-    "DistillConfig", [(method, section, field(default_factory=section)) for method, section in
-                      ((m, _method_settings_section(m, defaults)) for m, defaults in _METHOD_SECTIONS.items())],
-    bases=(DistillSettings,), namespace={"__module__": __name__, "__doc__": DistillSettings.__doc__ + " A method's own "
-                                         "settings (SETTINGS in its module, speedpipe.declared) are the section distill.{method}."})
+DistillConfig = with_declared_sections(DistillSettings, "DistillConfig", method_settings())  # distill.{method}.*
 
 
 @dataclass
@@ -267,7 +270,7 @@ class Config:
 
 
 CHOICES = {
-    "data.name": ("mnist5k", "image_folder"),
+    "data.name": ("mnist5k", "image_folder", *source_settings()),
     "data.mnist_fit": ("pad", "resize"),
     "data.source": ("latents", "synthetic"),
     "data.latent_norm": ("none", "channel"),

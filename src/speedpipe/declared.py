@@ -8,6 +8,8 @@
   methods that disagree: any value). They are the keys of diffusion.timestep_sampler / diffusion.loss_weighting.
 - A consistency method (a module of speedpipe.consistency.methods) with hyper-parameters of its own declares them in a
   dict literal SETTINGS = {"key": default}: the section distill.{method}, typed by the defaults.
+- An image source (a module of speedpipe.data.sources, named as data.name selects it) declares its own settings the
+  same way: the section data.{source}.
 """
 import ast
 from pathlib import Path
@@ -15,6 +17,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent
 DIFFUSION = PACKAGE / "diffusion"
 METHODS = PACKAGE / "consistency" / "methods"
+SOURCES = PACKAGE / "data" / "sources"
 TYPES = {"float": float, "int": int, "bool": bool, "str": str}
 
 
@@ -48,9 +51,19 @@ def timestep_parameters(registry: str) -> dict[str, type | None]:
 
 def method_settings() -> dict[str, dict]:
     """method -> its SETTINGS (key -> default) for every consistency method that declares them."""
+    return settings_of(METHODS)
+
+
+def source_settings() -> dict[str, dict]:
+    """image source -> its SETTINGS for every module of speedpipe.data.sources (an empty dict if it declares none)."""
+    return {name: settings_of(SOURCES).get(name, {}) for name in modules(SOURCES)}
+
+
+def settings_of(folder: Path) -> dict[str, dict]:
+    """module -> its SETTINGS dict literal (key -> default), for the modules of a plug-in folder that declare one."""
     settings = {}
-    for name in modules(METHODS):
-        declared = _assigned(_parsed(METHODS / f"{name}.py"), "SETTINGS")
+    for name in modules(folder):
+        declared = _assigned(_parsed(folder / f"{name}.py"), "SETTINGS")
         if declared is None:
             continue
         try:
@@ -58,7 +71,7 @@ def method_settings() -> dict[str, dict]:
         except ValueError:
             values = None
         if not isinstance(values, dict) or not all(isinstance(k, str) and k.isidentifier() for k in values):
-            raise TypeError(f"{METHODS / name}.py: SETTINGS must be a dict literal of {{key: default value}}")
+            raise TypeError(f"{folder / name}.py: SETTINGS must be a dict literal of {{key: default value}}")
         settings[name] = values
     return settings
 

@@ -74,6 +74,16 @@ def _dataset_size(cfg: dict, found: list) -> int | None:
     d = cfg["data"]
     if d["name"] == "mnist5k":
         return MNIST5K_SIZE
+    if d["name"] != "image_folder":  # a source of speedpipe.data.sources: opened (and torch imported) to count it
+        from omegaconf import OmegaConf
+
+        from speedpipe.data.images import open_image_dataset
+
+        try:
+            return len(open_image_dataset(OmegaConf.create(d)))
+        except (DataError, OSError, ValueError) as err:
+            found.append(f"data.name {d['name']}: {err}")
+            return None
     if d["root"] is None:
         found.append("config key 'data.root': required for data.name=image_folder (the folder of the images)")
         return None

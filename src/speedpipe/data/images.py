@@ -9,6 +9,7 @@ cropped to image_size. Unreadable files are reported with their path and skipped
 run.
 """
 import hashlib
+import importlib
 import os
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from PIL import Image, ImageOps
 
 from speedpipe.data.folders import MNIST5K_SIZE, DataError  # noqa: F401 (DataError: the data modules' error)
 from speedpipe.data.folders import UNREADABLE, describe_listing, scan_images
+from speedpipe.declared import SOURCES, modules
 
 # what ImageFolder does to a file's pixels, in its fingerprint: a change re-makes what was made from the old pixels
 _READING = b"image_folder reading v2: exif_transpose, 16-bit/float greyscale scaled to 8 bits\n"
@@ -184,6 +186,9 @@ class ImageFolder(torch.utils.data.Dataset):
 
 
 def open_image_dataset(data_cfg):
+    """The images data.name names: the built-in digits, a folder of photos, or a source of speedpipe.data.sources."""
+    if data_cfg.name in modules(SOURCES):
+        return importlib.import_module(f"speedpipe.data.sources.{data_cfg.name}").open_dataset(data_cfg)
     if data_cfg.name == "mnist5k":
         return Mnist5k(data_cfg.image_size, data_cfg.mnist_fit)
     if data_cfg.root is None:

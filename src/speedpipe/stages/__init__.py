@@ -23,12 +23,16 @@ from pathlib import Path
 
 from speedpipe.config import leaves
 from speedpipe.config_schema import MEANFLOW_METHODS, MeanFlowConfig, ModelConfig
-from speedpipe.declared import method_settings
+from speedpipe.declared import method_settings, source_settings
 from speedpipe.experiment_schema import schema_defaults
 from speedpipe.sampler_labels import parse_sampler
 
 IDENTITY = ("experiment", "output_dir")  # the experiment's results folder: every stage's default paths
-IMAGES = ("data.name", "data.root", "data.image_size", "data.mnist_fit", "data.strict")  # data.images.open_image_dataset
+# data.images.open_image_dataset: the built-in sources' keys, and each source's own (speedpipe.data.sources), which only
+# the jobs of an experiment on that source read (SOURCE_READS)
+SOURCE_KEYS = tuple(f"data.{source}.{key}" for source, settings in source_settings().items() for key in settings)
+IMAGES = ("data.name", "data.root", "data.image_size", "data.mnist_fit", "data.strict", *SOURCE_KEYS)
+SOURCE_READS = tuple((key, lambda c, source=key.split(".")[1]: c["data"]["name"] == source) for key in SOURCE_KEYS)
 LATENTS = ("data.source", "data.synthetic_size", "data.latents_dir", "data.latent_norm", "data.random_flip")  # open_training_data
 
 
@@ -218,18 +222,19 @@ STAGES = {s.name: s for s in (
           reads=(*IDENTITY, "seed", *IMAGES, "autoencoder.name", "autoencoder.block_out_channels", "autoencoder.latent_channels",
                  "autoencoder.steps", "autoencoder.batch_size", "autoencoder.lr", "autoencoder.kl_weight", "autoencoder.log_every",
                  "autoencoder.ckpt_every"),
-          uses=loop_uses("autoencoder")),
+          read_if=SOURCE_READS, uses=loop_uses("autoencoder")),
     Stage("encode", None, 1,
           reads=(*IDENTITY, "seed", *IMAGES, "data.latents_dir", "autoencoder.name", "autoencoder.path", "encode.mode",
                  "encode.shard_size", "encode.dtype", "encode.batch_size", "encode.device", "encode.precision"),
-          given=("data.latents_dir", "autoencoder.path"),
+          given=("data.latents_dir", "autoencoder.path"), read_if=SOURCE_READS,
           uses=("autoencoder.allow_download", "encode.num_workers", "encode.progress"), ranks=True),
     Stage("classifier", None, 1,
-          reads=(*IDENTITY, "seed", *IMAGES, "eval.classifier_steps", "eval.classifier_batch_size", "eval.classifier_lr")),
+          reads=(*IDENTITY, "seed", *IMAGES, "eval.classifier_steps", "eval.classifier_batch_size", "eval.classifier_lr"),
+          read_if=SOURCE_READS),
     Stage("reference", None, 2,  # 2: eval.reference_max_images spread over the dataset (was its first images)
           reads=(*IDENTITY, *IMAGES, "eval.extractor", "eval.inception_weights", "eval.classifier_weights", "eval.reference",
                  "eval.reference_npz", "eval.reference_max_images", "eval.batch_size", "eval.device"),
-          given=("eval.reference", "eval.classifier_weights"), uses=("eval.num_workers",), ranks=True),
+          given=("eval.reference", "eval.classifier_weights"), read_if=SOURCE_READS, uses=("eval.num_workers",), ranks=True),
     # 3: a generator per random stream (timesteps, dropout, flips, posterior, noise) and the initialisation's own seed
     Stage("train", "train", 3,
           reads=(*IDENTITY, "seed", "method", *LATENTS, "model", "diffusion", "optim", "trainer"), given=("data.latents_dir",),
