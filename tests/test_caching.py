@@ -21,7 +21,6 @@ from speedpipe.stages import STAGES, UndeclaredRead
 from speedpipe.workflow import EVALUATION_RULES
 
 
-
 @contextlib.contextmanager
 def edited(path, change):
     """The YAML file with change(data) applied, restored afterwards."""

@@ -24,7 +24,9 @@ def stage_of(job: str) -> str:
     # 6 curve jobs, the teacher's 6 samplers one job each, 1 student job
     ("configs/pipeline/demo.yaml", {"train": 6, "distill": 1, "report": 1, "autoencoder": 1, "classifier": 1, "sample": 13,
                                     "evaluate": 13}),
-    ("configs/pipeline/imagenet_256.yaml", {"train": 2, "distill": 1, "report": 1, "autoencoder": 0, "classifier": 0}),
+    # the curve sampler is also a teacher sampler: the curve's final point, not a job of the teacher's
+    ("configs/pipeline/imagenet_256.yaml", {"train": 2, "distill": 1, "report": 1, "autoencoder": 0, "classifier": 0, "sample": 7,
+                                            "evaluate": 7}),
     # 3 teachers x (sCD, sCT); per teacher its curve job and its 5 samplers' jobs; 6 student jobs
     ("configs/pipeline/consistency_mnist.yaml", {"train": 3, "distill": 6, "report": 1, "autoencoder": 1, "classifier": 1,
                                                  "sample": 24, "evaluate": 24}),

@@ -70,10 +70,17 @@ def settings_of(folder: Path) -> dict[str, dict]:
             values = ast.literal_eval(declared)
         except ValueError:
             values = None
-        if not isinstance(values, dict) or not all(isinstance(k, str) and k.isidentifier() for k in values):
-            raise TypeError(f"{folder / name}.py: SETTINGS must be a dict literal of {{key: default value}}")
+        if not isinstance(values, dict) or not all(isinstance(k, str) and k.isidentifier() and _plain_default(v)
+                                                   for k, v in values.items()):
+            raise TypeError(f"{folder / name}.py: SETTINGS must be a dict literal {{key: default}}, each default a number, "
+                            f"bool, string, None or a list of them")
         settings[name] = values
     return settings
+
+
+def _plain_default(value) -> bool:
+    scalar = lambda v: v is None or isinstance(v, (bool, int, float, str))  # noqa: E731
+    return scalar(value) or isinstance(value, list) and all(map(scalar, value))
 
 
 def _parsed(path: Path) -> ast.Module:
@@ -82,8 +89,11 @@ def _parsed(path: Path) -> ast.Module:
 
 def _assigned(tree: ast.Module, name: str) -> ast.expr | None:
     """The value a module assigns to a name at its top level (None if it does not)."""
-    return next((node.value for node in tree.body
-                 if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == [name]), None)
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        if [getattr(t, "id", None) for t in targets] == [name] and node.value is not None:
+            return node.value
+    return None
 
 
 def _parameters(method, path: Path, registry: str) -> list[tuple[str, ast.expr | None]]:

@@ -27,7 +27,8 @@ from speedpipe.declared import method_settings, source_settings
 from speedpipe.experiment_schema import schema_defaults
 from speedpipe.sampler_labels import parse_sampler
 
-IDENTITY = ("experiment", "output_dir")  # the experiment's results folder: every stage's default paths
+IDENTITY = ("experiment", "output_dir")
+GIVEN = ("data.latents_dir", "eval.reference", "eval.classifier_weights", "autoencoder.path")  # the files a pipeline job can be given  # the experiment's results folder: every stage's default paths
 # data.images.open_image_dataset: the built-in sources' keys, and each source's own (speedpipe.data.sources), which only
 # the jobs of an experiment on that source read (SOURCE_READS)
 SOURCE_KEYS = tuple(f"data.{source}.{key}" for source, settings in source_settings().items() for key in settings)
@@ -56,9 +57,14 @@ class Stage:
     reads: tuple[str, ...] = ()
     uses: tuple[str, ...] = ()
     read_if: tuple = ()  # (key, whether a job with this plain config reads it): keys of a section only some jobs read
-    given: tuple[str, ...] = ()  # the keys a pipeline job is given: where the files of the stages before it lie
+    given: tuple[str, ...] = ()  # the keys (of GIVEN) a pipeline job is given: where the files of the stages before it lie
     config: str = "stage"  # stage: a speedpipe.config_schema.Config | report: speedpipe.workflow.Experiment.report_config()
     ranks: bool = False  # whether its work is split over the tasks of a multi-task job (else it runs in one process)
+
+    def __post_init__(self):
+        if not set(self.given) <= set(GIVEN):
+            raise TypeError(f"stage {self.name!r}: given {sorted(set(self.given) - set(GIVEN))}: a pipeline job is given only "
+                            f"{list(GIVEN)} (speedpipe.workflow.Experiment._pipeline_paths)")
 
     @property
     def module(self) -> str:
