@@ -3,6 +3,8 @@
 #   snakemake --cores all                                   # the demo
 #   snakemake --cores all --configfile configs/pipeline/imagenet_256.yaml
 #   snakemake --profile slurm/profile --configfile ...      # many jobs at once on a cluster
+from pathlib import Path
+
 from snakemake.utils import min_version
 
 from speedpipe import preflight
@@ -45,6 +47,8 @@ include: "workflow/rules/train.smk"
 include: "workflow/rules/distill.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
+for stage_rules in sorted(Path(workflow.basedir, "workflow/rules/stages").glob("*.smk")):  # stages of one's own
+    include: stage_rules
 
 
 rule all:

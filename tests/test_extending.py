@@ -87,6 +87,44 @@ def open_dataset(data):
     return Stripes(data.image_size, data.stripes.count, data.stripes.period)
 '''
 
+STAGE_MODULE = '''"""Stage label_counts: how many latents of each class the latent store holds (a test's stage)."""
+import json
+
+import torch
+
+from speedpipe.data.latents import LatentStore
+from speedpipe.io import atomic_write_text
+from speedpipe.layout import Layout
+from speedpipe.stages import STAGES
+
+STAGE = {"version": 1, "reads": ["experiment", "output_dir", "data.latents_dir", "label_counts.classes"],
+         "given": ["data.latents_dir"]}
+SETTINGS = {"classes": 10}
+
+
+@STAGES["label_counts"].entry
+def run(cfg, provenance):
+    store = LatentStore(cfg.data.latents_dir)
+    _, labels = store.get_batch(torch.arange(len(store)), torch.zeros(len(store), dtype=torch.bool))
+    counts = torch.bincount(labels, minlength=cfg.label_counts.classes).tolist()
+    atomic_write_text(Layout.of(cfg).root / "label_counts.json", json.dumps(counts))
+'''
+
+STAGE_RULES = '''rule label_counts:
+    input:
+        str(DATA.latents_dir() / "manifest.json"),
+    output:
+        counts=str(LAYOUT.root / "label_counts.json"),
+        usage=str(LAYOUT.job_usage("label_counts")),
+    log:
+        str(LAYOUT.job_log("label_counts")),
+    params:
+        stages=lambda wc: EXP.job_params("label_counts"),
+    threads: 1
+    script:
+        "../../scripts/stage.py"
+'''
+
 
 @pytest.fixture
 def package_copy(tmp_path):
@@ -199,3 +237,39 @@ def test_an_image_source_is_one_file(package_copy, tiny_train_config, tmp_path):
                   str(tiny_train_config), "data.stripes.count=60")
     (own, other), size = json.loads(checked.stdout)
     assert own["data.stripes.count"] == 60 and "data.stripes.count" not in other and size == 60, checked.stderr[-2000:]
+
+
+def test_a_stage_is_two_files(tmp_path):
+    """stages/label_counts.py (its registry entry and settings as literals, its run) and its rule,
+    workflow/rules/stages/label_counts.smk, in a copy of the repository: Snakemake plans it into every experiment (the
+    report waits on its usage record), runs it after the latent store with its config section's value, and an edit of
+    that value re-plans it and nothing before it."""
+    from conftest import planned_jobs
+
+    repo = tmp_path / "repo"
+    for part in ("workflow", "src", "configs", "profiles"):
+        shutil.copytree(REPO / part, repo / part, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "Snakefile", repo / "Snakefile")
+    (repo / "src/speedpipe/stages/label_counts.py").write_text(STAGE_MODULE)
+    (repo / "workflow/rules/stages").mkdir()
+    (repo / "workflow/rules/stages/label_counts.smk").write_text(STAGE_RULES)
+    micro = (REPO / "tests/data/micro.yaml").read_text().replace("configs/mnist5k/", f"{repo}/configs/mnist5k/")
+    (tmp_path / "micro.yaml").write_text(micro)
+    base = repo / "configs/mnist5k/base.yaml"
+    base.write_text(base.read_text() + "label_counts: {classes: 12}\n")
+
+    def snakemake(*args):
+        return subprocess.run([sys.executable, "-m", "snakemake", *args, "-s", str(repo / "Snakefile"), "--directory",
+                               str(tmp_path), "--cores", "2", "--configfile", str(tmp_path / "micro.yaml")], capture_output=True,
+                              text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(repo / "src"), "OMP_NUM_THREADS": "1"})
+
+    counts = tmp_path / "results/micro/label_counts.json"
+    planned = planned_jobs(snakemake("-n").stdout)
+    assert "label_counts" in planned and "report" in planned  # a job of the experiment, before its report
+    result = snakemake("results/micro/label_counts.json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    by_class = json.loads(counts.read_text())
+    assert len(by_class) == 12 and by_class[10:] == [0, 0] and sum(by_class) == 5000  # mnist5k's digits, in 12 bins
+    assert (tmp_path / "results/micro/logs/label_counts/label_counts.usage.json").is_file()
+    base.write_text(base.read_text().replace("classes: 12", "classes: 11"))
+    assert planned_jobs(snakemake("-n", "results/micro/label_counts.json").stdout) == ["label_counts"]

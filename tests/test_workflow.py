@@ -49,7 +49,7 @@ def test_every_rule_is_written_out(tmp_path, pipeline):
     """No rule is made in a loop or named at run time: the rules Snakemake knows are those the Snakefile and the rule
     files write out (`rule NAME:` or `use rule ... as NAME with:`), whatever the experiment."""
     written = []
-    for path in [REPO / "Snakefile", *sorted((REPO / "workflow/rules").glob("*.smk"))]:
+    for path in [REPO / "Snakefile", *sorted((REPO / "workflow/rules").rglob("*.smk"))]:
         written += ["".join(names) for names in re.findall(r"^(?:rule (\w+):|use rule \w+ as (\w+) with:)", path.read_text(), re.M)]
     result = snakemake(tmp_path, "--list-rules", "--configfile", str(REPO / pipeline))
     assert result.returncode == 0, result.stderr[-3000:]

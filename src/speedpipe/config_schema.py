@@ -6,7 +6,8 @@ import re
 from dataclasses import dataclass, field, fields, make_dataclass
 from typing import Any, List, NamedTuple, Optional
 
-from speedpipe.declared import method_settings, source_settings, timestep_parameters
+from speedpipe.declared import STAGES as STAGE_MODULES
+from speedpipe.declared import method_settings, settings_of, source_settings, stage_declarations, timestep_parameters
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # experiment, method and table names: they become folder and file names
 NAME_RULE = "names are letters, digits, '_', '.' and '-' (they become folder and file names), starting with a letter or digit"
@@ -252,7 +253,9 @@ class TrainerConfig:
 
 
 @dataclass
-class Config:
+class ConfigSettings:
+    """A stage config: every stage's section (a stage of one's own adds its SETTINGS as the section {stage})."""
+
     experiment: str = "default"
     output_dir: str = "results"
     method: str = "baseline"  # label of this arm in results and reports
@@ -267,6 +270,10 @@ class Config:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+Config = with_declared_sections(ConfigSettings, "Config", {stage: settings for stage, settings in settings_of(STAGE_MODULES).items()
+                                                           if stage in stage_declarations()})
 
 
 CHOICES = {

@@ -10,6 +10,8 @@
   dict literal SETTINGS = {"key": default}: the section distill.{method}, typed by the defaults.
 - An image source (a module of speedpipe.data.sources, named as data.name selects it) declares its own settings the
   same way: the section data.{source}.
+- A stage of one's own (a module of speedpipe.stages) declares its registry entry, STAGE = {"version": 1, "reads":
+  [...], ...} (the fields of speedpipe.stages.Stage), and its settings, the config section {stage}.
 """
 import ast
 from pathlib import Path
@@ -18,6 +20,8 @@ PACKAGE = Path(__file__).resolve().parent
 DIFFUSION = PACKAGE / "diffusion"
 METHODS = PACKAGE / "consistency" / "methods"
 SOURCES = PACKAGE / "data" / "sources"
+STAGES = PACKAGE / "stages"
+STAGE_FIELDS = {"phase", "version", "reads", "uses", "given", "ranks"}  # what a stage's STAGE literal may set
 TYPES = {"float": float, "int": int, "bool": bool, "str": str}
 
 
@@ -59,23 +63,40 @@ def source_settings() -> dict[str, dict]:
     return {name: settings_of(SOURCES).get(name, {}) for name in modules(SOURCES)}
 
 
+def stage_declarations() -> dict[str, dict]:
+    """stage -> its STAGE literal (the registry entry's fields), for the modules of speedpipe.stages that declare one."""
+    declared = _literals(STAGES, "STAGE")
+    for name, entry in declared.items():
+        if not set(entry) <= STAGE_FIELDS or "version" not in entry:
+            raise TypeError(f"{STAGES / name}.py: STAGE must set version and may set only {sorted(STAGE_FIELDS)}")
+    return declared
+
+
 def settings_of(folder: Path) -> dict[str, dict]:
     """module -> its SETTINGS dict literal (key -> default), for the modules of a plug-in folder that declare one."""
-    settings = {}
+    settings = _literals(folder, "SETTINGS")
+    for name, values in settings.items():
+        if not all(_plain_default(v) for v in values.values()):
+            raise TypeError(f"{folder / name}.py: SETTINGS must be a dict literal {{key: default}}, each default a number, "
+                            f"bool, string, None or a list of them")
+    return settings
+
+
+def _literals(folder: Path, variable: str) -> dict[str, dict]:
+    """module -> the dict literal it assigns to `variable` (identifier keys), for the modules of a folder that do."""
+    found = {}
     for name in modules(folder):
-        declared = _assigned(_parsed(folder / f"{name}.py"), "SETTINGS")
+        declared = _assigned(_parsed(folder / f"{name}.py"), variable)
         if declared is None:
             continue
         try:
             values = ast.literal_eval(declared)
         except ValueError:
             values = None
-        if not isinstance(values, dict) or not all(isinstance(k, str) and k.isidentifier() and _plain_default(v)
-                                                   for k, v in values.items()):
-            raise TypeError(f"{folder / name}.py: SETTINGS must be a dict literal {{key: default}}, each default a number, "
-                            f"bool, string, None or a list of them")
-        settings[name] = values
-    return settings
+        if not isinstance(values, dict) or not all(isinstance(k, str) and k.isidentifier() for k in values):
+            raise TypeError(f"{folder / name}.py: {variable} must be a dict literal with identifier keys")
+        found[name] = values
+    return found
 
 
 def _plain_default(value) -> bool:

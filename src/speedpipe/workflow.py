@@ -31,7 +31,7 @@ from speedpipe.errors import ConfigError
 from speedpipe.experiment_file import RESERVED_NAMES, check_experiment_file, check_name, expand_methods, refuse
 from speedpipe.layout import Layout, student_run_name, train_run_name
 from speedpipe.runs import DistillRun, Evaluation, Run, Table, TrainRun
-from speedpipe.stages import DATA_STAGES, STAGES
+from speedpipe.stages import DATA_STAGES, PLUGIN_STAGES, STAGES
 
 # Keys the experiment sets in its jobs' configs, and where: a config file or stage override that also sets one is dead.
 # A run's identity (experiment, output_dir, method, seed) always comes from the experiment and is not listed.
@@ -296,7 +296,7 @@ class Experiment:
 
     def all_jobs(self) -> list[tuple[str, dict]]:
         """(rule, wildcards) of every Snakemake job of the experiment."""
-        data = [(s, {}) for s in ("autoencoder", "encode", "classifier", "reference") if self.runs_stage(s)]
+        data = [(s, {}) for s in (*DATA_STAGES, *PLUGIN_STAGES) if self.runs_stage(s)]
         runs = [("train", {"run": r}) for r in self.train_runs] + [("distill", {"student": d.name}) for d in self.distill_runs.values()]
         evaluations = [(rule, wildcards) for kind, wildcards, _ in self.evaluation_jobs
                        for rule, (_, rule_kind) in EVALUATION_RULES.items() if rule_kind == kind]

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from speedpipe.config import leaves
 from speedpipe.config_schema import MEANFLOW_METHODS, MeanFlowConfig, ModelConfig
-from speedpipe.declared import method_settings, source_settings
+from speedpipe.declared import method_settings, source_settings, stage_declarations
 from speedpipe.experiment_schema import schema_defaults
 from speedpipe.sampler_labels import parse_sampler
 
@@ -263,6 +263,14 @@ STAGES = {s.name: s for s in (
     # start from a teacher and which from none
     Stage("report", None, 7, config="report"),
 )}
+
+
+# Stages of one's own: a module here that declares its entry, STAGE = {"version": 1, "reads": [...], ...} (and its
+# settings, the config section {stage}), read without importing it (speedpipe.declared); its job is one per experiment,
+# named like the stage (workflow/rules/stages/{stage}.smk), and the report waits on it (its usage record).
+PLUGIN_STAGES = tuple(stage_declarations())
+STAGES.update({name: Stage(name, **{"phase": None, **{k: tuple(v) if isinstance(v, list) else v for k, v in entry.items()}})
+               for name, entry in stage_declarations().items()})
 
 
 def _nodes(config) -> list:
