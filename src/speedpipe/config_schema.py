@@ -13,17 +13,17 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # experiment, method and table
 NAME_RULE = "names are letters, digits, '_', '.' and '-' (they become folder and file names), starting with a letter or digit"
 
 
-def _method_section(class_name: str, default: str, registry: str, doc: str):
+def _timestep_section(class_name: str, default: str, registry: str, doc: str):
     """A timestep sampler's or loss weighting's section: its name, and every parameter a method declares
     (speedpipe.declared), unset (None) by default: the method's own default applies."""
     params = [(key, Optional[kind] if kind else Any, None) for key, kind in timestep_parameters(registry).items()]
     return make_dataclass(class_name, [("name", str, default), *params], namespace={"__doc__": doc, "__module__": __name__})
 
 
-SamplerConfig = _method_section("SamplerConfig", "uniform", "SAMPLERS", "Timestep sampler: uniform | speed (k, tau, dual) | "
+SamplerConfig = _timestep_section("SamplerConfig", "uniform", "SAMPLERS", "Timestep sampler: uniform | speed (k, tau, dual) | "
                                 "lognormal (p_mean, p_std) | logit_normal (m, s) | clts (mu, sigma, ramp_steps) | a module's "
                                 "of speedpipe.diffusion.timestep_methods. Unset = the method's default.")
-WeightingConfig = _method_section("WeightingConfig", "none", "WEIGHTINGS", "Per-timestep MSE weight: none | speed (lam, tau) | "
+WeightingConfig = _timestep_section("WeightingConfig", "none", "WEIGHTINGS", "Per-timestep MSE weight: none | speed (lam, tau) | "
                                   "p2 (k, gamma) | min_snr (gamma) | sigmoid (b) | a module's of "
                                   "speedpipe.diffusion.timestep_methods.")
 
