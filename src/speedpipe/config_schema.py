@@ -272,8 +272,9 @@ class ConfigSettings:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
+_STAGES_OF_ONES_OWN = stage_declarations()
 Config = with_declared_sections(ConfigSettings, "Config", {stage: settings for stage, settings in settings_of(STAGE_MODULES).items()
-                                                           if stage in stage_declarations()})
+                                                           if stage in _STAGES_OF_ONES_OWN})
 
 
 CHOICES = {

@@ -14,6 +14,7 @@
   [...], ...} (the fields of speedpipe.stages.Stage), and its settings, the config section {stage}.
 """
 import ast
+import functools
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent
@@ -60,7 +61,8 @@ def method_settings() -> dict[str, dict]:
 
 def source_settings() -> dict[str, dict]:
     """image source -> its SETTINGS for every module of speedpipe.data.sources (an empty dict if it declares none)."""
-    return {name: settings_of(SOURCES).get(name, {}) for name in modules(SOURCES)}
+    declared = settings_of(SOURCES)
+    return {name: declared.get(name, {}) for name in modules(SOURCES)}
 
 
 def stage_declarations() -> dict[str, dict]:
@@ -82,6 +84,7 @@ def settings_of(folder: Path) -> dict[str, dict]:
     return settings
 
 
+@functools.lru_cache(maxsize=None)
 def _literals(folder: Path, variable: str) -> dict[str, dict]:
     """module -> the dict literal it assigns to `variable` (identifier keys), for the modules of a folder that do."""
     found = {}

@@ -268,9 +268,9 @@ STAGES = {s.name: s for s in (
 # Stages of one's own: a module here that declares its entry, STAGE = {"version": 1, "reads": [...], ...} (and its
 # settings, the config section {stage}), read without importing it (speedpipe.declared); its job is one per experiment,
 # named like the stage (workflow/rules/stages/{stage}.smk), and the report waits on it (its usage record).
-PLUGIN_STAGES = tuple(stage_declarations())
 STAGES.update({name: Stage(name, **{"phase": None, **{k: tuple(v) if isinstance(v, list) else v for k, v in entry.items()}})
                for name, entry in stage_declarations().items()})
+PLUGIN_STAGES = tuple(stage_declarations())
 
 
 def _nodes(config) -> list:

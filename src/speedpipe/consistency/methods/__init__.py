@@ -14,10 +14,10 @@ objective reads them as d.mymethod.key), and its name in an experiment file's `c
 import difflib
 import functools
 import importlib
-import pkgutil
 from dataclasses import dataclass
 from typing import Callable
 
+from speedpipe.declared import METHODS, modules
 from speedpipe.errors import ConfigError
 
 
@@ -69,7 +69,7 @@ def student_from_checkpoint(state: dict, use_ema: bool = True):
 def method_names() -> list[str]:
     """The methods' names (the modules of this package; a module whose name starts with '_' is a helper), without
     importing them (the experiment file checks names while Snakemake parses the workflow, before torch is imported)."""
-    return sorted(info.name for info in pkgutil.iter_modules(__path__) if not info.name.startswith("_"))
+    return modules(METHODS)
 
 
 @functools.lru_cache(maxsize=None)
